@@ -1,0 +1,93 @@
+//! `${VAR}` and `${VAR:-default}` interpolation in the raw configuration text, the way
+//! Vector does it: secrets stay in the environment, and an unset variable is reported with
+//! its line and column. `$$` writes a literal `$`.
+
+/// An interpolation problem and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterpolationIssue {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Replaces every `${VAR}` / `${VAR:-default}` in `text`; reports every unset variable and
+/// malformed reference rather than stopping at the first.
+pub fn interpolate(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<InterpolationIssue>> {
+    let mut out = String::with_capacity(text.len());
+    let mut issues = Vec::new();
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        let mut column = 1;
+        while let Some(dollar) = rest.find('$') {
+            out.push_str(&rest[..dollar]);
+            column += rest[..dollar].chars().count();
+            let after = &rest[dollar + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+                column += 2;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let Some(close) = body.find('}') else {
+                    issues.push(InterpolationIssue {
+                        line: line_no + 1,
+                        column,
+                        message: "`${` without a closing `}`".into(),
+                    });
+                    out.push_str(&rest[dollar..]);
+                    rest = "";
+                    break;
+                };
+                let reference = &body[..close];
+                let (name, default) = match reference.split_once(":-") {
+                    Some((name, default)) => (name, Some(default)),
+                    None => (reference, None),
+                };
+                let valid_name = !name.is_empty()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !name.starts_with(|c: char| c.is_ascii_digit());
+                if !valid_name {
+                    issues.push(InterpolationIssue {
+                        line: line_no + 1,
+                        column,
+                        message: format!(
+                            "`${{{reference}}}` is not a variable reference (use ${{NAME}} or ${{NAME:-default}}; `$$` for a literal `$`)"
+                        ),
+                    });
+                } else {
+                    match (env(name), default) {
+                        (Some(value), _) if !value.is_empty() || default.is_none() => {
+                            out.push_str(&value)
+                        }
+                        (_, Some(default)) => out.push_str(default),
+                        (None, None) => issues.push(InterpolationIssue {
+                            line: line_no + 1,
+                            column,
+                            message: format!(
+                                "environment variable `{name}` is not set (write ${{{name}:-default}} to give a default)"
+                            ),
+                        }),
+                        (Some(_), None) => unreachable!("handled by the first arm"),
+                    }
+                }
+                column += 2 + reference.chars().count() + 1;
+                rest = &body[close + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+                column += 1;
+            }
+        }
+        out.push_str(rest);
+    }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(issues)
+    }
+}

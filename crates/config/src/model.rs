@@ -1,0 +1,255 @@
+//! The typed configuration model. Every struct rejects unknown keys, so a misspelt option
+//! is an error rather than a silently ignored default.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The pipelines this file defines.
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// The HTTP endpoint for Prometheus metrics and health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address; loopback by default so metrics are not exposed by accident.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+    /// Set to false to serve nothing.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+            enabled: true,
+        }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One source, its Kafka topics, and the sinks that replay them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name; used in the consumer group, slot and metric labels.
+    pub name: String,
+    /// Where changes come from.
+    pub source: SourceConfig,
+    /// Where changes are buffered.
+    pub kafka: KafkaConfig,
+    /// Where changes are replayed.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// The source connector: one key names its kind (exactly one must be given).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// PostgreSQL logical replication (pgoutput).
+    #[serde(default)]
+    pub postgres: Option<PostgresSourceConfig>,
+}
+
+/// The configured source connector.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceKind<'a> {
+    /// PostgreSQL logical replication.
+    Postgres(&'a PostgresSourceConfig),
+}
+
+impl SourceConfig {
+    /// The configured connector; validation guarantees there is exactly one.
+    pub fn kind(&self) -> Option<SourceKind<'_>> {
+        self.postgres.as_ref().map(SourceKind::Postgres)
+    }
+}
+
+/// PostgreSQL source options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSourceConfig {
+    /// Connection string, URL (`postgres://user:pass@host:5432/db`) or key-value form. The
+    /// role needs the REPLICATION attribute and SELECT on the tables.
+    pub dsn: String,
+    /// Tables to capture, as `schema.table` patterns with `*` and `?` (`public.*`).
+    pub tables: Vec<String>,
+    /// Replication slot; created when absent. Default `tidelink_<pipeline>`.
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// Publication; created when absent. Default `tidelink_<pipeline>`.
+    #[serde(default)]
+    pub publication: Option<String>,
+    /// How often the slot's position is confirmed to the server, in milliseconds.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+}
+
+fn default_status_interval_ms() -> u64 {
+    1000
+}
+
+impl PostgresSourceConfig {
+    /// The slot name, defaulted from the pipeline name.
+    pub fn slot_name(&self, pipeline: &str) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| format!("tidelink_{}", sanitize_identifier(pipeline)))
+    }
+
+    /// The publication name, defaulted from the pipeline name.
+    pub fn publication_name(&self, pipeline: &str) -> String {
+        self.publication
+            .clone()
+            .unwrap_or_else(|| format!("tidelink_{}", sanitize_identifier(pipeline)))
+    }
+}
+
+/// Lower-cases and replaces anything but `[a-z0-9_]` with `_`, for names PostgreSQL accepts
+/// unquoted (slots allow only those characters).
+pub fn sanitize_identifier(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The Kafka (or Kafka-compatible) cluster and topic layout.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Topics are named `<topic_prefix>.<schema>.<table>`.
+    pub topic_prefix: String,
+    /// Partitions of topics tidelink creates.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of topics tidelink creates.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// librdkafka properties passed through (TLS, SASL, tuning), such as
+    /// `security.protocol: SASL_SSL`. Values are strings.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_partitions() -> i32 {
+    4
+}
+
+fn default_replication_factor() -> i32 {
+    1
+}
+
+impl KafkaConfig {
+    /// The topic for a source table.
+    pub fn topic_for(&self, schema: &str, table: &str) -> String {
+        format!("{}.{schema}.{table}", self.topic_prefix)
+    }
+}
+
+/// One sink: a consumer group replaying the pipeline's topics into a target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Unique within the pipeline; the consumer group is `tidelink.<pipeline>.<sink>`.
+    pub name: String,
+    /// A PostgreSQL target (the one target kind so far; exactly one must be given).
+    #[serde(default)]
+    pub postgres: Option<PostgresSinkConfig>,
+    /// Largest number of messages applied in one target transaction.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+    /// Source tables this sink replays (`schema.table` patterns); all when empty.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Target table for a source table, `schema.table: schema.table`; unmapped tables keep
+    /// their names.
+    #[serde(default)]
+    pub table_map: BTreeMap<String, String>,
+    /// Topic for messages that cannot be decoded or applied. Default
+    /// `<topic_prefix>.dlq.<pipeline>.<sink>`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+}
+
+fn default_batch_size() -> usize {
+    2000
+}
+
+fn default_batch_wait_ms() -> u64 {
+    50
+}
+
+impl SinkConfig {
+    /// The target database; validation guarantees exactly one is configured.
+    pub fn target(&self) -> Option<SinkTarget<'_>> {
+        self.postgres.as_ref().map(SinkTarget::Postgres)
+    }
+
+    /// The consumer group of this sink's workers.
+    pub fn group_id(&self, pipeline: &str) -> String {
+        format!("tidelink.{pipeline}.{}", self.name)
+    }
+
+    /// The dead-letter topic of this sink.
+    pub fn dead_letter_topic(&self, pipeline: &str, kafka: &KafkaConfig) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq.{pipeline}.{}", kafka.topic_prefix, self.name))
+    }
+}
+
+/// The sink's target database.
+#[derive(Debug, Clone, Copy)]
+pub enum SinkTarget<'a> {
+    /// A PostgreSQL database.
+    Postgres(&'a PostgresSinkConfig),
+}
+
+/// PostgreSQL sink options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// Connection string of the target.
+    pub dsn: String,
+    /// Schema of the `offsets` table that records consumed Kafka offsets.
+    #[serde(default = "default_state_schema")]
+    pub state_schema: String,
+    /// Also record every applied message (topic, partition, offset, table, op) in
+    /// `<state_schema>.history`, in the same transaction: an audit trail that proves each
+    /// message was applied once. Costs a row per change.
+    #[serde(default)]
+    pub record_history: bool,
+}
+
+fn default_state_schema() -> String {
+    "tidelink".into()
+}

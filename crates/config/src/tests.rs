@@ -1,0 +1,131 @@
+use super::*;
+
+fn env(var: &str) -> Option<String> {
+    match var {
+        "PG_PASSWORD" => Some("s3cret".into()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    }
+}
+
+const GOOD: &str = r#"
+pipelines:
+  - name: shop
+    source:
+      postgres:
+        dsn: postgres://tidelink:${PG_PASSWORD}@127.0.0.1:5433/shop
+        tables: [public.*]
+    kafka:
+      brokers: ${BROKERS:-127.0.0.1:9092}
+      topic_prefix: shop
+    sinks:
+      - name: replica
+        postgres:
+          dsn: postgres://root@127.0.0.1:5434/replica
+"#;
+
+#[test]
+fn a_good_file_loads_with_defaults_and_interpolation() {
+    let config = load_str(GOOD, "good.yaml", &env).expect("valid config");
+    let pipeline = &config.pipelines[0];
+    let Some(SourceKind::Postgres(pg)) = pipeline.source.kind() else {
+        panic!("postgres source")
+    };
+    assert!(pg.dsn.contains("s3cret"));
+    assert_eq!(pg.slot_name("shop"), "tidelink_shop");
+    assert_eq!(pipeline.kafka.brokers, "127.0.0.1:9092");
+    assert_eq!(pipeline.kafka.partitions, 4);
+    assert_eq!(pipeline.sinks[0].group_id("shop"), "tidelink.shop.replica");
+    assert_eq!(
+        pipeline.sinks[0].dead_letter_topic("shop", &pipeline.kafka),
+        "shop.dlq.shop.replica"
+    );
+    assert_eq!(config.metrics.listen, "127.0.0.1:9187");
+}
+
+#[test]
+fn unknown_key_is_reported_with_file_line_and_path() {
+    let text = GOOD.replace(
+        "        tables: [public.*]",
+        "        tables: [public.*]\n        slott: x",
+    );
+    let err = load_str(&text, "bad.yaml", &env).expect_err("unknown key");
+    let issue = &err.0[0];
+    assert_eq!(issue.location, "bad.yaml:8:9");
+    assert_eq!(issue.path, "pipelines[0].source.postgres.slott");
+    assert!(issue.message.contains("unknown field `slott`"), "{issue}");
+}
+
+#[test]
+fn malformed_yaml_is_reported_with_its_line() {
+    let text = "pipelines:\n  - name: shop\n    source: [unclosed\n";
+    let err = load_str(text, "broken.yaml", &env).expect_err("syntax error");
+    assert!(err.0[0].location.starts_with("broken.yaml:"), "{err}");
+    assert!(err.to_string().contains("broken.yaml:"), "{err}");
+}
+
+#[test]
+fn every_unset_variable_is_reported() {
+    let text = "a: ${ONE}\nb: ${TWO}\nc: ${EMPTY:-fallback} $$literal ${BAD-NAME}\n";
+    let issues = interpolate(text, &env).expect_err("unset variables");
+    assert_eq!(issues.len(), 3);
+    assert_eq!((issues[0].line, issues[0].column), (1, 4));
+    assert_eq!((issues[1].line, issues[1].column), (2, 4));
+    assert!(issues[2].message.contains("BAD-NAME"));
+    let ok = interpolate("c: ${EMPTY:-fallback} $$literal", &env).expect("ok");
+    assert_eq!(ok, "c: fallback $literal");
+}
+
+#[test]
+fn validation_reports_every_problem_with_its_path() {
+    let text = r#"
+metrics: { listen: "nowhere" }
+pipelines:
+  - name: "bad name"
+    source:
+      postgres: { dsn: "", tables: ["nodot"], slot: "Upper" }
+    kafka: { brokers: "", topic_prefix: "p", partitions: 0 }
+    sinks:
+      - name: a
+        batch_size: 0
+      - name: a
+        postgres: { dsn: "x" }
+"#;
+    let err = load_str(text, "v.yaml", &env).expect_err("invalid");
+    let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+    for expected in [
+        "metrics.listen",
+        "pipelines[0].name",
+        "pipelines[0].source.postgres.dsn",
+        "pipelines[0].source.postgres.tables[0]",
+        "pipelines[0].source.postgres.slot",
+        "pipelines[0].kafka.brokers",
+        "pipelines[0].kafka.partitions",
+        "pipelines[0].sinks[0].batch_size",
+        "pipelines[0].sinks[0]",
+        "pipelines[0].sinks[1].name",
+    ] {
+        assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+    }
+}
+
+#[test]
+fn passwords_are_redacted_in_both_dsn_forms() {
+    assert_eq!(
+        redact_dsn("postgres://bob:hunter2@db:5432/app?sslmode=require&password=x"),
+        "postgres://bob:****@db:5432/app?sslmode=require&password=****"
+    );
+    assert_eq!(redact_dsn("postgres://bob@db/app"), "postgres://bob@db/app");
+    assert_eq!(
+        redact_dsn("host=db user=bob password=hunter2 dbname=app"),
+        "host=db user=bob password=**** dbname=app"
+    );
+}
+
+#[test]
+fn table_patterns_match() {
+    let patterns = vec!["public.*".to_string(), "sales.order_?".to_string()];
+    assert!(matches_any(&patterns, "public", "users"));
+    assert!(matches_any(&patterns, "sales", "order_1"));
+    assert!(!matches_any(&patterns, "sales", "orders"));
+}

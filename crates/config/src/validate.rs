@@ -1,0 +1,220 @@
+//! Checks that types cannot express: names, ranges, patterns, references. Returns every
+//! problem with its path.
+
+use crate::{Config, ConfigIssue, SinkTarget, SourceKind};
+use std::collections::HashSet;
+
+pub(crate) fn validate(config: &Config, file: &str) -> Vec<ConfigIssue> {
+    let mut issues = Vec::new();
+    let mut report = |path: String, message: String| {
+        issues.push(ConfigIssue {
+            location: file.to_string(),
+            path,
+            message,
+        })
+    };
+    if config
+        .metrics
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .is_err()
+    {
+        report(
+            "metrics.listen".into(),
+            format!(
+                "`{}` is not a socket address (expected host:port such as 127.0.0.1:9187)",
+                config.metrics.listen
+            ),
+        );
+    }
+    if config.pipelines.is_empty() {
+        report(
+            "pipelines".into(),
+            "at least one pipeline is required".into(),
+        );
+    }
+    let mut pipeline_names = HashSet::new();
+    for (i, pipeline) in config.pipelines.iter().enumerate() {
+        let at = format!("pipelines[{i}]");
+        if !is_name(&pipeline.name) {
+            report(
+                format!("{at}.name"),
+                format!(
+                    "`{}` is not a valid name (use letters, digits, `_` and `-`)",
+                    pipeline.name
+                ),
+            );
+        }
+        if !pipeline_names.insert(pipeline.name.as_str()) {
+            report(
+                format!("{at}.name"),
+                format!("pipeline `{}` is defined twice", pipeline.name),
+            );
+        }
+        match pipeline.source.kind() {
+            None => report(
+                format!("{at}.source"),
+                "name the source database: add a `postgres:` block with its `dsn` and `tables`"
+                    .into(),
+            ),
+            Some(SourceKind::Postgres(pg)) => {
+                let at = format!("{at}.source.postgres");
+                if pg.dsn.trim().is_empty() {
+                    report(format!("{at}.dsn"), "must not be empty".into());
+                }
+                check_patterns(&pg.tables, &format!("{at}.tables"), true, &mut report);
+                for (key, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
+                    if let Some(value) = value {
+                        if !is_pg_identifier(value) {
+                            report(
+                                format!("{at}.{key}"),
+                                format!("`{value}` must be lower-case letters, digits and `_`, at most 63 characters"),
+                            );
+                        }
+                    }
+                }
+                if pg.status_interval_ms == 0 {
+                    report(
+                        format!("{at}.status_interval_ms"),
+                        "must be at least 1".into(),
+                    );
+                }
+            }
+        }
+        let kafka = &pipeline.kafka;
+        if kafka.brokers.trim().is_empty() {
+            report(format!("{at}.kafka.brokers"), "must not be empty".into());
+        }
+        if kafka.topic_prefix.is_empty()
+            || !kafka
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            report(
+                format!("{at}.kafka.topic_prefix"),
+                format!(
+                    "`{}` is not a valid topic prefix (letters, digits, `.`, `_`, `-`)",
+                    kafka.topic_prefix
+                ),
+            );
+        }
+        if kafka.partitions < 1 {
+            report(
+                format!("{at}.kafka.partitions"),
+                "must be at least 1".into(),
+            );
+        }
+        if kafka.replication_factor < 1 {
+            report(
+                format!("{at}.kafka.replication_factor"),
+                "must be at least 1".into(),
+            );
+        }
+        let mut sink_names = HashSet::new();
+        for (j, sink) in pipeline.sinks.iter().enumerate() {
+            let at = format!("{at}.sinks[{j}]");
+            if !is_name(&sink.name) {
+                report(
+                    format!("{at}.name"),
+                    format!(
+                        "`{}` is not a valid name (use letters, digits, `_` and `-`)",
+                        sink.name
+                    ),
+                );
+            }
+            if !sink_names.insert(sink.name.as_str()) {
+                report(
+                    format!("{at}.name"),
+                    format!("sink `{}` is defined twice in this pipeline", sink.name),
+                );
+            }
+            if sink.batch_size == 0 {
+                report(format!("{at}.batch_size"), "must be at least 1".into());
+            }
+            check_patterns(&sink.tables, &format!("{at}.tables"), false, &mut report);
+            for (from, to) in &sink.table_map {
+                for (what, name) in [("source", from), ("target", to)] {
+                    if name.split('.').count() != 2 || name.split('.').any(str::is_empty) {
+                        report(
+                            format!("{at}.table_map.{from}"),
+                            format!("{what} table `{name}` must be written schema.table"),
+                        );
+                    }
+                }
+            }
+            match sink.target() {
+                None => report(
+                    at.clone(),
+                    "name the target database: add a `postgres:` block with its `dsn`".into(),
+                ),
+                Some(SinkTarget::Postgres(pg)) => {
+                    if pg.dsn.trim().is_empty() {
+                        report(format!("{at}.postgres.dsn"), "must not be empty".into());
+                    }
+                    if !is_pg_identifier(&pg.state_schema) {
+                        report(
+                            format!("{at}.postgres.state_schema"),
+                            format!(
+                                "`{}` must be lower-case letters, digits and `_`",
+                                pg.state_schema
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    issues
+}
+
+fn check_patterns(
+    patterns: &[String],
+    at: &str,
+    required: bool,
+    report: &mut impl FnMut(String, String),
+) {
+    if required && patterns.is_empty() {
+        report(
+            at.to_string(),
+            "list at least one table pattern such as `public.*`".into(),
+        );
+    }
+    for (k, pattern) in patterns.iter().enumerate() {
+        let valid = pattern.split('.').count() == 2
+            && pattern.split('.').all(|p| !p.is_empty())
+            && glob::Pattern::new(pattern).is_ok();
+        if !valid {
+            report(
+                format!("{at}[{k}]"),
+                format!("`{pattern}` must be a schema.table pattern such as `public.*` or `sales.order_*`"),
+            );
+        }
+    }
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_pg_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// True when `table` (`schema.name`) matches any of the patterns.
+pub fn matches_any(patterns: &[String], schema: &str, name: &str) -> bool {
+    let full = format!("{schema}.{name}");
+    patterns.iter().any(|p| {
+        glob::Pattern::new(p)
+            .map(|pattern| pattern.matches(&full))
+            .unwrap_or(false)
+    })
+}

@@ -1,0 +1,150 @@
+//! The two contracts connectors implement. The runtime relies on exactly what is written
+//! here and nothing more.
+//!
+//! # Delivery, end to end
+//! A source emits changes in commit order and, between them, checkpoints. The runtime
+//! publishes every change to Kafka and calls [`Source::confirm`] with a checkpoint only
+//! after Kafka acknowledged every change emitted before it. A source therefore never
+//! forgets a change Kafka has not stored: after a crash it resumes from its last confirmed
+//! checkpoint and may emit changes again (at-least-once), never skip one.
+//!
+//! A sink applies batches read from Kafka. Each batch carries the Kafka offsets it
+//! consumed; the sink makes the changes and the offsets durable in one target transaction,
+//! and on partition assignment the runtime resumes from the offsets the sink stored. A
+//! redelivered message is therefore skipped, and the effect on the target is exactly once.
+
+use crate::{ChangeEvent, TableId, TidelinkError};
+use std::fmt::Display;
+use std::future::Future;
+
+/// What a source yields.
+// Changes are the common case and are moved once; boxing them would add an allocation per
+// change on the hot path to shrink the rare variants.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceMessage<P> {
+    /// A committed row change.
+    Change(ChangeEvent),
+    /// Every change of every transaction that committed at or before this position has
+    /// been emitted. Heartbeats on an idle source are checkpoints too, so the position
+    /// keeps moving when the watched tables are quiet.
+    Checkpoint(P),
+    /// Nothing arrived for a while. Sources return this at least every few seconds on a
+    /// quiet stream so the runtime can confirm positions and notice shutdown between calls
+    /// (`next` need not be cancel-safe).
+    Idle,
+}
+
+/// A change-data-capture source.
+///
+/// Order: changes of one transaction are emitted together, transactions in commit order.
+/// Positions only move forward: `confirm` with a position lower than one already confirmed
+/// must be ignored.
+pub trait Source: Send {
+    /// The source's position type (a PostgreSQL LSN, a MySQL GTID set, …).
+    type Position: Copy + Ord + Display + Send + Sync + 'static;
+
+    /// The next change or checkpoint. Errors carry their kind: transient ones are retried
+    /// by reconnecting from the last confirmed position.
+    fn next(
+        &mut self,
+    ) -> impl Future<Output = Result<SourceMessage<Self::Position>, TidelinkError>> + Send;
+
+    /// Every change up to `position` is durable downstream; the source may release it
+    /// (advance the slot's `confirmed_flush_lsn`, store the binlog position).
+    fn confirm(&mut self, position: Self::Position);
+}
+
+/// A Kafka partition of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+}
+
+/// How far a batch moves one partition: the offsets table must hold `expected` (`None`:
+/// no row yet) and is set to `next`. If it holds anything else, another worker has applied
+/// this partition meanwhile and the batch must not be committed (see [`SinkError::Fenced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetAdvance {
+    /// The partition.
+    pub partition: TopicPartition,
+    /// Next offset to consume as the target currently records it.
+    pub expected: Option<i64>,
+    /// Next offset to consume after this batch.
+    pub next: i64,
+}
+
+/// A row change on its way into a target table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkChange {
+    /// Target table (after the sink's table mapping).
+    pub table: TableId,
+    /// The operation.
+    pub op: crate::Op,
+    /// Key columns and values.
+    pub key: crate::Row,
+    /// New row image for inserts, updates and reads; columns holding
+    /// [`crate::UNAVAILABLE_VALUE`] must be left as the target has them.
+    pub after: Option<crate::Row>,
+    /// Where the change was read from, for error reports and dead-lettering.
+    pub origin: MessageOrigin,
+}
+
+/// The Kafka coordinates of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageOrigin {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+impl Display for MessageOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// Why a batch was not applied. In every case nothing of the batch is visible in the target.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Another worker recorded different offsets for these partitions: this worker lost
+    /// them in a rebalance. Drop their buffered messages and reload their offsets.
+    #[error("offsets of {0:?} were moved by another worker")]
+    Fenced(Vec<TopicPartition>),
+    /// The target refused the data itself (type, constraint, missing table). Applying the
+    /// changes one by one finds the offending message, which goes to the dead-letter topic.
+    #[error("{0}")]
+    Rejected(String),
+    /// Connection or server trouble; retry the same batch.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// A target database that applies batches with their offsets atomically.
+///
+/// Guarantees the runtime relies on:
+/// - `apply` makes all of a batch's changes and offset advances durable in one transaction,
+///   or none of them.
+/// - Within a batch, changes of one key are applied in the order given; `apply` may coalesce
+///   them (only the last state of a key matters).
+/// - `stored_offsets` returns what the last committed batch recorded.
+pub trait Sink: Send {
+    /// The offsets recorded for these partitions (`None`: never consumed).
+    fn stored_offsets(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> impl Future<Output = Result<Vec<Option<i64>>, TidelinkError>> + Send;
+
+    /// Applies changes and offset advances in one transaction.
+    fn apply(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+}

@@ -1,0 +1,18 @@
+//! The vocabulary every tidelink crate shares: change events, source positions, the
+//! `Source` and `Sink` contracts, and errors that say whether retrying can help.
+//!
+//! Nothing here talks to a database or a broker; the connector crates implement these
+//! contracts and the runtime wires them together.
+
+pub mod contract;
+pub mod error;
+pub mod event;
+pub mod position;
+
+pub use contract::{
+    MessageOrigin, OffsetAdvance, Sink, SinkChange, SinkError, Source, SourceMessage,
+    TopicPartition,
+};
+pub use error::{ErrorKind, TidelinkError};
+pub use event::{ChangeEvent, Op, Row, SourceInfo, TableId, UNAVAILABLE_VALUE};
+pub use position::Lsn;

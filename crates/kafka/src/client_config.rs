@@ -1,0 +1,73 @@
+//! librdkafka client settings: tidelink's safe defaults, then the operator's pass-through
+//! properties (TLS, SASL, tuning) on top, except the few that would break the guarantees.
+
+use rdkafka::ClientConfig;
+use tidelink_config::KafkaConfig;
+use tidelink_core::TidelinkError;
+
+/// Producer settings: idempotent, `acks=all`, lz4, small linger.
+pub fn producer(kafka: &KafkaConfig) -> Result<ClientConfig, TidelinkError> {
+    let mut config = base(kafka);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set("message.timeout.ms", "0");
+    apply_overrides(&mut config, kafka, &["enable.idempotence", "acks"])?;
+    Ok(config)
+}
+
+/// Consumer settings for a sink worker: manual offsets, cooperative-sticky assignment.
+pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, TidelinkError> {
+    let mut config = base(kafka);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "5000");
+    apply_overrides(
+        &mut config,
+        kafka,
+        &["group.id", "enable.auto.commit", "enable.auto.offset.store"],
+    )?;
+    Ok(config)
+}
+
+/// Admin client settings.
+pub fn admin(kafka: &KafkaConfig) -> Result<ClientConfig, TidelinkError> {
+    let mut config = base(kafka);
+    apply_overrides(&mut config, kafka, &[])?;
+    Ok(config)
+}
+
+fn base(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("client.id", "tidelink")
+        .set("log_level", "4");
+    config
+}
+
+fn apply_overrides(
+    config: &mut ClientConfig,
+    kafka: &KafkaConfig,
+    protected: &[&str],
+) -> Result<(), TidelinkError> {
+    for (key, value) in &kafka.properties {
+        if protected.contains(&key.as_str()) {
+            return Err(TidelinkError::permanent(format!(
+                "kafka.properties.{key}: tidelink sets this itself to keep its delivery guarantees; remove it"
+            )));
+        }
+        config.set(key, value);
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The consumer-group side of a sink worker.
+//!
+//! A dedicated thread drives an rdkafka consumer (cooperative-sticky assignment, no
+//! automatic offset commits) and forwards what happens, in order, over a bounded channel:
+//! partition assignments with the offsets the sink stored, messages, revocations. The
+//! rebalance callback asks the sink for its stored offsets *before* assigning, so fetching
+//! starts exactly where the target's last committed batch ended; Kafka's own committed
+//! offsets are written only for monitoring (consumer lag) and never read back.
+
+use crate::client_config;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::OwnedMessage;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tidelink_config::KafkaConfig;
+use tidelink_core::{TidelinkError, TopicPartition};
+use tokio::sync::mpsc;
+
+/// Reads the offsets a sink stored; called from the consumer thread, so it may block.
+pub trait OffsetLoader: Send + Sync + 'static {
+    /// Stored next offsets, `None` for partitions never consumed.
+    fn load(&self, partitions: &[TopicPartition]) -> Result<Vec<Option<i64>>, TidelinkError>;
+}
+
+/// What the consumer thread reports, in the order it happened.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    /// These partitions now belong to this worker; fetching starts at the stored offsets.
+    Assigned(Vec<(TopicPartition, Option<i64>)>),
+    /// These partitions were taken away; drop anything buffered for them.
+    Revoked(Vec<TopicPartition>),
+    /// A message of an assigned partition.
+    Message(OwnedMessage),
+    /// A consumer error worth reporting (the consumer keeps running).
+    Error(String),
+}
+
+struct RebalanceContext {
+    loader: Arc<dyn OffsetLoader>,
+    events: mpsc::Sender<ConsumerEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                let stored = loop {
+                    match self.loader.load(&partitions) {
+                        Ok(stored) => break stored,
+                        Err(e) if !self.stop.load(Ordering::Relaxed) => {
+                            tracing::warn!(error = %e, "cannot read stored offsets; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                        Err(_) => return,
+                    }
+                };
+                for (p, offset) in partitions.iter().zip(&stored) {
+                    let start = offset.map(Offset::Offset).unwrap_or(Offset::Beginning);
+                    if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, start) {
+                        tracing::warn!(error = %e, topic = %p.topic, partition = p.partition, "cannot set start offset");
+                    }
+                }
+                tracing::info!(
+                    partitions = ?partitions.iter().zip(&stored).map(|(p, o)| format!("{}[{}]@{}", p.topic, p.partition, o.map(|o| o.to_string()).unwrap_or_else(|| "beginning".into()))).collect::<Vec<_>>(),
+                    "partitions assigned"
+                );
+                let _ = self.events.blocking_send(ConsumerEvent::Assigned(
+                    partitions.into_iter().zip(stored).collect(),
+                ));
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                tracing::info!(count = partitions.len(), "partitions revoked");
+                let _ = self
+                    .events
+                    .blocking_send(ConsumerEvent::Revoked(partitions));
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = self
+                    .events
+                    .blocking_send(ConsumerEvent::Revoked(partitions_of(tpl)));
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// A running consumer thread.
+pub struct SinkConsumer {
+    consumer: Arc<BaseConsumer<RebalanceContext>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SinkConsumer {
+    /// Joins `group`, subscribes to the topics matching `pattern` (a `^`-regex or a topic
+    /// name), and forwards events to `events`.
+    pub fn spawn(
+        kafka: &KafkaConfig,
+        group: &str,
+        pattern: &str,
+        loader: Arc<dyn OffsetLoader>,
+        events: mpsc::Sender<ConsumerEvent>,
+    ) -> Result<Self, TidelinkError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let context = RebalanceContext {
+            loader,
+            events: events.clone(),
+            stop: stop.clone(),
+        };
+        let consumer: BaseConsumer<RebalanceContext> = client_config::consumer(kafka, group)?
+            .create_with_context(context)
+            .map_err(|e| TidelinkError::permanent(format!("kafka consumer: {e}")))?;
+        consumer
+            .subscribe(&[pattern])
+            .map_err(|e| TidelinkError::permanent(format!("subscribing to {pattern}: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let thread = {
+            let consumer = consumer.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("consumer {group}"))
+                .spawn(move || poll_loop(&consumer, &stop, &events))
+                .map_err(|e| TidelinkError::permanent(format!("starting consumer thread: {e}")))?
+        };
+        Ok(Self {
+            consumer,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Restarts fetching a partition at `offset` (after another worker moved it).
+    pub fn seek(&self, partition: &TopicPartition, offset: Option<i64>) -> KafkaResult<()> {
+        let offset = offset.map(Offset::Offset).unwrap_or(Offset::Beginning);
+        self.consumer.seek(
+            &partition.topic,
+            partition.partition,
+            offset,
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Records applied offsets in Kafka too, for lag monitoring (asynchronous, best effort).
+    pub fn commit_for_monitoring(&self, offsets: &[(TopicPartition, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in offsets {
+            let _ = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(*next));
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "monitoring offset commit failed");
+        }
+    }
+
+    /// Leaves the group (revoking partitions) and stops the thread.
+    pub fn close(mut self) {
+        self.stop_thread();
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SinkConsumer {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<RebalanceContext>,
+    stop: &AtomicBool,
+    events: &mpsc::Sender<ConsumerEvent>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let event = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Ok(message)) => ConsumerEvent::Message(message.detach()),
+            Some(Err(e)) => ConsumerEvent::Error(e.to_string()),
+        };
+        if events.blocking_send(event).is_err() {
+            break;
+        }
+    }
+    // Leave the group cleanly so the partitions move to the other workers at once.
+    consumer.unsubscribe();
+    for _ in 0..20 {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+}
+
+impl SinkConsumer {
+    /// The partition's high watermark (next offset to be written), for lag.
+    pub fn high_watermark(&self, partition: &TopicPartition) -> KafkaResult<i64> {
+        self.consumer
+            .fetch_watermarks(
+                &partition.topic,
+                partition.partition,
+                Duration::from_secs(2),
+            )
+            .map(|(_, high)| high)
+    }
+}

@@ -1,0 +1,14 @@
+//! Kafka for tidelink: the Debezium-compatible envelope codec, the idempotent producer,
+//! topic administration, and the consumer-group thread that starts every assigned
+//! partition at the offset its sink recorded.
+
+pub mod admin;
+pub mod client_config;
+pub mod consumer;
+pub mod envelope;
+pub mod producer;
+pub mod topics;
+
+pub use consumer::{ConsumerEvent, OffsetLoader, SinkConsumer};
+pub use envelope::{decode_change, encode_change, DecodedChange};
+pub use producer::EventProducer;

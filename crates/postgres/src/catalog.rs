@@ -1,0 +1,106 @@
+//! Catalog look-ups shared by source and sink: type classification (cached per OID)
+//! and primary keys.
+
+use crate::connection::{classify, connect};
+use crate::types::{classify as classify_kind, TypeRow, ValueKind};
+use std::collections::HashMap;
+use tidelink_core::TidelinkError;
+
+pub(crate) struct Catalog {
+    client: tokio_postgres::Client,
+    types: HashMap<u32, TypeRow>,
+}
+
+impl Catalog {
+    pub(crate) async fn connect(dsn: &str) -> Result<Self, TidelinkError> {
+        Ok(Self {
+            client: connect(dsn, "source catalog").await?,
+            types: HashMap::new(),
+        })
+    }
+
+    /// Loads `pg_type` rows for these OIDs and, transitively, their element and base types.
+    pub(crate) async fn load_types(&mut self, oids: &[u32]) -> Result<(), TidelinkError> {
+        let mut missing: Vec<u32> = oids
+            .iter()
+            .copied()
+            .filter(|o| !self.types.contains_key(o))
+            .collect();
+        while !missing.is_empty() {
+            let rows = fetch_types(&self.client, &missing).await?;
+            let mut next = Vec::new();
+            for row in rows {
+                for dependency in [row.element, row.base] {
+                    if dependency != 0 && !self.types.contains_key(&dependency) {
+                        next.push(dependency);
+                    }
+                }
+                self.types.insert(row.oid, row);
+            }
+            next.retain(|o| !self.types.contains_key(o));
+            next.sort_unstable();
+            next.dedup();
+            missing = next;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn classify(&self, oid: u32) -> ValueKind {
+        classify_kind(oid, &|o| self.types.get(&o).cloned())
+    }
+
+    /// Primary-key column names of a relation, in key order (empty when it has none).
+    pub(crate) async fn primary_key(&self, relation: u32) -> Result<Vec<String>, TidelinkError> {
+        primary_key(&self.client, relation).await
+    }
+}
+
+/// `pg_type` rows for these OIDs.
+pub(crate) async fn fetch_types(
+    client: &tokio_postgres::Client,
+    oids: &[u32],
+) -> Result<Vec<TypeRow>, TidelinkError> {
+    let rows = client
+        .query(
+            "SELECT oid, typname::text, typcategory::text, typelem, typdelim::text, typtype::text, \
+             typbasetype, format_type(oid, NULL) FROM pg_type WHERE oid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading pg_type"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TypeRow {
+            oid: r.get(0),
+            name: r.get(1),
+            category: first_char(r.get(2)),
+            element: r.get(3),
+            delimiter: first_char(r.get(4)),
+            kind: first_char(r.get(5)),
+            base: r.get(6),
+            sql_name: r.get(7),
+        })
+        .collect())
+}
+
+fn first_char(s: String) -> char {
+    s.chars().next().unwrap_or(' ')
+}
+
+/// Primary-key column names of a relation, in key order.
+pub(crate) async fn primary_key(
+    client: &tokio_postgres::Client,
+    relation: u32,
+) -> Result<Vec<String>, TidelinkError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+            &[&relation],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading the primary key"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

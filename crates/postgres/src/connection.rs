@@ -1,0 +1,104 @@
+//! Connecting to PostgreSQL and classifying its errors: transient (connection lost, server
+//! starting or shutting down, lock conflicts) versus permanent (authentication, privileges,
+//! missing objects, bad data). Messages never contain the password.
+
+use tidelink_config::redact_dsn;
+use tidelink_core::TidelinkError;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+/// Parses a DSN (URL or key-value form).
+pub fn parse_dsn(dsn: &str) -> Result<Config, TidelinkError> {
+    dsn.parse::<Config>().map_err(|e| {
+        TidelinkError::permanent(format!(
+            "invalid PostgreSQL connection string `{}`: {e}",
+            redact_dsn(dsn)
+        ))
+    })
+}
+
+/// Opens a regular (non-replication) connection; the connection task runs in the background.
+pub async fn connect(dsn: &str, purpose: &str) -> Result<Client, TidelinkError> {
+    let mut config = parse_dsn(dsn)?;
+    config.application_name(format!("tidelink {purpose}"));
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| classify(&e).context(format!("connecting to {}", redact_dsn(dsn))))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Decides whether a PostgreSQL error may pass.
+pub fn classify(error: &tokio_postgres::Error) -> TidelinkError {
+    let message = describe(error);
+    match error.code() {
+        None => {
+            if error.is_closed() || source_is_io(error) {
+                TidelinkError::transient(message)
+            } else {
+                TidelinkError::permanent(message)
+            }
+        }
+        Some(code) if is_transient_state(code) => TidelinkError::transient(message),
+        Some(_) => TidelinkError::permanent(message),
+    }
+}
+
+/// SQLSTATEs after which retrying can succeed.
+pub fn is_transient_state(code: &SqlState) -> bool {
+    let class = &code.code()[..2];
+    matches!(class, "08" | "40" | "53" | "57" | "58")
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+        || *code == SqlState::OBJECT_IN_USE
+}
+
+fn source_is_io(error: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The server's message with its detail and hint, or the client error.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                s.push_str(&format!("; detail: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                s.push_str(&format!("; hint: {hint}"));
+            }
+            s
+        }
+        None => {
+            let mut s = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(inner) = source {
+                s.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a schema-qualified table name.
+pub fn quote_table(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}

@@ -1,0 +1,12 @@
+//! PostgreSQL for tidelink: the logical-replication source (slot, publication, pgoutput
+//! decoding), the sink that applies batches with their Kafka offsets in one transaction,
+//! and the preflight checks that run before either starts.
+
+mod catalog;
+pub mod connection;
+pub mod sink;
+pub mod source;
+pub mod types;
+
+pub use sink::PgSink;
+pub use source::{PgSource, PgSourceSettings};

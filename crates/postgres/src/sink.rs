@@ -1,0 +1,590 @@
+//! The PostgreSQL sink: applies a batch of changes and the Kafka offsets it consumed in one
+//! transaction.
+//!
+//! # Exactly-once effect
+//! `<state_schema>.offsets` holds, per consumer group and partition, the next offset to
+//! consume. Each batch first moves those rows from the offsets the worker expects to the
+//! new ones — a compare-and-set that locks the rows — then writes the data, then commits.
+//! A worker that lost a partition in a rebalance finds the row changed (or waits on the
+//! other worker's lock, then finds it changed) and rolls back: two workers can never both
+//! apply the same messages.
+//!
+//! # Apply
+//! Changes are coalesced per key (the last state wins; a column the source marked
+//! unavailable keeps the value of an earlier change in the batch, or the target's). Then,
+//! per table, one `DELETE … WHERE (key) IN (SELECT … FROM unnest(…))` and one
+//! `INSERT … SELECT … FROM unnest(…) ON CONFLICT (key) DO UPDATE` per column set, with every
+//! value sent as text and cast to the target column's type: one round trip per table, not
+//! per row.
+
+use crate::catalog::fetch_types;
+use crate::connection::{connect, describe, is_transient_state, quote_ident, quote_table};
+use crate::types::{json_to_text, target_kind, TargetKind, TypeRow};
+use std::collections::HashMap;
+use tidelink_core::{
+    OffsetAdvance, Op, Row, Sink, SinkChange, SinkError, TableId, TidelinkError, TopicPartition,
+    UNAVAILABLE_VALUE,
+};
+use tokio_postgres::{Client, Statement};
+
+/// Options of a PostgreSQL sink.
+#[derive(Debug, Clone)]
+pub struct PgSinkSettings {
+    /// Target connection string.
+    pub dsn: String,
+    /// Consumer group whose offsets this sink records.
+    pub group: String,
+    /// Schema of the offsets (and history) tables.
+    pub state_schema: String,
+    /// Also record every applied message in `<state_schema>.history` (for audits).
+    pub record_history: bool,
+}
+
+#[derive(Debug, Clone)]
+struct TargetColumn {
+    sql_type: String,
+    kind: TargetKind,
+}
+
+#[derive(Debug, Clone)]
+struct TargetTable {
+    quoted: String,
+    columns: HashMap<String, TargetColumn>,
+}
+
+/// A PostgreSQL target.
+pub struct PgSink {
+    settings: PgSinkSettings,
+    client: Option<Client>,
+    tables: HashMap<TableId, TargetTable>,
+    statements: HashMap<String, Statement>,
+}
+
+/// A row's key and its new image.
+type KeyedRow<'a> = (&'a Row, &'a Row);
+
+enum Pending {
+    Upsert(Row),
+    Delete,
+}
+
+struct TableBatch<'a> {
+    table: &'a TableId,
+    order: Vec<String>,
+    pending: HashMap<String, (Row, Pending)>,
+}
+
+impl PgSink {
+    /// Connects and creates the state tables when absent.
+    pub async fn connect(settings: PgSinkSettings) -> Result<Self, TidelinkError> {
+        let mut sink = Self {
+            settings,
+            client: None,
+            tables: HashMap::new(),
+            statements: HashMap::new(),
+        };
+        sink.client().await?;
+        Ok(sink)
+    }
+
+    async fn client(&mut self) -> Result<&Client, TidelinkError> {
+        let healthy = self.client.as_ref().is_some_and(|c| !c.is_closed());
+        if !healthy {
+            self.statements.clear();
+            self.tables.clear();
+            let client = connect(&self.settings.dsn, "sink").await?;
+            create_state_tables(&client, &self.settings.state_schema).await?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    async fn target_table(&mut self, table: &TableId) -> Result<TargetTable, SinkError> {
+        if let Some(t) = self.tables.get(table) {
+            return Ok(t.clone());
+        }
+        let quoted = quote_table(&table.schema, &table.name);
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let rows = client
+            .query(
+                "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
+                 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&quoted],
+            )
+            .await
+            .map_err(|e| sink_error(&e, &format!("reading the columns of target table {table}")))?;
+        let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
+        let mut types: HashMap<u32, TypeRow> = HashMap::new();
+        let mut missing = oids.clone();
+        while !missing.is_empty() {
+            let fetched = fetch_types(client, &missing)
+                .await
+                .map_err(|e| SinkError::Transient(e.message))?;
+            missing = Vec::new();
+            for row in fetched {
+                for dep in [row.element, row.base] {
+                    if dep != 0 && !types.contains_key(&dep) {
+                        missing.push(dep);
+                    }
+                }
+                types.insert(row.oid, row);
+            }
+            missing.retain(|o| !types.contains_key(o));
+        }
+        let columns = rows
+            .iter()
+            .map(|r| {
+                let oid: u32 = r.get(1);
+                (
+                    r.get::<_, String>(0),
+                    TargetColumn {
+                        sql_type: r.get(2),
+                        kind: target_kind(oid, &|o| types.get(&o).cloned()),
+                    },
+                )
+            })
+            .collect();
+        let target = TargetTable { quoted, columns };
+        self.tables.insert(table.clone(), target.clone());
+        Ok(target)
+    }
+
+    async fn statement(&mut self, sql: String) -> Result<Statement, SinkError> {
+        if let Some(s) = self.statements.get(&sql) {
+            return Ok(s.clone());
+        }
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let statement = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| sink_error(&e, "preparing a statement"))?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    async fn execute(
+        &mut self,
+        sql: String,
+        params: &[Vec<Option<String>>],
+        what: &str,
+    ) -> Result<u64, SinkError> {
+        let statement = self.statement(sql).await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        client
+            .execute(&statement, &params)
+            .await
+            .map_err(|e| sink_error(&e, what))
+    }
+
+    async fn advance_offsets(&mut self, offsets: &[OffsetAdvance]) -> Result<(), SinkError> {
+        let mut sorted: Vec<&OffsetAdvance> = offsets.iter().collect();
+        sorted.sort_by(|a, b| a.partition.cmp(&b.partition));
+        let schema = quote_ident(&self.settings.state_schema);
+        let group = self.settings.group.clone();
+        let update = self
+            .statement(format!(
+                "UPDATE {schema}.offsets SET next_offset = $4, updated_at = now() \
+                 WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset = $5"
+            ))
+            .await?;
+        let insert = self
+            .statement(format!(
+                "INSERT INTO {schema}.offsets (consumer_group, topic, partition, next_offset) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+            ))
+            .await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let mut fenced = Vec::new();
+        for advance in sorted {
+            let p = &advance.partition;
+            let changed = match advance.expected {
+                Some(expected) => {
+                    client
+                        .execute(
+                            &update,
+                            &[&group, &p.topic, &p.partition, &advance.next, &expected],
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .execute(&insert, &[&group, &p.topic, &p.partition, &advance.next])
+                        .await
+                }
+            }
+            .map_err(|e| sink_error(&e, "recording offsets"))?;
+            if changed != 1 {
+                fenced.push(p.clone());
+            }
+        }
+        if fenced.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Fenced(fenced))
+        }
+    }
+
+    async fn record_history(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
+        let schema = quote_ident(&self.settings.state_schema);
+        let mut topics = Vec::new();
+        let mut partitions = Vec::new();
+        let mut offsets = Vec::new();
+        let mut tables = Vec::new();
+        let mut ops = Vec::new();
+        for c in changes {
+            topics.push(Some(c.origin.topic.clone()));
+            partitions.push(Some(c.origin.partition.to_string()));
+            offsets.push(Some(c.origin.offset.to_string()));
+            tables.push(Some(c.table.to_string()));
+            ops.push(Some(c.op.code().to_string()));
+        }
+        self.execute(
+            format!(
+                "INSERT INTO {schema}.history (consumer_group, topic, partition, kafka_offset, target_table, op) \
+                 SELECT ($1::text[])[1], u.t, u.p::int, u.o::bigint, u.tb, u.op \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS u(t, p, o, tb, op)"
+            ),
+            &[vec![Some(self.settings.group.clone())], topics, partitions, offsets, tables, ops],
+            "recording history",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn apply_table(&mut self, batch: TableBatch<'_>) -> Result<(), SinkError> {
+        let target = self.target_table(batch.table).await?;
+        let mut deletes: Vec<&Row> = Vec::new();
+        let mut upserts: HashMap<Vec<String>, Vec<KeyedRow<'_>>> = HashMap::new();
+        for k in &batch.order {
+            let (key, pending) = &batch.pending[k];
+            match pending {
+                Pending::Delete => deletes.push(key),
+                Pending::Upsert(row) => {
+                    let columns: Vec<String> = row
+                        .iter()
+                        .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    upserts.entry(columns).or_default().push((key, row));
+                }
+            }
+        }
+        if !deletes.is_empty() {
+            let key_columns: Vec<String> = deletes[0].keys().cloned().collect();
+            let params =
+                column_params(&target, batch.table, &key_columns, deletes.iter().copied())?;
+            let sql = format!(
+                "DELETE FROM {} WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+                target.quoted,
+                quoted_list(&key_columns),
+                casts(&target, &key_columns),
+                placeholders(key_columns.len(), 1),
+                quoted_list(&key_columns),
+            );
+            self.execute(sql, &params, &format!("deleting from {}", batch.table))
+                .await?;
+        }
+        let mut groups: Vec<(Vec<String>, Vec<KeyedRow<'_>>)> = upserts.into_iter().collect();
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        for (columns, rows) in groups {
+            let key_columns: Vec<String> = rows[0].0.keys().cloned().collect();
+            let params =
+                column_params(&target, batch.table, &columns, rows.iter().map(|(_, r)| *r))?;
+            let updates: Vec<&String> = columns
+                .iter()
+                .filter(|c| !key_columns.contains(c))
+                .collect();
+            let conflict = if updates.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!(
+                    "DO UPDATE SET {}",
+                    updates
+                        .iter()
+                        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            let sql = format!(
+                "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) {}",
+                target.quoted,
+                quoted_list(&columns),
+                casts(&target, &columns),
+                placeholders(columns.len(), 1),
+                quoted_list(&columns),
+                quoted_list(&key_columns),
+                conflict
+            );
+            self.execute(sql, &params, &format!("upserting into {}", batch.table))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_in_transaction(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<(), SinkError> {
+        self.advance_offsets(offsets).await?;
+        if self.settings.record_history && !changes.is_empty() {
+            self.record_history(changes).await?;
+        }
+        // Segments end at each truncate, so a truncate applies after the changes before it
+        // and before the changes after it.
+        let mut start = 0;
+        while start < changes.len() {
+            let end = changes[start..]
+                .iter()
+                .position(|c| c.op == Op::Truncate)
+                .map(|i| start + i)
+                .unwrap_or(changes.len());
+            for batch in coalesce(&changes[start..end])? {
+                self.apply_table(batch).await?;
+            }
+            if let Some(truncate) = changes.get(end) {
+                let target = self.target_table(&truncate.table).await?;
+                self.execute(
+                    format!("TRUNCATE {}", target.quoted),
+                    &[],
+                    &format!("truncating {}", truncate.table),
+                )
+                .await?;
+            }
+            start = end + 1;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for PgSink {
+    async fn stored_offsets(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<i64>>, TidelinkError> {
+        let schema = quote_ident(&self.settings.state_schema);
+        let group = self.settings.group.clone();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT topic, partition, next_offset FROM {schema}.offsets WHERE consumer_group = $1"
+                ),
+                &[&group],
+            )
+            .await
+            .map_err(|e| crate::connection::classify(&e).context("reading stored offsets"))?;
+        let stored: HashMap<(String, i32), i64> = rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        Ok(partitions
+            .iter()
+            .map(|p| stored.get(&(p.topic.clone(), p.partition)).copied())
+            .collect())
+    }
+
+    async fn apply(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<(), SinkError> {
+        self.client()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        self.execute("BEGIN".into(), &[], "starting a transaction")
+            .await?;
+        let result = self.apply_in_transaction(changes, offsets).await;
+        match result {
+            Ok(()) => {
+                self.execute("COMMIT".into(), &[], "committing").await?;
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(client) = &self.client {
+                    if let Err(rollback) = client.batch_execute("ROLLBACK").await {
+                        tracing::debug!(error = %rollback, "rollback failed; reconnecting");
+                        self.client = None;
+                    }
+                }
+                // A failed statement may have been prepared against a changed table.
+                if matches!(e, SinkError::Rejected(_)) {
+                    self.tables.clear();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
+    let mut batches: Vec<TableBatch<'_>> = Vec::new();
+    let mut index: HashMap<&TableId, usize> = HashMap::new();
+    for change in changes {
+        let i = *index.entry(&change.table).or_insert_with(|| {
+            batches.push(TableBatch {
+                table: &change.table,
+                order: Vec::new(),
+                pending: HashMap::new(),
+            });
+            batches.len() - 1
+        });
+        let batch = &mut batches[i];
+        if change.key.is_empty() {
+            return Err(SinkError::Rejected(format!(
+                "{}: change of {} has an empty key",
+                change.origin, change.table
+            )));
+        }
+        let key_text = serde_json::Value::Object(change.key.clone()).to_string();
+        let next = match (change.op, &change.after) {
+            (Op::Delete, _) => Pending::Delete,
+            (_, Some(after)) => {
+                let mut row = after.clone();
+                if let Some((_, Pending::Upsert(previous))) = batch.pending.get(&key_text) {
+                    for (column, value) in row.iter_mut() {
+                        if value.as_str() == Some(UNAVAILABLE_VALUE) {
+                            if let Some(earlier) = previous.get(column) {
+                                *value = earlier.clone();
+                            }
+                        }
+                    }
+                }
+                Pending::Upsert(row)
+            }
+            (op, None) => {
+                return Err(SinkError::Rejected(format!(
+                    "{}: {} change of {} has no `after` row",
+                    change.origin,
+                    op.name(),
+                    change.table
+                )))
+            }
+        };
+        if !batch.pending.contains_key(&key_text) {
+            batch.order.push(key_text.clone());
+        }
+        batch.pending.insert(key_text, (change.key.clone(), next));
+    }
+    Ok(batches)
+}
+
+fn column_params<'r>(
+    target: &TargetTable,
+    table: &TableId,
+    columns: &[String],
+    rows: impl Iterator<Item = &'r Row>,
+) -> Result<Vec<Vec<Option<String>>>, SinkError> {
+    let mut kinds = Vec::with_capacity(columns.len());
+    for c in columns {
+        let column = target.columns.get(c).ok_or_else(|| {
+            SinkError::Rejected(format!("target table {table} has no column `{c}`"))
+        })?;
+        kinds.push(&column.kind);
+    }
+    let mut params: Vec<Vec<Option<String>>> = vec![Vec::new(); columns.len()];
+    for row in rows {
+        for (i, c) in columns.iter().enumerate() {
+            let value = row.get(c).unwrap_or(&serde_json::Value::Null);
+            let text = json_to_text(value, kinds[i])
+                .map_err(|e| SinkError::Rejected(format!("{table}.{c}: {e}")))?;
+            params[i].push(text);
+        }
+    }
+    Ok(params)
+}
+
+fn casts(target: &TargetTable, columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| {
+            let sql_type = target
+                .columns
+                .get(c)
+                .map(|t| t.sql_type.as_str())
+                .unwrap_or("text");
+            format!("u.{}::{}", quote_ident(c), sql_type)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn placeholders(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn quoted_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|s| quote_ident(s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn sink_error(error: &tokio_postgres::Error, what: &str) -> SinkError {
+    let message = format!("{what}: {}", describe(error));
+    match error.code() {
+        Some(code) if is_transient_state(code) => SinkError::Transient(message),
+        Some(_) => SinkError::Rejected(message),
+        None => SinkError::Transient(message),
+    }
+}
+
+async fn create_state_tables(client: &Client, schema: &str) -> Result<(), TidelinkError> {
+    let schema = quote_ident(schema);
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}.offsets (
+             consumer_group text NOT NULL,
+             topic text NOT NULL,
+             partition integer NOT NULL,
+             next_offset bigint NOT NULL,
+             updated_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (consumer_group, topic, partition));
+         CREATE TABLE IF NOT EXISTS {schema}.history (
+             consumer_group text NOT NULL,
+             topic text NOT NULL,
+             partition integer NOT NULL,
+             kafka_offset bigint NOT NULL,
+             target_table text NOT NULL,
+             op text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());"
+    );
+    // Two workers starting together can race on CREATE … IF NOT EXISTS; the loser retries.
+    for attempt in 0..3 {
+        match client.batch_execute(&sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 2 && e.code().is_some() => {
+                tracing::debug!(error = %e, "creating state tables raced; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(crate::connection::classify(&e).context(format!(
+                    "creating the tidelink state tables in schema {schema}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,511 @@
+//! The PostgreSQL source: preflight checks, publication and slot set-up, and the streaming
+//! loop that turns pgoutput messages into change events and checkpoints.
+//!
+//! # Protocol
+//! The source opens a replication connection and runs `START_REPLICATION SLOT … LOGICAL`
+//! with `pgoutput` (protocol version 1) from the slot's `confirmed_flush_lsn`. The server
+//! sends, per transaction, Begin, then a Relation message before the first change of each
+//! table (and again after its DDL), then Insert/Update/Delete/Truncate, then Commit. Column
+//! values come in text form, typed by the Relation's type OIDs, which are classified once
+//! through the catalog. Keepalives between transactions become checkpoints, so an idle slot
+//! still advances.
+//!
+//! # Positions
+//! A Commit yields a checkpoint at the transaction's end LSN. The runtime confirms it only
+//! after Kafka acknowledged every earlier change; only then is the LSN reported to the
+//! server as flushed, so the slot never releases WAL that Kafka does not hold.
+
+pub mod pgoutput;
+mod preflight;
+
+pub use preflight::{preflight, PreflightReport, SourceTable};
+
+use crate::connection::{self, parse_dsn};
+use crate::types::{text_to_json, ValueKind};
+use pgoutput::{OldTuple, PgOutputMessage, TupleValue};
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tidelink_config::redact_dsn;
+use tidelink_core::{
+    ChangeEvent, Lsn, Op, Row, Source, SourceInfo, SourceMessage, TableId, TidelinkError,
+    UNAVAILABLE_VALUE,
+};
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// What the source needs to know beyond the connection string.
+#[derive(Debug, Clone)]
+pub struct PgSourceSettings {
+    /// Pipeline name, reported as the envelope's `source.name`.
+    pub pipeline: String,
+    /// Connection string.
+    pub dsn: String,
+    /// `schema.table` patterns to capture.
+    pub tables: Vec<String>,
+    /// Replication slot.
+    pub slot: String,
+    /// Publication.
+    pub publication: String,
+    /// How often the confirmed position is reported to the server.
+    pub status_interval: Duration,
+}
+
+/// A column as the source decodes it.
+#[derive(Debug, Clone)]
+struct ColumnInfo {
+    name: String,
+    kind: ValueKind,
+}
+
+/// A table as the stream describes it.
+#[derive(Debug, Clone)]
+struct RelationInfo {
+    table: TableId,
+    columns: Vec<ColumnInfo>,
+    /// Indexes of the columns forming the message key (primary key, else replica identity).
+    key: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenTransaction {
+    final_lsn: u64,
+    xid: u32,
+    commit_ts_ms: i64,
+}
+
+/// The streaming PostgreSQL source. Build it with [`PgSource::start`].
+pub struct PgSource {
+    settings: PgSourceSettings,
+    database: String,
+    client: ReplicationClient,
+    catalog: crate::catalog::Catalog,
+    relations: HashMap<u32, RelationInfo>,
+    transaction: Option<OpenTransaction>,
+    ready: VecDeque<SourceMessage<Lsn>>,
+    confirmed: Lsn,
+    version: String,
+}
+
+impl PgSource {
+    /// Runs preflight (which creates the publication and slot when absent) and starts
+    /// streaming from the slot's confirmed position.
+    pub async fn start(
+        settings: PgSourceSettings,
+    ) -> Result<(Self, PreflightReport), TidelinkError> {
+        let report = preflight(&settings).await?;
+        for warning in &report.warnings {
+            tracing::warn!(pipeline = %settings.pipeline, "{warning}");
+        }
+        let config = parse_dsn(&settings.dsn)?;
+        let database = config.get_dbname().unwrap_or("postgres").to_string();
+        let catalog = crate::catalog::Catalog::connect(&settings.dsn).await?;
+        let client = open_stream(&settings, &config).await?;
+        tracing::info!(
+            pipeline = %settings.pipeline,
+            slot = %settings.slot,
+            publication = %settings.publication,
+            tables = report.tables.len(),
+            confirmed_flush_lsn = %report.confirmed_flush_lsn,
+            "PostgreSQL source streaming from {}",
+            redact_dsn(&settings.dsn)
+        );
+        Ok((
+            Self {
+                confirmed: report.confirmed_flush_lsn,
+                settings,
+                database,
+                client,
+                catalog,
+                relations: HashMap::new(),
+                transaction: None,
+                ready: VecDeque::new(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            report,
+        ))
+    }
+
+    /// Stops the stream, telling the server the last confirmed position.
+    pub async fn shutdown(mut self) {
+        self.client
+            .update_applied_lsn(pgwire_replication::Lsn(self.confirmed.0));
+        if let Err(e) = self.client.shutdown().await {
+            tracing::debug!(error = %e, "replication stream ended with an error during shutdown");
+        }
+    }
+
+    fn source_info(&self, table: &TableId, tx: OpenTransaction) -> SourceInfo {
+        SourceInfo {
+            version: self.version.clone(),
+            connector: "postgresql".into(),
+            name: self.settings.pipeline.clone(),
+            ts_ms: tx.commit_ts_ms,
+            snapshot: "false".into(),
+            db: self.database.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            tx_id: Some(u64::from(tx.xid)),
+            lsn: Some(tx.final_lsn),
+        }
+    }
+
+    async fn handle_relation(&mut self, rel: pgoutput::Relation) -> Result<(), TidelinkError> {
+        let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+        self.catalog.load_types(&oids).await?;
+        let columns: Vec<ColumnInfo> = rel
+            .columns
+            .iter()
+            .map(|c| ColumnInfo {
+                name: c.name.clone(),
+                kind: self.catalog.classify(c.type_oid),
+            })
+            .collect();
+        let primary_key = self.catalog.primary_key(rel.id).await?;
+        let key: Vec<usize> = if primary_key.is_empty() {
+            rel.columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_key)
+                .map(|(i, _)| i)
+                .collect()
+        } else {
+            primary_key
+                .iter()
+                .filter_map(|name| columns.iter().position(|c| &c.name == name))
+                .collect()
+        };
+        let table = TableId::new(rel.namespace, rel.name);
+        tracing::debug!(%table, columns = columns.len(), "relation described");
+        self.relations.insert(
+            rel.id,
+            RelationInfo {
+                table,
+                columns,
+                key,
+            },
+        );
+        Ok(())
+    }
+
+    fn relation(&self, id: u32, what: &str) -> Result<&RelationInfo, TidelinkError> {
+        self.relations.get(&id).ok_or_else(|| {
+            TidelinkError::permanent(format!(
+                "pgoutput {what} for relation {id} arrived before its Relation message"
+            ))
+        })
+    }
+
+    fn handle_change(&mut self, message: PgOutputMessage) -> Result<(), TidelinkError> {
+        let Some(tx) = self.transaction else {
+            return Err(TidelinkError::permanent(
+                "pgoutput change outside a transaction (no Begin seen)",
+            ));
+        };
+        match message {
+            PgOutputMessage::Insert { relation, new } => {
+                let rel = self.relation(relation, "Insert")?;
+                let after = build_row(rel, &new, None)?;
+                let key = key_of(rel, &new)?;
+                let event = ChangeEvent {
+                    table: rel.table.clone(),
+                    op: Op::Create,
+                    key,
+                    before: None,
+                    after: Some(after),
+                    source: self.source_info(&rel.table, tx),
+                };
+                self.ready.push_back(SourceMessage::Change(event));
+            }
+            PgOutputMessage::Update { relation, old, new } => {
+                let rel = self.relation(relation, "Update")?;
+                let after = build_row(rel, &new, old.as_ref())?;
+                let key = key_of(rel, &new)?;
+                let before = match &old {
+                    Some(old) => Some(build_old_row(rel, old)?),
+                    None => None,
+                };
+                let old_key = match &old {
+                    Some(old) => Some(key_of(rel, &old.values)?),
+                    None => None,
+                };
+                let source = self.source_info(&rel.table, tx);
+                let table = rel.table.clone();
+                match old_key {
+                    // The key changed: the old row is gone and a new one exists, as two
+                    // events keyed by their own keys (Debezium does the same).
+                    Some(old_key) if old_key != key => {
+                        self.ready.push_back(SourceMessage::Change(ChangeEvent {
+                            table: table.clone(),
+                            op: Op::Delete,
+                            key: old_key,
+                            before,
+                            after: None,
+                            source: source.clone(),
+                        }));
+                        self.ready.push_back(SourceMessage::Change(ChangeEvent {
+                            table,
+                            op: Op::Create,
+                            key,
+                            before: None,
+                            after: Some(after),
+                            source,
+                        }));
+                    }
+                    _ => self.ready.push_back(SourceMessage::Change(ChangeEvent {
+                        table,
+                        op: Op::Update,
+                        key,
+                        before,
+                        after: Some(after),
+                        source,
+                    })),
+                }
+            }
+            PgOutputMessage::Delete { relation, old } => {
+                let rel = self.relation(relation, "Delete")?;
+                let key = key_of(rel, &old.values)?;
+                let event = ChangeEvent {
+                    table: rel.table.clone(),
+                    op: Op::Delete,
+                    key,
+                    before: Some(build_old_row(rel, &old)?),
+                    after: None,
+                    source: self.source_info(&rel.table, tx),
+                };
+                self.ready.push_back(SourceMessage::Change(event));
+            }
+            PgOutputMessage::Truncate { relations, .. } => {
+                for id in relations {
+                    let rel = self.relation(id, "Truncate")?;
+                    let event = ChangeEvent {
+                        table: rel.table.clone(),
+                        op: Op::Truncate,
+                        key: Row::new(),
+                        before: None,
+                        after: None,
+                        source: self.source_info(&rel.table, tx),
+                    };
+                    self.ready.push_back(SourceMessage::Change(event));
+                }
+            }
+            PgOutputMessage::Relation(_)
+            | PgOutputMessage::Type { .. }
+            | PgOutputMessage::Origin { .. }
+            | PgOutputMessage::Boundary(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn pull(&mut self) -> Result<(), TidelinkError> {
+        // recv is cancel-safe, so a timeout here loses nothing.
+        let received =
+            tokio::time::timeout(self.settings.status_interval, self.client.recv()).await;
+        let Ok(received) = received else {
+            self.ready.push_back(SourceMessage::Idle);
+            return Ok(());
+        };
+        let event = received
+            .map_err(|e| stream_error(&e))?
+            .ok_or_else(|| TidelinkError::transient("the replication stream ended"))?;
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.transaction = Some(OpenTransaction {
+                    final_lsn: final_lsn.0,
+                    xid,
+                    commit_ts_ms: (commit_time_micros + PG_EPOCH_OFFSET_MICROS) / 1000,
+                });
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.transaction = None;
+                self.ready
+                    .push_back(SourceMessage::Checkpoint(Lsn(end_lsn.0)));
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Between transactions everything up to wal_end has been sent: a heartbeat.
+                if self.transaction.is_none() && wal_end.0 > self.confirmed.0 {
+                    self.ready
+                        .push_back(SourceMessage::Checkpoint(Lsn(wal_end.0)));
+                }
+            }
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => {
+                let message = pgoutput::decode(&data).map_err(|e| {
+                    TidelinkError::permanent(format!(
+                        "slot {} at {}: {e}",
+                        self.settings.slot,
+                        Lsn(wal_start.0)
+                    ))
+                })?;
+                match message {
+                    PgOutputMessage::Relation(rel) => self.handle_relation(rel).await?,
+                    other => self.handle_change(other)?,
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                return Err(TidelinkError::transient("the replication stream stopped"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Source for PgSource {
+    type Position = Lsn;
+
+    async fn next(&mut self) -> Result<SourceMessage<Lsn>, TidelinkError> {
+        loop {
+            if let Some(message) = self.ready.pop_front() {
+                return Ok(message);
+            }
+            self.pull().await?;
+        }
+    }
+
+    fn confirm(&mut self, position: Lsn) {
+        if position > self.confirmed {
+            self.confirmed = position;
+            self.client
+                .update_applied_lsn(pgwire_replication::Lsn(position.0));
+        }
+    }
+}
+
+fn stream_error(error: &pgwire_replication::PgWireError) -> TidelinkError {
+    use pgwire_replication::PgWireError as E;
+    let message = format!("replication stream: {error}");
+    match error {
+        E::Auth(_) | E::Tls(_) => TidelinkError::permanent(message),
+        E::Server(text)
+            if text.contains("does not exist")
+                || text.contains("permission denied")
+                || text.contains("must be superuser or replication role") =>
+        {
+            TidelinkError::permanent(message)
+        }
+        _ => TidelinkError::transient(message),
+    }
+}
+
+async fn open_stream(
+    settings: &PgSourceSettings,
+    config: &tokio_postgres::Config,
+) -> Result<ReplicationClient, TidelinkError> {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres").to_string();
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = config.get_dbname().unwrap_or(&user).to_string();
+    let tls = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Require => pgwire_replication::TlsConfig::require(),
+        _ => pgwire_replication::TlsConfig::disabled(),
+    };
+    let replication = ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        settings.slot.clone(),
+        settings.publication.clone(),
+    )
+    .with_port(port)
+    .with_tls(tls)
+    // Pin the text forms of values so every source renders them identically.
+    .with_options(
+        "-c datestyle=ISO,MDY -c intervalstyle=postgres -c timezone=UTC -c extra_float_digits=1",
+    )
+    .with_status_interval(settings.status_interval)
+    .with_wakeup_interval(settings.status_interval)
+    .with_application_name(format!("tidelink {}", settings.pipeline));
+    ReplicationClient::connect(replication).await.map_err(|e| {
+        stream_error(&e).context(format!("starting replication on slot {}", settings.slot))
+    })
+}
+
+fn value_of(value: &TupleValue, column: &ColumnInfo) -> Value {
+    match value {
+        TupleValue::Null => Value::Null,
+        TupleValue::UnchangedToast => Value::String(UNAVAILABLE_VALUE.to_string()),
+        TupleValue::Text(text) => text_to_json(text, &column.kind),
+        TupleValue::Binary(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+    }
+}
+
+fn check_width(rel: &RelationInfo, values: &[TupleValue]) -> Result<(), TidelinkError> {
+    if values.len() != rel.columns.len() {
+        return Err(TidelinkError::permanent(format!(
+            "{}: tuple has {} columns, the relation {}",
+            rel.table,
+            values.len(),
+            rel.columns.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The new row; an unchanged TOASTed value is taken from the old row when the server sent
+/// it (REPLICA IDENTITY FULL), otherwise marked unavailable so the sink keeps it.
+fn build_row(
+    rel: &RelationInfo,
+    values: &[TupleValue],
+    old: Option<&OldTuple>,
+) -> Result<Row, TidelinkError> {
+    check_width(rel, values)?;
+    let mut row = Row::new();
+    for (i, (column, value)) in rel.columns.iter().zip(values).enumerate() {
+        let value = match (value, old) {
+            (TupleValue::UnchangedToast, Some(old)) if !old.key_only => match old.values.get(i) {
+                Some(old_value @ TupleValue::Text(_)) => value_of(old_value, column),
+                _ => value_of(value, column),
+            },
+            _ => value_of(value, column),
+        };
+        row.insert(column.name.clone(), value);
+    }
+    Ok(row)
+}
+
+/// The old row: all columns under REPLICA IDENTITY FULL, only the identity columns
+/// otherwise (the others were not sent, which is not the same as NULL).
+fn build_old_row(rel: &RelationInfo, old: &OldTuple) -> Result<Row, TidelinkError> {
+    check_width(rel, &old.values)?;
+    let mut row = Row::new();
+    for (column, value) in rel.columns.iter().zip(&old.values) {
+        if old.key_only && matches!(value, TupleValue::Null) {
+            continue;
+        }
+        row.insert(column.name.clone(), value_of(value, column));
+    }
+    Ok(row)
+}
+
+fn key_of(rel: &RelationInfo, values: &[TupleValue]) -> Result<Row, TidelinkError> {
+    check_width(rel, values)?;
+    let mut key = Row::new();
+    for &i in &rel.key {
+        let column = &rel.columns[i];
+        key.insert(column.name.clone(), value_of(&values[i], column));
+    }
+    Ok(key)
+}
+
+/// Re-exported for preflight and tests: a regular connection to the source.
+pub async fn connect_catalog(dsn: &str) -> Result<tokio_postgres::Client, TidelinkError> {
+    connection::connect(dsn, "source catalog").await
+}

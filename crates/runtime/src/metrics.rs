@@ -1,0 +1,304 @@
+//! Every metric tidelink exports, named `tidelink_<area>_<what>_<unit>` in one place, and
+//! the HTTP endpoint serving `/metrics`, `/healthz` (process alive) and `/readyz` (every
+//! component connected and streaming).
+
+use prometheus::{
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Metric names.
+pub mod names {
+    /// Changes read from the source, by pipeline, table and op.
+    pub const SOURCE_EVENTS: &str = "tidelink_source_events_total";
+    /// Seconds between a transaction's commit and Kafka acknowledging its last change.
+    pub const SOURCE_LAG: &str = "tidelink_source_lag_seconds";
+    /// Changes acknowledged by Kafka.
+    pub const KAFKA_PRODUCED_EVENTS: &str = "tidelink_kafka_produced_events_total";
+    /// Kafka produce latency (enqueue to acknowledgement).
+    pub const KAFKA_PRODUCE_LATENCY: &str = "tidelink_kafka_produce_latency_seconds";
+    /// Rows applied to the target, by pipeline, sink, table and op.
+    pub const SINK_APPLIED_ROWS: &str = "tidelink_sink_applied_rows_total";
+    /// Batches committed.
+    pub const SINK_BATCHES: &str = "tidelink_sink_batches_total";
+    /// Messages per batch.
+    pub const SINK_BATCH_SIZE: &str = "tidelink_sink_batch_size_messages";
+    /// Time to apply and commit a batch.
+    pub const SINK_APPLY_DURATION: &str = "tidelink_sink_apply_duration_seconds";
+    /// Source commit to target commit, per applied change.
+    pub const SINK_END_TO_END_LATENCY: &str = "tidelink_sink_end_to_end_latency_seconds";
+    /// Source commit time to now, for the newest applied change.
+    pub const SINK_LAG: &str = "tidelink_sink_lag_seconds";
+    /// Messages not yet applied, per partition (high watermark minus next offset).
+    pub const SINK_CONSUMER_LAG: &str = "tidelink_sink_consumer_lag_messages";
+    /// Messages sent to the dead-letter topic.
+    pub const SINK_DEAD_LETTER: &str = "tidelink_sink_dead_letter_messages_total";
+    /// Errors by pipeline, component and kind (transient, permanent, rejected, fenced).
+    pub const ERRORS: &str = "tidelink_errors_total";
+    /// 1 while a component is connected and streaming.
+    pub const COMPONENT_UP: &str = "tidelink_component_up";
+}
+
+/// The registry and every series handle.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry served on `/metrics`.
+    pub registry: Registry,
+    /// See [`names::SOURCE_EVENTS`].
+    pub source_events: IntCounterVec,
+    /// See [`names::SOURCE_LAG`].
+    pub source_lag: GaugeVec,
+    /// See [`names::KAFKA_PRODUCED_EVENTS`].
+    pub kafka_produced: IntCounterVec,
+    /// See [`names::KAFKA_PRODUCE_LATENCY`].
+    pub kafka_produce_latency: HistogramVec,
+    /// See [`names::SINK_APPLIED_ROWS`].
+    pub sink_applied_rows: IntCounterVec,
+    /// See [`names::SINK_BATCHES`].
+    pub sink_batches: IntCounterVec,
+    /// See [`names::SINK_BATCH_SIZE`].
+    pub sink_batch_size: HistogramVec,
+    /// See [`names::SINK_APPLY_DURATION`].
+    pub sink_apply_duration: HistogramVec,
+    /// See [`names::SINK_END_TO_END_LATENCY`].
+    pub sink_end_to_end_latency: HistogramVec,
+    /// See [`names::SINK_LAG`].
+    pub sink_lag: GaugeVec,
+    /// See [`names::SINK_CONSUMER_LAG`].
+    pub sink_consumer_lag: IntGaugeVec,
+    /// See [`names::SINK_DEAD_LETTER`].
+    pub sink_dead_letter: IntCounterVec,
+    /// See [`names::ERRORS`].
+    pub errors: IntCounterVec,
+    /// See [`names::COMPONENT_UP`].
+    pub component_up: IntGaugeVec,
+    readiness: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+impl Metrics {
+    /// Registers every series.
+    pub fn new() -> Self {
+        use names::*;
+        let registry = Registry::new();
+        let seconds = exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
+        let sizes = exponential_buckets(1.0, 2.0, 16).expect("valid buckets");
+        let int_gauge = IntGaugeVec::new(
+            Opts::new(SINK_CONSUMER_LAG, "Messages not yet applied per partition"),
+            &["pipeline", "sink", "topic", "partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(int_gauge.clone()))
+            .expect("unique metric");
+        let up = IntGaugeVec::new(
+            Opts::new(
+                COMPONENT_UP,
+                "1 while the component is connected and streaming",
+            ),
+            &["pipeline", "component"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(up.clone()))
+            .expect("unique metric");
+        Self {
+            source_events: counter(
+                &registry,
+                SOURCE_EVENTS,
+                "Changes read from the source",
+                &["pipeline", "table", "op"],
+            ),
+            source_lag: gauge(
+                &registry,
+                SOURCE_LAG,
+                "Commit to Kafka acknowledgement of the newest confirmed transaction",
+                &["pipeline"],
+            ),
+            kafka_produced: counter(
+                &registry,
+                KAFKA_PRODUCED_EVENTS,
+                "Changes acknowledged by Kafka",
+                &["pipeline"],
+            ),
+            kafka_produce_latency: histogram(
+                &registry,
+                KAFKA_PRODUCE_LATENCY,
+                "Enqueue to acknowledgement",
+                &["pipeline"],
+                seconds.clone(),
+            ),
+            sink_applied_rows: counter(
+                &registry,
+                SINK_APPLIED_ROWS,
+                "Changes applied to the target",
+                &["pipeline", "sink", "table", "op"],
+            ),
+            sink_batches: counter(
+                &registry,
+                SINK_BATCHES,
+                "Batches committed to the target",
+                &["pipeline", "sink"],
+            ),
+            sink_batch_size: histogram(
+                &registry,
+                SINK_BATCH_SIZE,
+                "Messages per batch",
+                &["pipeline", "sink"],
+                sizes,
+            ),
+            sink_apply_duration: histogram(
+                &registry,
+                SINK_APPLY_DURATION,
+                "Apply and commit time per batch",
+                &["pipeline", "sink"],
+                seconds.clone(),
+            ),
+            sink_end_to_end_latency: histogram(
+                &registry,
+                SINK_END_TO_END_LATENCY,
+                "Source commit to target commit",
+                &["pipeline", "sink"],
+                seconds,
+            ),
+            sink_lag: gauge(
+                &registry,
+                SINK_LAG,
+                "Now minus the source commit time of the newest applied change",
+                &["pipeline", "sink"],
+            ),
+            sink_consumer_lag: int_gauge,
+            sink_dead_letter: counter(
+                &registry,
+                SINK_DEAD_LETTER,
+                "Messages sent to the dead-letter topic",
+                &["pipeline", "sink"],
+            ),
+            errors: counter(
+                &registry,
+                ERRORS,
+                "Errors by component and kind",
+                &["pipeline", "component", "kind"],
+            ),
+            component_up: up,
+            readiness: Arc::new(Mutex::new(BTreeMap::new())),
+            registry,
+        }
+    }
+
+    /// Marks a component (`pipeline/source`, `pipeline/sink/name`) ready or not.
+    pub fn set_ready(&self, pipeline: &str, component: &str, ready: bool) {
+        self.component_up
+            .with_label_values(&[pipeline, component])
+            .set(i64::from(ready));
+        self.readiness
+            .lock()
+            .expect("readiness lock")
+            .insert(format!("{pipeline}/{component}"), ready);
+    }
+
+    /// True when every registered component is ready.
+    pub fn all_ready(&self) -> (bool, BTreeMap<String, bool>) {
+        let map = self.readiness.lock().expect("readiness lock").clone();
+        (!map.is_empty() && map.values().all(|r| *r), map)
+    }
+
+    /// The text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buffer).expect("prometheus text is UTF-8")
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+    pub async fn serve(
+        self,
+        listen: std::net::SocketAddr,
+        shutdown: crate::Shutdown,
+    ) -> std::io::Result<()> {
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        let metrics = self.clone();
+        let ready = self.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [("content-type", "text/plain; version=0.0.4")],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let ready = ready.clone();
+                    async move {
+                        let (all, map) = ready.all_ready();
+                        let body: String = map
+                            .iter()
+                            .map(|(k, v)| {
+                                format!("{k} {}\n", if *v { "ready" } else { "not ready" })
+                            })
+                            .collect();
+                        let status = if all {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        };
+                        (status, body)
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await
+    }
+}

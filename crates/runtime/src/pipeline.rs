@@ -1,0 +1,257 @@
+//! Runs the pipelines of a configuration: per pipeline, its source (publisher) and one
+//! worker per sink, each retried with backoff on transient errors. A permanent error stops
+//! that pipeline's components and is reported; other pipelines keep running.
+
+use crate::publisher::{backoff, publish};
+use crate::sink_worker::{run_worker, WorkerContext};
+use crate::{Metrics, Shutdown};
+use std::time::Duration;
+use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SourceKind};
+use tidelink_core::TidelinkError;
+use tidelink_kafka::topics::table_topic;
+use tidelink_kafka::{admin, EventProducer};
+use tidelink_postgres::sink::PgSinkSettings;
+use tidelink_postgres::{PgSink, PgSource, PgSourceSettings};
+use tokio::task::JoinSet;
+
+/// Which components this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sources and sinks.
+    All,
+    /// Only sources (one per pipeline across all processes).
+    Source,
+    /// Only sink workers (scale out by running more).
+    Sink,
+}
+
+/// Runs every selected pipeline until shutdown. Returns the first permanent error, after
+/// all components stopped.
+pub async fn run_pipelines(
+    config: &Config,
+    only: Option<&str>,
+    role: Role,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), TidelinkError> {
+    let mut pipelines = JoinSet::new();
+    for pipeline in &config.pipelines {
+        if only.is_some_and(|name| name != pipeline.name) {
+            continue;
+        }
+        pipelines.spawn(run_pipeline(
+            pipeline.clone(),
+            role,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if pipelines.is_empty() {
+        return Err(TidelinkError::permanent(format!(
+            "no pipeline named `{}` in the configuration",
+            only.unwrap_or_default()
+        )));
+    }
+    let mut first_error = None;
+    while let Some(result) = pipelines.join_next().await {
+        let result = result.unwrap_or_else(|e| {
+            Err(TidelinkError::permanent(format!(
+                "pipeline task failed: {e}"
+            )))
+        });
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn run_pipeline(
+    pipeline: PipelineConfig,
+    role: Role,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), TidelinkError> {
+    // Stopping one pipeline (its own failure) must not stop the others.
+    let local = Shutdown::new();
+    {
+        let (global, local) = (shutdown.clone(), local.clone());
+        tokio::spawn(async move {
+            global.wait().await;
+            local.trigger();
+        });
+    }
+    let mut components = JoinSet::new();
+    if role != Role::Sink {
+        components.spawn(run_source(pipeline.clone(), metrics.clone(), local.clone()));
+    }
+    if role != Role::Source {
+        for sink in &pipeline.sinks {
+            components.spawn(run_sink(
+                pipeline.clone(),
+                sink.clone(),
+                metrics.clone(),
+                local.clone(),
+            ));
+        }
+    }
+    let mut first_error = None;
+    while let Some(result) = components.join_next().await {
+        let result =
+            result.unwrap_or_else(|e| Err(TidelinkError::permanent(format!("task failed: {e}"))));
+        if let Err(e) = result {
+            tracing::error!(pipeline = %pipeline.name, error = %e, "pipeline stopped");
+            metrics
+                .errors
+                .with_label_values(&[&pipeline.name, "pipeline", "permanent"])
+                .inc();
+            local.trigger();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn source_settings(pipeline: &PipelineConfig) -> Result<PgSourceSettings, TidelinkError> {
+    match pipeline.source.kind() {
+        Some(SourceKind::Postgres(pg)) => Ok(PgSourceSettings {
+            pipeline: pipeline.name.clone(),
+            dsn: pg.dsn.clone(),
+            tables: pg.tables.clone(),
+            slot: pg.slot_name(&pipeline.name),
+            publication: pg.publication_name(&pipeline.name),
+            status_interval: Duration::from_millis(pg.status_interval_ms),
+        }),
+        None => Err(TidelinkError::permanent(format!(
+            "pipeline {}: no source configured",
+            pipeline.name
+        ))),
+    }
+}
+
+async fn run_source(
+    pipeline: PipelineConfig,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), TidelinkError> {
+    let name = pipeline.name.clone();
+    let settings = source_settings(&pipeline)?;
+    let producer = EventProducer::new(&pipeline.kafka)?;
+    metrics.set_ready(&name, "source", false);
+    let mut attempt = 0;
+    while !shutdown.is_triggered() {
+        let result = async {
+            let (mut source, report) = PgSource::start(settings.clone()).await?;
+            let topics: Vec<String> = report
+                .tables
+                .iter()
+                .map(|t| table_topic(&pipeline.kafka.topic_prefix, &t.table.schema, &t.table.name))
+                .collect();
+            admin::ensure_topics(&pipeline.kafka, &topics).await?;
+            metrics.set_ready(&name, "source", true);
+            attempt = 0;
+            let result = publish(
+                &mut source,
+                &producer,
+                &pipeline.kafka,
+                &name,
+                &metrics,
+                &shutdown,
+            )
+            .await;
+            metrics.set_ready(&name, "source", false);
+            source.shutdown().await;
+            result
+        }
+        .await;
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                metrics
+                    .errors
+                    .with_label_values(&[&name, "source", "transient"])
+                    .inc();
+                attempt += 1;
+                tracing::warn!(pipeline = %name, error = %e, attempt, "source failed; retrying");
+                if !backoff(attempt, &shutdown).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                metrics
+                    .errors
+                    .with_label_values(&[&name, "source", "permanent"])
+                    .inc();
+                return Err(e.context(format!("pipeline {name}")));
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(10))?;
+    tracing::info!(pipeline = %name, "source stopped");
+    Ok(())
+}
+
+async fn run_sink(
+    pipeline: PipelineConfig,
+    sink: SinkConfig,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), TidelinkError> {
+    let name = pipeline.name.clone();
+    let component = format!("sink/{}", sink.name);
+    let settings = match sink.target() {
+        Some(SinkTarget::Postgres(pg)) => PgSinkSettings {
+            dsn: pg.dsn.clone(),
+            group: sink.group_id(&name),
+            state_schema: pg.state_schema.clone(),
+            record_history: pg.record_history,
+        },
+        None => {
+            return Err(TidelinkError::permanent(format!(
+                "pipeline {name}, sink {}: no target configured",
+                sink.name
+            )))
+        }
+    };
+    metrics.set_ready(&name, &component, false);
+    let mut attempt = 0;
+    while !shutdown.is_triggered() {
+        let result = async {
+            let apply = PgSink::connect(settings.clone()).await?;
+            let offsets = PgSink::connect(settings.clone()).await?;
+            attempt = 0;
+            let ctx = WorkerContext {
+                pipeline: name.clone(),
+                sink: sink.clone(),
+                kafka: pipeline.kafka.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            run_worker(ctx, apply, offsets).await
+        }
+        .await;
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                metrics
+                    .errors
+                    .with_label_values(&[&name, &component, "transient"])
+                    .inc();
+                attempt += 1;
+                tracing::warn!(pipeline = %name, sink = %sink.name, error = %e, attempt, "sink worker failed; retrying");
+                if !backoff(attempt, &shutdown).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                metrics
+                    .errors
+                    .with_label_values(&[&name, &component, "permanent"])
+                    .inc();
+                return Err(e.context(format!("pipeline {name}, sink {}", sink.name)));
+            }
+        }
+    }
+    tracing::info!(pipeline = %name, sink = %sink.name, "sink worker stopped");
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The publisher: reads a source, sends every change to its Kafka topic, and confirms a
+//! source checkpoint only when Kafka acknowledged every change before it.
+//!
+//! Acknowledgements are awaited in emission order by a companion task fed through a
+//! bounded queue; the queue's bound is the backpressure that stops the source from reading
+//! further ahead of Kafka than that. A failed delivery stops the publisher without
+//! confirming anything past the last fully acknowledged checkpoint, so a restart resumes
+//! from there: changes may repeat, none are lost.
+
+use crate::{Metrics, Shutdown};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use tidelink_config::KafkaConfig;
+use tidelink_core::{Op, Source, SourceMessage, TidelinkError};
+use tidelink_kafka::producer::PendingDelivery;
+use tidelink_kafka::topics::table_topic;
+use tidelink_kafka::{admin, encode_change, EventProducer};
+use tokio::sync::{mpsc, watch};
+
+/// Unacknowledged changes the publisher lets the source run ahead of Kafka.
+const MAX_IN_FLIGHT: usize = 100_000;
+
+enum InFlight<P> {
+    Delivery(PendingDelivery, Instant),
+    Checkpoint(P, Option<i64>),
+}
+
+/// Publishes until shutdown or an error. Returns after Kafka acknowledged (or failed)
+/// everything sent and the last acknowledged checkpoint was confirmed.
+pub async fn publish<S: Source>(
+    source: &mut S,
+    producer: &EventProducer,
+    kafka: &KafkaConfig,
+    pipeline: &str,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Result<(), TidelinkError> {
+    let (queue, pending) = mpsc::channel::<InFlight<S::Position>>(MAX_IN_FLIGHT);
+    let (acked_tx, mut acked) = watch::channel::<Option<S::Position>>(None);
+    let acker = tokio::spawn(acknowledge(
+        pending,
+        acked_tx,
+        pipeline.to_string(),
+        metrics.clone(),
+    ));
+    let mut known_topics: HashSet<String> = HashSet::new();
+    let mut last_commit_ts: Option<i64> = None;
+    let result: Result<(), TidelinkError> = async {
+        while !shutdown.is_triggered() {
+            if acked.has_changed().unwrap_or(false) {
+                if let Some(position) = *acked.borrow_and_update() {
+                    source.confirm(position);
+                }
+            }
+            if acker.is_finished() {
+                break;
+            }
+            match source.next().await? {
+                SourceMessage::Change(event) => {
+                    let topic =
+                        table_topic(&kafka.topic_prefix, &event.table.schema, &event.table.name);
+                    if !known_topics.contains(&topic) {
+                        admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
+                        known_topics.insert(topic.clone());
+                    }
+                    metrics
+                        .source_events
+                        .with_label_values(&[pipeline, &event.table.to_string(), event.op.name()])
+                        .inc();
+                    last_commit_ts = Some(event.source.ts_ms);
+                    let (key, value) = encode_change(&event, now_ms());
+                    // A truncate has no key; partition 0 keeps its copy ordered there.
+                    let partition = (event.op == Op::Truncate).then_some(0);
+                    let delivery = producer
+                        .send(&topic, key.as_deref(), &value, partition, None)
+                        .await?;
+                    if queue
+                        .send(InFlight::Delivery(delivery, Instant::now()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                SourceMessage::Checkpoint(position) => {
+                    if queue
+                        .send(InFlight::Checkpoint(position, last_commit_ts.take()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                SourceMessage::Idle => {}
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(queue);
+    // Wait for Kafka's answers to what was sent, then confirm the last checkpoint.
+    let acked_result = match acker.await {
+        Ok(r) => r,
+        Err(e) => Err(TidelinkError::permanent(format!(
+            "acknowledgement task failed: {e}"
+        ))),
+    };
+    if let Some(position) = *acked.borrow_and_update() {
+        source.confirm(position);
+    }
+    result.and(acked_result)
+}
+
+async fn acknowledge<P: Copy + std::fmt::Display>(
+    mut pending: mpsc::Receiver<InFlight<P>>,
+    acked: watch::Sender<Option<P>>,
+    pipeline: String,
+    metrics: Metrics,
+) -> Result<(), TidelinkError> {
+    let produced = metrics.kafka_produced.with_label_values(&[&pipeline]);
+    let latency = metrics
+        .kafka_produce_latency
+        .with_label_values(&[&pipeline]);
+    while let Some(item) = pending.recv().await {
+        match item {
+            InFlight::Delivery(delivery, sent) => {
+                delivery.acknowledged().await?;
+                produced.inc();
+                latency.observe(sent.elapsed().as_secs_f64());
+            }
+            InFlight::Checkpoint(position, commit_ts) => {
+                let _ = acked.send(Some(position));
+                if let Some(ts) = commit_ts {
+                    metrics
+                        .source_lag
+                        .with_label_values(&[&pipeline])
+                        .set((now_ms() - ts).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sleeps for the backoff of attempt `n` (1 s doubling to 30 s); false when shut down.
+pub async fn backoff(attempt: u32, shutdown: &Shutdown) -> bool {
+    let seconds = 1u64 << attempt.min(5);
+    shutdown.sleep(Duration::from_secs(seconds.min(30))).await
+}

@@ -1,0 +1,544 @@
+//! A sink worker: one member of the sink's consumer group. It turns consumer events into
+//! batches, applies each batch with its offsets through the [`Sink`] contract, and handles
+//! what can go wrong:
+//!
+//! - a message that cannot be decoded, or a change the target rejects, goes to the
+//!   dead-letter topic (with the error and its origin in headers) and its offset is
+//!   recorded, so the pipeline moves on and nothing disappears silently;
+//! - a batch the target rejects is re-applied one change per transaction to find the
+//!   rejected ones;
+//! - a fenced partition (another worker moved its offsets) is reloaded and re-fetched from
+//!   the stored offset;
+//! - transient failures are retried with backoff, the batch unchanged.
+
+use crate::publisher::{backoff, now_ms};
+use crate::{Metrics, Shutdown};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tidelink_config::{matches_any, KafkaConfig, SinkConfig};
+use tidelink_core::{
+    MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, TableId, TidelinkError,
+    TopicPartition,
+};
+use tidelink_kafka::topics::table_topics_pattern;
+use tidelink_kafka::{
+    admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
+};
+use tokio::sync::mpsc;
+
+/// Everything a worker needs besides its sink.
+pub struct WorkerContext {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Sink configuration.
+    pub sink: SinkConfig,
+    /// Kafka configuration of the pipeline.
+    pub kafka: KafkaConfig,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Shutdown signal.
+    pub shutdown: Shutdown,
+}
+
+/// Adapts a sink's `stored_offsets` for the consumer thread's rebalance callback.
+struct BlockingOffsetLoader<S: Sink + 'static> {
+    sink: tokio::sync::Mutex<S>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<S: Sink + 'static> OffsetLoader for BlockingOffsetLoader<S> {
+    fn load(&self, partitions: &[TopicPartition]) -> Result<Vec<Option<i64>>, TidelinkError> {
+        self.runtime
+            .block_on(async { self.sink.lock().await.stored_offsets(partitions).await })
+    }
+}
+
+struct Prepared<'m> {
+    changes: Vec<SinkChange>,
+    offsets: Vec<OffsetAdvance>,
+    source_ts: Vec<Option<i64>>,
+    undecodable: Vec<(&'m OwnedMessage, String)>,
+}
+
+struct Worker<S: Sink> {
+    ctx: WorkerContext,
+    sink: S,
+    consumer: Arc<SinkConsumer>,
+    dead_letters: EventProducer,
+    dead_letter_topic: String,
+    /// Assigned partitions and the next offset the target records for each.
+    assigned: HashMap<TopicPartition, Option<i64>>,
+    buffer: Vec<OwnedMessage>,
+}
+
+/// Runs one worker until shutdown. `offset_sink` is a second connection used only to read
+/// stored offsets during rebalances.
+pub async fn run_worker<S: Sink + 'static>(
+    ctx: WorkerContext,
+    sink: S,
+    offset_sink: S,
+) -> Result<(), TidelinkError> {
+    let dead_letter_topic = ctx.sink.dead_letter_topic(&ctx.pipeline, &ctx.kafka);
+    admin::ensure_topics(&ctx.kafka, std::slice::from_ref(&dead_letter_topic)).await?;
+    let dead_letters = EventProducer::new(&ctx.kafka)?;
+    let (events_tx, mut events) = mpsc::channel(ctx.sink.batch_size.max(1024) * 2);
+    let loader = Arc::new(BlockingOffsetLoader {
+        sink: tokio::sync::Mutex::new(offset_sink),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let group = ctx.sink.group_id(&ctx.pipeline);
+    let pattern = table_topics_pattern(&ctx.kafka.topic_prefix);
+    let consumer = Arc::new(SinkConsumer::spawn(
+        &ctx.kafka, &group, &pattern, loader, events_tx,
+    )?);
+    tracing::info!(pipeline = %ctx.pipeline, sink = %ctx.sink.name, %group, %pattern, "sink worker joined its consumer group");
+    let mut worker = Worker {
+        ctx,
+        sink,
+        consumer,
+        dead_letters,
+        dead_letter_topic,
+        assigned: HashMap::new(),
+        buffer: Vec::new(),
+    };
+    worker.ctx.metrics.set_ready(
+        &worker.ctx.pipeline,
+        &format!("sink/{}", worker.ctx.sink.name),
+        true,
+    );
+    let result = worker.run(&mut events).await;
+    worker.ctx.metrics.set_ready(
+        &worker.ctx.pipeline,
+        &format!("sink/{}", worker.ctx.sink.name),
+        false,
+    );
+    // Leave the group so other workers take the partitions over at once.
+    let consumer = worker.consumer.clone();
+    drop(worker);
+    drop(events);
+    if let Ok(consumer) = Arc::try_unwrap(consumer) {
+        tokio::task::spawn_blocking(move || consumer.close())
+            .await
+            .ok();
+    }
+    result
+}
+
+impl<S: Sink> Worker<S> {
+    fn labels(&self) -> [&str; 2] {
+        [&self.ctx.pipeline, &self.ctx.sink.name]
+    }
+
+    async fn run(
+        &mut self,
+        events: &mut mpsc::Receiver<ConsumerEvent>,
+    ) -> Result<(), TidelinkError> {
+        let batch_wait = Duration::from_millis(self.ctx.sink.batch_wait_ms);
+        let mut last_lag_report = Instant::now();
+        loop {
+            let first = tokio::select! {
+                event = events.recv() => event,
+                _ = self.ctx.shutdown.wait() => None,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => Some(ConsumerEvent::Error(String::new())),
+            };
+            let Some(first) = first else { break };
+            self.handle(first);
+            let deadline = Instant::now() + batch_wait;
+            while self.buffer.len() < self.ctx.sink.batch_size {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(remaining, events.recv()).await {
+                    Ok(Some(event)) => self.handle(event),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !self.buffer.is_empty() {
+                self.apply_buffer().await?;
+            }
+            if last_lag_report.elapsed() > Duration::from_secs(5) {
+                self.report_consumer_lag().await;
+                last_lag_report = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, event: ConsumerEvent) {
+        match event {
+            ConsumerEvent::Assigned(partitions) => {
+                for (p, stored) in partitions {
+                    self.buffer.retain(|m| !is_of(m, &p));
+                    self.assigned.insert(p, stored);
+                }
+            }
+            ConsumerEvent::Revoked(partitions) => {
+                for p in partitions {
+                    self.buffer.retain(|m| !is_of(m, &p));
+                    self.assigned.remove(&p);
+                }
+            }
+            ConsumerEvent::Message(message) => {
+                let p = partition_of(&message);
+                match self.assigned.get(&p) {
+                    // Already applied (a redelivery after a seek): skip.
+                    Some(Some(next)) if message.offset() < *next => {}
+                    Some(_) => self.buffer.push(message),
+                    None => {}
+                }
+            }
+            ConsumerEvent::Error(e) => {
+                if !e.is_empty() {
+                    tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, error = %e, "consumer error");
+                    self.ctx
+                        .metrics
+                        .errors
+                        .with_label_values(&[&self.ctx.pipeline, "consumer", "transient"])
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// Turns messages into changes and offset advances. Messages that cannot be decoded
+    /// are returned separately, with the reason, for the dead-letter topic; their offsets
+    /// are still advanced.
+    fn prepare<'m>(&self, messages: &'m [OwnedMessage]) -> Prepared<'m> {
+        let mut prepared = Prepared {
+            changes: Vec::with_capacity(messages.len()),
+            offsets: Vec::new(),
+            source_ts: Vec::with_capacity(messages.len()),
+            undecodable: Vec::new(),
+        };
+        let mut next: HashMap<TopicPartition, i64> = HashMap::new();
+        for message in messages {
+            let p = partition_of(message);
+            next.insert(p.clone(), message.offset() + 1);
+            let Some(value) = message.payload() else {
+                continue; // tombstone: nothing to apply
+            };
+            let origin = MessageOrigin {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                offset: message.offset(),
+            };
+            match decode_change(message.key(), value) {
+                Err(reason) => prepared
+                    .undecodable
+                    .push((message, format!("cannot decode: {reason}"))),
+                Ok(decoded) => {
+                    if !self.ctx.sink.tables.is_empty()
+                        && !matches_any(
+                            &self.ctx.sink.tables,
+                            &decoded.table.schema,
+                            &decoded.table.name,
+                        )
+                    {
+                        continue;
+                    }
+                    prepared.changes.push(SinkChange {
+                        table: self.target_table(&decoded.table),
+                        op: decoded.op,
+                        key: decoded.key,
+                        after: decoded.after,
+                        origin,
+                    });
+                    prepared.source_ts.push(decoded.source_ts_ms);
+                }
+            }
+        }
+        prepared.offsets = next
+            .into_iter()
+            .map(|(partition, next)| OffsetAdvance {
+                expected: self.assigned.get(&partition).copied().flatten(),
+                partition,
+                next,
+            })
+            .collect();
+        prepared
+    }
+
+    fn target_table(&self, source: &TableId) -> TableId {
+        match self.ctx.sink.table_map.get(&source.to_string()) {
+            Some(target) => {
+                let (schema, name) = target.split_once('.').unwrap_or(("public", target));
+                TableId::new(schema, name)
+            }
+            None => source.clone(),
+        }
+    }
+
+    async fn apply_buffer(&mut self) -> Result<(), TidelinkError> {
+        let mut messages = std::mem::take(&mut self.buffer);
+        let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let prepared = self.prepare(&messages);
+            for (message, reason) in &prepared.undecodable {
+                let id = (partition_of(message), message.offset());
+                if !dead_lettered.contains(&id) {
+                    self.dead_letter(message, reason).await?;
+                    dead_lettered.push(id);
+                }
+            }
+            let started = Instant::now();
+            match self.sink.apply(&prepared.changes, &prepared.offsets).await {
+                Ok(()) => {
+                    self.committed(
+                        &prepared.changes,
+                        &prepared.offsets,
+                        &prepared.source_ts,
+                        started,
+                    );
+                    return Ok(());
+                }
+                Err(SinkError::Fenced(partitions)) => {
+                    self.count_error("fenced");
+                    self.refence(&partitions).await?;
+                    messages.retain(|m| !partitions.iter().any(|p| is_of(m, p)));
+                    if messages.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Err(SinkError::Rejected(reason)) => {
+                    self.count_error("rejected");
+                    tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason,
+                        "the target rejected a batch; applying its changes one by one");
+                    messages.retain(|m| !dead_lettered.contains(&(partition_of(m), m.offset())));
+                    return self.apply_one_by_one(messages).await;
+                }
+                Err(SinkError::Transient(reason)) => {
+                    self.count_error("transient");
+                    tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason, attempt, "applying a batch failed; retrying");
+                    attempt += 1;
+                    if !backoff(attempt, &self.ctx.shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_one_by_one(&mut self, messages: Vec<OwnedMessage>) -> Result<(), TidelinkError> {
+        for message in messages {
+            let p = partition_of(&message);
+            if !self.assigned.contains_key(&p) {
+                continue;
+            }
+            let mut attempt = 0;
+            loop {
+                let prepared = self.prepare(std::slice::from_ref(&message));
+                let (changes, offsets, source_ts) =
+                    (prepared.changes, prepared.offsets, prepared.source_ts);
+                let started = Instant::now();
+                match self.sink.apply(&changes, &offsets).await {
+                    Ok(()) => {
+                        self.committed(&changes, &offsets, &source_ts, started);
+                        break;
+                    }
+                    Err(SinkError::Rejected(reason)) => {
+                        self.dead_letter(&message, &reason).await?;
+                        // Record the offset alone, so the message is not retried.
+                        match self.sink.apply(&[], &offsets).await {
+                            Ok(()) => {
+                                self.committed(&[], &offsets, &[], started);
+                                break;
+                            }
+                            Err(SinkError::Fenced(partitions)) => {
+                                self.refence(&partitions).await?;
+                                break;
+                            }
+                            Err(e) => {
+                                self.count_error("transient");
+                                tracing::warn!(error = %e, "recording a dead-lettered offset failed; retrying");
+                            }
+                        }
+                    }
+                    Err(SinkError::Fenced(partitions)) => {
+                        self.refence(&partitions).await?;
+                        break;
+                    }
+                    Err(SinkError::Transient(reason)) => {
+                        self.count_error("transient");
+                        tracing::warn!(%reason, "applying a change failed; retrying");
+                    }
+                }
+                attempt += 1;
+                if !backoff(attempt, &self.ctx.shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Another worker moved these partitions: reload their offsets and fetch again from there.
+    async fn refence(&mut self, partitions: &[TopicPartition]) -> Result<(), TidelinkError> {
+        let stored = self.sink.stored_offsets(partitions).await?;
+        for (p, offset) in partitions.iter().zip(stored) {
+            tracing::warn!(topic = %p.topic, partition = p.partition, ?offset,
+                "another worker applied this partition; continuing from its stored offset");
+            self.buffer.retain(|m| !is_of(m, p));
+            if let Some(slot) = self.assigned.get_mut(p) {
+                *slot = offset;
+                let consumer = self.consumer.clone();
+                let p = p.clone();
+                let _ = tokio::task::spawn_blocking(move || consumer.seek(&p, offset)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn committed(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+        source_ts: &[Option<i64>],
+        started: Instant,
+    ) {
+        let [pipeline, sink] = self.labels();
+        let m = &self.ctx.metrics;
+        m.sink_apply_duration
+            .with_label_values(&[pipeline, sink])
+            .observe(started.elapsed().as_secs_f64());
+        m.sink_batches.with_label_values(&[pipeline, sink]).inc();
+        m.sink_batch_size
+            .with_label_values(&[pipeline, sink])
+            .observe(changes.len() as f64);
+        let mut counts: HashMap<(String, Op), u64> = HashMap::new();
+        for change in changes {
+            *counts
+                .entry((change.table.to_string(), change.op))
+                .or_default() += 1;
+        }
+        for ((table, op), n) in counts {
+            m.sink_applied_rows
+                .with_label_values(&[pipeline, sink, &table, op.name()])
+                .inc_by(n);
+        }
+        let now = now_ms();
+        let latency = m
+            .sink_end_to_end_latency
+            .with_label_values(&[pipeline, sink]);
+        for ts in source_ts.iter().flatten() {
+            latency.observe((now - ts).max(0) as f64 / 1000.0);
+        }
+        if let Some(newest) = source_ts.iter().flatten().max() {
+            m.sink_lag
+                .with_label_values(&[pipeline, sink])
+                .set((now - newest).max(0) as f64 / 1000.0);
+        }
+        let mut monitoring = Vec::with_capacity(offsets.len());
+        for advance in offsets {
+            self.assigned
+                .insert(advance.partition.clone(), Some(advance.next));
+            monitoring.push((advance.partition.clone(), advance.next));
+        }
+        self.consumer.commit_for_monitoring(&monitoring);
+    }
+
+    async fn dead_letter(
+        &mut self,
+        message: &OwnedMessage,
+        reason: &str,
+    ) -> Result<(), TidelinkError> {
+        let origin = format!(
+            "{}[{}]@{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %origin, %reason,
+            dead_letter_topic = %self.dead_letter_topic, "message sent to the dead-letter topic");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "tidelink.error",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "tidelink.origin.topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "tidelink.origin.partition",
+                value: Some(&message.partition().to_string()),
+            })
+            .insert(Header {
+                key: "tidelink.origin.offset",
+                value: Some(&message.offset().to_string()),
+            });
+        let delivery = self
+            .dead_letters
+            .send(
+                &self.dead_letter_topic,
+                message.key(),
+                message.payload().unwrap_or_default(),
+                None,
+                Some(headers),
+            )
+            .await?;
+        delivery.acknowledged().await?;
+        self.ctx
+            .metrics
+            .sink_dead_letter
+            .with_label_values(&self.labels())
+            .inc();
+        Ok(())
+    }
+
+    fn count_error(&self, kind: &str) {
+        self.ctx
+            .metrics
+            .errors
+            .with_label_values(&[
+                &self.ctx.pipeline,
+                &format!("sink/{}", self.ctx.sink.name),
+                kind,
+            ])
+            .inc();
+    }
+
+    async fn report_consumer_lag(&self) {
+        let partitions: Vec<(TopicPartition, Option<i64>)> =
+            self.assigned.iter().map(|(p, o)| (p.clone(), *o)).collect();
+        let consumer = self.consumer.clone();
+        let watermarks = tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .filter_map(|(p, next)| {
+                    consumer.high_watermark(&p).ok().map(|high| (p, next, high))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (p, next, high) in watermarks {
+            let lag = (high - next.unwrap_or(0)).max(0);
+            self.ctx
+                .metrics
+                .sink_consumer_lag
+                .with_label_values(&[
+                    &self.ctx.pipeline,
+                    &self.ctx.sink.name,
+                    &p.topic,
+                    &p.partition.to_string(),
+                ])
+                .set(lag);
+        }
+    }
+}
+
+fn partition_of(message: &OwnedMessage) -> TopicPartition {
+    TopicPartition {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+    }
+}
+
+fn is_of(message: &OwnedMessage, p: &TopicPartition) -> bool {
+    message.partition() == p.partition && message.topic() == p.topic
+}

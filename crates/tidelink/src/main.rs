@@ -1,0 +1,214 @@
+//! The `tidelink` command: `run` the pipelines of a configuration file as a daemon, or
+//! `validate` the file and report every problem in it.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tidelink_runtime::{run_pipelines, Metrics, Role, Shutdown};
+
+/// Change-data-capture from PostgreSQL through Kafka into target databases.
+#[derive(Parser)]
+#[command(name = "tidelink", version, about)]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipelines of a configuration file until SIGINT or SIGTERM.
+    Run {
+        /// Pipeline configuration (YAML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Run only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Which components to run in this process.
+        #[arg(long, value_enum, default_value_t = RoleArg::All)]
+        role: RoleArg,
+        /// Longest wait for in-flight work after a stop signal, in seconds.
+        #[arg(long, default_value_t = 30)]
+        shutdown_timeout: u64,
+    },
+    /// Check a configuration file and report every problem with its location.
+    Validate {
+        /// Pipeline configuration (YAML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    All,
+    Source,
+    Sink,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDELINK_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn,rdkafka=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Validate { config } => match tidelink_config::load_file(&config) {
+            Ok(parsed) => {
+                let sinks: usize = parsed.pipelines.iter().map(|p| p.sinks.len()).sum();
+                println!(
+                    "{}: valid ({} pipeline{}, {sinks} sink{})",
+                    config.display(),
+                    parsed.pipelines.len(),
+                    if parsed.pipelines.len() == 1 { "" } else { "s" },
+                    if sinks == 1 { "" } else { "s" },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run {
+            config,
+            pipeline,
+            role,
+            shutdown_timeout,
+        } => {
+            let parsed = match tidelink_config::load_file(&config) {
+                Ok(parsed) => parsed,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            let role = match role {
+                RoleArg::All => Role::All,
+                RoleArg::Source => Role::Source,
+                RoleArg::Sink => Role::Sink,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(
+                parsed,
+                pipeline,
+                role,
+                Duration::from_secs(shutdown_timeout),
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(
+    config: tidelink_config::Config,
+    pipeline: Option<String>,
+    role: Role,
+    shutdown_timeout: Duration,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::new();
+    if config.metrics.enabled {
+        let listen: std::net::SocketAddr =
+            config.metrics.listen.parse().context("metrics.listen")?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} for /metrics (metrics.listen)"))?;
+        drop(listener);
+        let server = metrics.clone().serve(listen, shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stop requested: finishing in-flight work");
+            shutdown.trigger();
+        })
+    };
+    let work = run_pipelines(
+        &config,
+        pipeline.as_deref(),
+        role,
+        metrics,
+        shutdown.clone(),
+    );
+    tokio::pin!(work);
+    let result = tokio::select! {
+        result = &mut work => result,
+        _ = shutdown.wait() => {
+            match tokio::time::timeout(shutdown_timeout, &mut work).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(timeout_s = shutdown_timeout.as_secs(), "in-flight work did not finish in time; exiting");
+                    Ok(())
+                }
+            }
+        }
+    };
+    signals.abort();
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

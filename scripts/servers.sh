@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Throwaway local servers for the demo and manual runs: PostgreSQL 15 clusters and the
+# tansu broker with durable sqlite storage. Source this file, then call the functions.
+# Everything lives under the directory you pass; nothing touches the machine's own services.
+
+PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_pg DIR PORT [WAL_LEVEL]: initdb (as user postgres when run as root) and start.
+start_pg() {
+  local dir="$1" port="$2" wal_level="${3:-logical}"
+  local run=()
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres: "$dir"
+    run=(runuser -u postgres --)
+  fi
+  "${run[@]}" "$PG_BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; return 1; }
+  "${run[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o \
+    "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c wal_level=$wal_level -c max_wal_senders=10 -c max_replication_slots=10 -c fsync=off" \
+    start >/dev/null || { cat "$dir/server.log" >&2; return 1; }
+}
+
+# stop_pg DIR
+stop_pg() {
+  local dir="$1" run=()
+  [ "$(id -u)" = 0 ] && run=(runuser -u postgres --)
+  [ -d "$dir/data" ] && "${run[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+}
+
+# start_broker DIR PORT: tansu on 127.0.0.1:PORT with sqlite storage in DIR; pid in DIR/tansu.pid
+start_broker() {
+  local dir="$1" port="$2" tansu
+  tansu="$("$(dirname "${BASH_SOURCE[0]}")/install-tansu.sh")" || return 1
+  mkdir -p "$dir"
+  ( cd "$dir" && exec "$tansu" broker --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "sqlite://tansu.db" >"$dir/tansu.log" 2>&1 ) &
+  echo $! >"$dir/tansu.pid"
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "tansu did not start; see $dir/tansu.log" >&2
+  return 1
+}
+
+# stop_broker DIR
+stop_broker() {
+  local dir="$1"
+  [ -f "$dir/tansu.pid" ] && kill "$(cat "$dir/tansu.pid")" 2>/dev/null || true
+}
