@@ -85,11 +85,17 @@ pub fn decode_change(key: Option<&[u8]>, value: &[u8]) -> Result<DecodedChange, 
     };
     let key = match key {
         Some(bytes) if !bytes.is_empty() => match serde_json::from_slice::<Row>(bytes) {
+            // Debezium with schemas enabled: {"schema": …, "payload": {key columns}}.
+            Ok(mut row)
+                if row.len() == 2 && row.contains_key("schema") && row.contains_key("payload") =>
+            {
+                match row.remove("payload") {
+                    Some(serde_json::Value::Object(payload)) => payload,
+                    _ => return Err("key's `payload` is not an object of key columns".into()),
+                }
+            }
             Ok(row) => row,
-            Err(direct) => match serde_json::from_slice::<Wrapped<Row>>(bytes) {
-                Ok(w) => w.payload,
-                Err(_) => return Err(format!("key is not a JSON object of key columns: {direct}")),
-            },
+            Err(e) => return Err(format!("key is not a JSON object of key columns: {e}")),
         },
         _ => Row::new(),
     };
