@@ -1,1 +1,611 @@
-//! placeholder
+//! The one harness every end-to-end test uses: throwaway PostgreSQL 15 clusters, a tansu
+//! broker with durable sqlite storage, and the `tidelink` binary run as a real process
+//! that tests can kill -9, restart and signal. Nothing here is a mock; every server is real
+//! and lives in a temporary directory that is removed afterwards.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Directory of PostgreSQL 15's server binaries.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration-tests lives in the workspace")
+        .to_path_buf()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL binary as the `postgres` user when we are root (initdb refuses root).
+fn pg_command(binary: &str) -> Command {
+    let path = format!("{PG_BIN}/{binary}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a temporary directory");
+    if is_root() {
+        let _ = Command::new("chown")
+            .args(["postgres:", &dir.path().display().to_string()])
+            .status();
+        let _ = Command::new("chmod")
+            .args(["755", &dir.path().display().to_string()])
+            .status();
+    }
+    dir
+}
+
+/// A throwaway PostgreSQL 15 cluster.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// initdb + start with `wal_level=logical`.
+    pub fn start() -> Self {
+        Self::start_with_wal_level("logical")
+    }
+
+    /// initdb + start with the given `wal_level`.
+    pub fn start_with_wal_level(wal_level: &str) -> Self {
+        let dir = temp_dir("tidelink-pg-");
+        let data = dir.path().join("data");
+        let out = pg_command("initdb")
+            .args([
+                "-D",
+                &data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ])
+            .output()
+            .expect("run initdb (is postgresql-15 installed? run scripts/install-deps.sh)");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let cluster = Self { dir, port };
+        cluster.pg_ctl_start(wal_level);
+        cluster
+    }
+
+    fn pg_ctl_start(&self, wal_level: &str) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level={wal_level} \
+             -c max_wal_senders=10 -c max_replication_slots=10 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        let status = pg_command("pg_ctl")
+            .args([
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl");
+        assert!(
+            status.success(),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Connection string for a database.
+    pub fn dsn(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A connected client.
+    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.dsn(database), tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test cluster");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    /// Creates a database.
+    pub async fn create_database(&self, name: &str) {
+        self.client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = pg_command("pg_ctl")
+            .args(["-D", &self.data_dir(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn tansu_binary() -> &'static PathBuf {
+    static TANSU: OnceLock<PathBuf> = OnceLock::new();
+    TANSU.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/install-tansu.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/install-tansu.sh");
+        assert!(out.status.success(), "installing tansu failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// A tansu broker with durable sqlite storage.
+pub struct Broker {
+    dir: tempfile::TempDir,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts a broker and waits until it accepts connections.
+    pub fn start() -> Self {
+        let mut broker = Self {
+            dir: temp_dir("tidelink-kafka-"),
+            port: free_port(),
+            child: None,
+        };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self.dir.path().join("tansu.log")).expect("broker log");
+        let child = Command::new(tansu_binary())
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(20));
+    }
+
+    /// Bootstrap servers.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9 and start again on the same storage.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.launch();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+}
+
+/// The `tidelink` binary, built by `make test` (or `cargo build`) before the tests run.
+pub fn tidelink_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = target.join("debug/tidelink");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p tidelink` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `tidelink` process with its output captured to a file.
+pub struct Daemon {
+    child: Child,
+    /// Captured stdout and stderr.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `tidelink <args>`; output goes to `log`.
+    pub fn start(args: &[&str], log: &Path) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("daemon log");
+        let child = Command::new(tidelink_binary())
+            .args(args)
+            .env(
+                "TIDELINK_LOG",
+                std::env::var("TIDELINK_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("start tidelink");
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status.
+    pub fn terminate(mut self, timeout: Duration) -> Option<ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 250 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every row of a table as text, ordered by `order_by`: the exact comparison of source and
+/// target.
+pub async fn table_rows(
+    client: &tokio_postgres::Client,
+    table: &str,
+    order_by: &str,
+) -> Vec<String> {
+    client
+        .query(
+            &format!("SELECT t::text FROM {table} t ORDER BY {order_by}"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("reading {table}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Row count and an md5 over the ordered rows.
+pub async fn table_digest(
+    client: &tokio_postgres::Client,
+    table: &str,
+    order_by: &str,
+) -> (i64, String) {
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order_by})), '') FROM {table} t"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("digest of {table}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// A source cluster, a target cluster, a broker and a working directory: what a
+/// PostgreSQL → PostgreSQL pipeline test needs.
+pub struct PgPipeline {
+    /// Source cluster (database `app`).
+    pub source: PgCluster,
+    /// Target cluster (database `replica`).
+    pub target: PgCluster,
+    /// Broker.
+    pub broker: Broker,
+    /// Scratch directory for config and logs.
+    pub work: tempfile::TempDir,
+    /// Metrics port of the first daemon.
+    pub metrics_port: u16,
+    /// Bootstrap servers the pipeline uses; the tansu broker's unless replaced.
+    pub bootstrap: String,
+}
+
+impl PgPipeline {
+    /// Starts everything and creates `schema_sql` in both databases.
+    pub async fn start(schema_sql: &str) -> Self {
+        let source = PgCluster::start();
+        let target = PgCluster::start();
+        let broker = Broker::start();
+        source.create_database("app").await;
+        target.create_database("replica").await;
+        source
+            .client("app")
+            .await
+            .batch_execute(schema_sql)
+            .await
+            .expect("source schema");
+        target
+            .client("replica")
+            .await
+            .batch_execute(schema_sql)
+            .await
+            .expect("target schema");
+        Self {
+            bootstrap: broker.bootstrap(),
+            source,
+            target,
+            broker,
+            work: tempfile::tempdir().expect("work dir"),
+            metrics_port: free_port(),
+        }
+    }
+
+    /// Writes a pipeline configuration and returns its path. `sink_extra` is appended to
+    /// the sink (indented YAML lines).
+    pub fn write_config(&self, name: &str, sink_extra: &str) -> PathBuf {
+        let yaml = format!(
+            "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: it\n    source:\n      postgres:\n        dsn: {src}\n        tables: [public.*]\n        status_interval_ms: 500\n    kafka:\n      brokers: {brokers}\n      topic_prefix: it\n      partitions: 4\n    sinks:\n      - name: replica\n        batch_size: 2000\n        postgres:\n          dsn: {dst}\n          record_history: true\n{sink_extra}",
+            metrics = self.metrics_port,
+            src = self.source.dsn("app"),
+            brokers = self.bootstrap,
+            dst = self.target.dsn("replica"),
+        );
+        let path = self.work.path().join(name);
+        std::fs::write(&path, yaml).expect("write config");
+        path
+    }
+
+    /// Starts `tidelink run` on a config with extra arguments; logs to `<work>/<log>`.
+    pub fn run(&self, config: &Path, extra: &[&str], log: &str) -> Daemon {
+        let config = config.display().to_string();
+        let mut args = vec!["run", "-c", config.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, &self.work.path().join(log))
+    }
+
+    /// Waits until `/readyz` on the pipeline's metrics port answers 200; on timeout fails
+    /// with the logs.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !http_get(self.metrics_port, "/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "tidelink did not become ready:\n{}",
+                self.logs_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Starts `tidelink run` and waits until `/readyz` answers 200 (source streaming and
+    /// sink worker in its group): changes committed from then on are captured.
+    pub async fn run_ready(&self, config: &Path, log: &str) -> Daemon {
+        let daemon = self.run(config, &[], log);
+        self.wait_ready().await;
+        daemon
+    }
+
+    /// Waits until every listed table has the same rows on both sides.
+    pub async fn wait_in_sync(&self, tables: &[(&str, &str)], timeout: Duration) {
+        let source = self.source.client("app").await;
+        let target = self.target.client("replica").await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut equal = true;
+            let mut report = String::new();
+            for (table, order_by) in tables {
+                let s = table_digest(&source, table, order_by).await;
+                let t = table_digest(&target, table, order_by).await;
+                if s != t {
+                    equal = false;
+                    report.push_str(&format!(
+                        "{table}: source {} rows, target {} rows; ",
+                        s.0, t.0
+                    ));
+                }
+            }
+            if equal {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "target did not catch up within {timeout:?}: {report}\n{}",
+                self.logs_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The last lines of every log in the work directory, for failure messages.
+    pub fn logs_tail(&self) -> String {
+        // Keep the full logs where a developer can read them after the test is gone.
+        let keep = workspace_root()
+            .join("target/test-logs")
+            .join(self.work.path().file_name().unwrap_or_default());
+        let _ = std::fs::create_dir_all(&keep);
+        let mut out = format!("full logs kept in {}\n", keep.display());
+        if let Ok(entries) = std::fs::read_dir(self.work.path()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let _ = std::fs::write(keep.join(entry.file_name()), &text);
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(40)..];
+                    out.push_str(&format!(
+                        "--- {} ---\n{}\n",
+                        path.display(),
+                        tail.join("\n")
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Audit of the sink's history: (rows recorded, distinct messages recorded).
+    pub async fn history_audit(&self) -> (i64, i64) {
+        let row = self
+            .target
+            .client("replica")
+            .await
+            .query_one(
+                "SELECT count(*), count(DISTINCT (topic, partition, kafka_offset)) FROM tidelink.history",
+                &[],
+            )
+            .await
+            .expect("history audit");
+        (row.get(0), row.get(1))
+    }
+
+    /// Messages stored in the pipeline's table topics (sum of high watermarks).
+    pub fn messages_in_topics(&self, topics: &[&str]) -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", "tidelink-test-watermarks")
+            .create()
+            .expect("watermark consumer");
+        let mut total = 0;
+        for topic in topics {
+            for partition in 0..4 {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                    .expect("watermarks");
+                total += high - low;
+            }
+        }
+        total
+    }
+}
+
+/// A plain HTTP GET on 127.0.0.1; the whole response, or `None` if nothing answered.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}

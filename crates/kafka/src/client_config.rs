@@ -51,8 +51,7 @@ fn base(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
-        .set("client.id", "tidelink")
-        .set("log_level", "4");
+        .set("client.id", "tidelink");
     config
 }
 
@@ -70,4 +69,17 @@ fn apply_overrides(
         config.set(key, value);
     }
     Ok(())
+}
+
+/// Sends a librdkafka log line to `tracing` (target `librdkafka`).
+pub fn forward_log(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(target: "librdkafka", facility, "{message}")
+        }
+        L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+        L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
 }

@@ -21,6 +21,12 @@ pub fn parse_dsn(dsn: &str) -> Result<Config, TidelinkError> {
 pub async fn connect(dsn: &str, purpose: &str) -> Result<Client, TidelinkError> {
     let mut config = parse_dsn(dsn)?;
     config.application_name(format!("tidelink {purpose}"));
+    // NOTICEs ("relation already exists, skipping") are noise in tidelink's logs.
+    let options = format!(
+        "{} -c client_min_messages=warning",
+        config.get_options().unwrap_or("")
+    );
+    config.options(options.trim());
     let (client, connection) = config
         .connect(NoTls)
         .await

@@ -58,9 +58,8 @@ enum RoleArg {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDELINK_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn,rdkafka=warn")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDELINK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
