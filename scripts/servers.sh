@@ -6,7 +6,11 @@
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  local port
+  while :; do
+    port=$(( 20000 + RANDOM % 40000 ))
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+  done
 }
 
 # start_pg DIR PORT [WAL_LEVEL]: initdb (as user postgres when run as root) and start.

@@ -1,6 +1,7 @@
 //! `${VAR}` and `${VAR:-default}` interpolation in the raw configuration text, the way
 //! Vector does it: secrets stay in the environment, and an unset variable is reported with
-//! its line and column. `$$` writes a literal `$`.
+//! its line and column. `$$` writes a literal `$`. Comments are left alone, so a comment
+//! may mention `${VAR}`.
 
 /// An interpolation problem and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +22,8 @@ pub fn interpolate(
 ) -> Result<String, Vec<InterpolationIssue>> {
     let mut out = String::with_capacity(text.len());
     let mut issues = Vec::new();
-    for (line_no, line) in text.split_inclusive('\n').enumerate() {
+    for (line_no, full_line) in text.split_inclusive('\n').enumerate() {
+        let (line, comment) = full_line.split_at(comment_start(full_line));
         let mut rest = line;
         let mut column = 1;
         while let Some(dollar) = rest.find('$') {
@@ -84,10 +86,29 @@ pub fn interpolate(
             }
         }
         out.push_str(rest);
+        out.push_str(comment);
     }
     if issues.is_empty() {
         Ok(out)
     } else {
         Err(issues)
     }
+}
+
+/// Byte offset where a YAML comment starts on this line (`#` at the start or after white
+/// space, outside quotes), or the line's length.
+fn comment_start(line: &str) -> usize {
+    let mut quote: Option<char> = None;
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '#' && previous.is_whitespace() => return i,
+            None => {}
+        }
+        previous = c;
+    }
+    line.len()
 }

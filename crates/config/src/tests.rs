@@ -129,3 +129,14 @@ fn table_patterns_match() {
     assert!(matches_any(&patterns, "sales", "order_1"));
     assert!(!matches_any(&patterns, "sales", "orders"));
 }
+
+#[test]
+fn comments_are_not_interpolated() {
+    let text =
+        "# uses ${NOT_SET}\na: ${PG_PASSWORD} # or ${ALSO_NOT_SET}\nb: \"#${PG_PASSWORD}\"\n";
+    let out = interpolate(text, &env).expect("comments are skipped");
+    assert_eq!(
+        out,
+        "# uses ${NOT_SET}\na: s3cret # or ${ALSO_NOT_SET}\nb: \"#s3cret\"\n"
+    );
+}

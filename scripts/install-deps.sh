@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what tidelink's tests and demo need on a bare Debian machine: PostgreSQL 15
+# (server binaries for throwaway clusters, psql), curl, and the build tools for the bundled
+# librdkafka. Then builds the tansu broker once (cached). Idempotent and quiet when all is there.
+set -euo pipefail
+need=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+command -v psql >/dev/null || need+=(postgresql-client-15)
+command -v curl >/dev/null || need+=(curl)
+command -v make >/dev/null || need+=(make)
+command -v cc >/dev/null || need+=(gcc)
+command -v runuser >/dev/null || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_cmd=()
+  [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+"$(dirname "$0")/install-tansu.sh" >/dev/null
