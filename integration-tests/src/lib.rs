@@ -512,9 +512,21 @@ impl PgPipeline {
                 if s != t {
                     equal = false;
                     report.push_str(&format!(
-                        "{table}: source {} rows, target {} rows; ",
+                        "{table}: source {} rows, target {} rows",
                         s.0, t.0
                     ));
+                    if Instant::now() >= deadline {
+                        let (sr, tr) = (
+                            table_rows(&source, table, order_by).await,
+                            table_rows(&target, table, order_by).await,
+                        );
+                        if let Some((a, b)) = sr.iter().zip(&tr).find(|(a, b)| a != b) {
+                            report.push_str(&format!(
+                                "; first difference:\n  source: {a}\n  target: {b}\n"
+                            ));
+                        }
+                    }
+                    report.push_str("; ");
                 }
             }
             if equal {

@@ -21,7 +21,7 @@ CREATE TABLE all_types (
     c_interval interval,
     c_uuid uuid,
     c_json json, c_jsonb jsonb,
-    c_int_array int[], c_text_array text[], c_matrix int[][], c_numeric_array numeric[],
+    c_int_array int[], c_text_array text[], c_matrix int[][], c_numeric_array numeric[], c_char_array char(2)[],
     c_enum mood, c_enum_array mood[],
     c_inet inet, c_money money, c_point point, c_bit bit(4), c_tsrange tsrange
 );
@@ -45,6 +45,7 @@ INSERT INTO all_types VALUES
   'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
   '{"a": [1, 2.5, null], "b": "x\"y"}', '{"nested": {"k": [true, false]}, "n": 1.10}',
   '{1,NULL,3}', '{"with space","quote\"d","back\\slash",NULL,"NULL",""}', '{{1,2},{3,4}}', '{1.5,NaN,-0.001}',
+  '{a,bc}',
   'happy', '{sad,ok}', '192.168.0.1/24', '1234.56', '(1.5,-2)', B'1010', '[2024-01-01 00:00,2024-02-01 00:00)'),
  (2, 32767, 2147483647, 9223372036854775807, '0.0000000001', 'NaN',
   'NaN', 'Infinity', false,
@@ -52,10 +53,10 @@ INSERT INTO all_types VALUES
   '9999-12-31', '24:00:00', '00:00:00-12:00',
   '2000-01-01 00:00:00', '1999-12-31 23:59:59.999999+00', '0 seconds',
   '00000000-0000-0000-0000-000000000000',
-  'null', '[]', '{}', '{}', '{{NULL}}', '{}',
+  'null', '[]', '{}', '{}', '{{NULL}}', '{}', '{NULL,"x "}',
   'sad', '{}', '::1', '-0.01', '(0,0)', B'0000', 'empty'),
  (3, NULL, NULL, NULL, NULL, NULL, '-Infinity', '-0', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
 UPDATE all_types SET c_text = 'updated', c_float8 = 0.1 + 0.2 WHERE id = 2;
 INSERT INTO all_types (id, c_text) VALUES (4, 'to be deleted');
 DELETE FROM all_types WHERE id = 4;

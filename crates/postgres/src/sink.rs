@@ -109,8 +109,15 @@ impl PgSink {
             .as_ref()
             .ok_or_else(|| SinkError::Transient("not connected".into()))?;
         let rows = client
+            // Values are cast to the column's type *without* its modifier: an explicit cast
+            // to varchar(3) or char(3) would silently truncate, while the assignment into
+            // the column checks the length and fails loudly. char(n) and bit(n) are cast
+            // through bpchar and varbit (a bare `character` or `bit` means length 1).
             .query(
-                "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod) \
+                "SELECT a.attname::text, a.atttypid, \
+                        CASE a.atttypid WHEN 1560 THEN 'varbit' WHEN 1561 THEN 'varbit[]' \
+                                        WHEN 1042 THEN 'bpchar' WHEN 1014 THEN 'bpchar[]' \
+                                        ELSE format_type(a.atttypid, NULL) END \
                  FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
                  AND NOT a.attisdropped ORDER BY a.attnum",
                 &[&quoted],
