@@ -387,20 +387,26 @@ pub async fn table_rows(
         .collect()
 }
 
-/// Row count and an md5 over the ordered rows.
+/// Row count and an md5 over the ordered rows; `(-1, "missing")` while the table does
+/// not exist.
 pub async fn table_digest(
     client: &tokio_postgres::Client,
     table: &str,
     order_by: &str,
 ) -> (i64, String) {
-    let row = client
+    let result = client
         .query_one(
             &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order_by})), '') FROM {table} t"),
             &[],
         )
-        .await
-        .unwrap_or_else(|e| panic!("digest of {table}: {e}"));
-    (row.get(0), row.get(1))
+        .await;
+    match result {
+        Ok(row) => (row.get(0), row.get(1)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            (-1, "missing".into())
+        }
+        Err(e) => panic!("digest of {table}: {e}"),
+    }
 }
 
 /// A source cluster, a target cluster, a broker and a working directory: what a
@@ -423,6 +429,11 @@ pub struct PgPipeline {
 impl PgPipeline {
     /// Starts everything and creates `schema_sql` in both databases.
     pub async fn start(schema_sql: &str) -> Self {
+        Self::start_with(schema_sql, schema_sql).await
+    }
+
+    /// Starts everything with different source and target schemas.
+    pub async fn start_with(source_sql: &str, target_sql: &str) -> Self {
         let source = PgCluster::start();
         let target = PgCluster::start();
         let broker = Broker::start();
@@ -431,13 +442,13 @@ impl PgPipeline {
         source
             .client("app")
             .await
-            .batch_execute(schema_sql)
+            .batch_execute(source_sql)
             .await
             .expect("source schema");
         target
             .client("replica")
             .await
-            .batch_execute(schema_sql)
+            .batch_execute(target_sql)
             .await
             .expect("target schema");
         Self {

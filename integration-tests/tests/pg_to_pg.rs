@@ -30,7 +30,35 @@ CREATE TABLE all_types (
 #[tokio::test(flavor = "multi_thread")]
 async fn every_supported_type_round_trips_exactly() {
     let p = PgPipeline::start(TYPES_SCHEMA).await;
-    let config = p.write_config("types.yaml", "");
+    round_trip_all_types(&p, "").await;
+}
+
+/// The target starts empty; the sink creates the table from the source's definitions.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_target_tables_are_created_from_the_source_definitions() {
+    let p = PgPipeline::start_with(TYPES_SCHEMA, "").await;
+    round_trip_all_types(&p, "          create_tables: true\n").await;
+    let target = p.target.client("replica").await;
+    let key: Vec<String> = target
+        .query(
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+             AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'all_types'::regclass AND i.indisprimary",
+            &[],
+        )
+        .await
+        .expect("primary key")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        key,
+        vec!["id"],
+        "the created table has the source's primary key"
+    );
+}
+
+async fn round_trip_all_types(p: &PgPipeline, sink_extra: &str) {
+    let config = p.write_config("types.yaml", sink_extra);
     let _daemon = p.run_ready(&config, "types.log").await;
     let source = p.source.client("app").await;
     source
@@ -419,5 +447,81 @@ async fn malformed_yaml_is_reported_with_file_line_and_key() {
         daemon.output().contains(&format!("{file}:")),
         "{}",
         daemon.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_advance_the_slot_while_the_watched_tables_are_idle() {
+    let p = PgPipeline::start(
+        "CREATE TABLE watched (id int PRIMARY KEY); CREATE SCHEMA other; CREATE TABLE other.noise (id int);",
+    )
+    .await;
+    let config = p.write_config("heartbeat.yaml", "");
+    let _daemon = p.run_ready(&config, "heartbeat.log").await;
+    let source = p.source.client("app").await;
+    // WAL grows through a table the pipeline does not watch.
+    source
+        .batch_execute("INSERT INTO other.noise SELECT generate_series(1, 20000)")
+        .await
+        .expect("noise");
+    let goal: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    tidelink_integration_tests::wait_until(Duration::from_secs(60), "the slot confirms past the noise", || async {
+        source
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tidelink_it'",
+                &[&goal],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_a_primary_key_is_refused_by_name() {
+    let source = PgCluster::start();
+    source.create_database("app").await;
+    source
+        .client("app")
+        .await
+        .batch_execute(
+            "CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE loose (a int, b text);
+             CREATE TABLE full_row (a int); ALTER TABLE full_row REPLICA IDENTITY FULL;",
+        )
+        .await
+        .expect("schema");
+    let work = tempfile::tempdir().expect("work");
+    let config = work.path().join("nokey.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  enabled: false\npipelines:\n  - name: nokey\n    source:\n      postgres:\n        dsn: {}\n        tables: [public.*]\n    kafka:\n      brokers: 127.0.0.1:1\n      topic_prefix: nokey\n",
+            source.dsn("app")
+        ),
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let mut daemon = Daemon::start(&["run", "-c", &config], &work.path().join("out.log"));
+    let status = daemon
+        .wait(Duration::from_secs(30))
+        .expect("tidelink exits on its own");
+    assert!(!status.success());
+    let output = daemon.output();
+    assert!(
+        output.contains("table public.loose has no primary key"),
+        "names the table:\n{output}"
+    );
+    assert!(
+        !output.contains("table public.full_row has no primary key: "),
+        "FULL identity is only a warning:\n{output}"
+    );
+    assert!(
+        output.contains("REPLICA IDENTITY FULL"),
+        "says how to fix it:\n{output}"
     );
 }

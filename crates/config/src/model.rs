@@ -248,6 +248,11 @@ pub struct PostgresSinkConfig {
     /// message was applied once. Costs a row per change.
     #[serde(default)]
     pub record_history: bool,
+    /// Create a missing target table (and schema) from the source's column definitions,
+    /// with the same primary key. Off by default: a missing table is then an error and its
+    /// changes go to the dead-letter topic.
+    #[serde(default)]
+    pub create_tables: bool,
 }
 
 fn default_state_schema() -> String {

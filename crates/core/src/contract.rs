@@ -91,6 +91,9 @@ pub struct SinkChange {
     pub after: Option<crate::Row>,
     /// Where the change was read from, for error reports and dead-lettering.
     pub origin: MessageOrigin,
+    /// The source table's column definitions (JSON of [`crate::ColumnDefinition`]s), when
+    /// the message carried them; used to create a missing target table.
+    pub source_columns: Option<std::sync::Arc<[u8]>>,
 }
 
 /// The Kafka coordinates of a message.

@@ -126,4 +126,45 @@ pub struct ChangeEvent {
     pub after: Option<Row>,
     /// Provenance.
     pub source: SourceInfo,
+    /// The table's columns as the source defines them, when the source knows them. Sent
+    /// with the event (as a Kafka header) so a sink can create a missing target table.
+    pub columns: Option<std::sync::Arc<TableColumns>>,
+}
+
+/// A column definition, portable enough to create the table in a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDefinition {
+    /// Column name.
+    pub name: String,
+    /// SQL type as the source database spells it, with modifiers (`numeric(12,2)`).
+    #[serde(rename = "type")]
+    pub sql_type: String,
+    /// Part of the primary key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key: bool,
+    /// NOT NULL in the source.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_null: bool,
+}
+
+/// A table's column definitions, with their JSON encoding computed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableColumns {
+    /// Columns in table order.
+    pub columns: Vec<ColumnDefinition>,
+    /// `columns` as JSON, the form it travels in.
+    pub encoded: Vec<u8>,
+}
+
+impl TableColumns {
+    /// Builds the definitions and their encoding.
+    pub fn new(columns: Vec<ColumnDefinition>) -> Self {
+        let encoded = serde_json::to_vec(&columns).expect("column definitions serialize");
+        Self { columns, encoded }
+    }
+
+    /// Decodes the JSON form.
+    pub fn decode(bytes: &[u8]) -> Result<Vec<ColumnDefinition>, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("column definitions: {e}"))
+    }
 }

@@ -14,5 +14,7 @@ pub use contract::{
     TopicPartition,
 };
 pub use error::{ErrorKind, TidelinkError};
-pub use event::{ChangeEvent, Op, Row, SourceInfo, TableId, UNAVAILABLE_VALUE};
+pub use event::{
+    ChangeEvent, ColumnDefinition, Op, Row, SourceInfo, TableColumns, TableId, UNAVAILABLE_VALUE,
+};
 pub use position::Lsn;

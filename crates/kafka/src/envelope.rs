@@ -17,6 +17,9 @@ struct EnvelopeOut<'a> {
     transaction: Option<()>,
 }
 
+/// The Kafka header carrying a table's column definitions (JSON).
+pub const COLUMNS_HEADER: &str = "tidelink.columns";
+
 /// Encodes an event as (key, value). A truncate has no key.
 pub fn encode_change(event: &ChangeEvent, now_ms: i64) -> (Option<Vec<u8>>, Vec<u8>) {
     let key = if event.key.is_empty() {
@@ -148,6 +151,7 @@ mod tests {
                 tx_id: Some(42),
                 lsn: Some(1234),
             },
+            columns: None,
         }
     }
 

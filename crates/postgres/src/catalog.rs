@@ -49,6 +49,35 @@ impl Catalog {
         classify_kind(oid, &|o| self.types.get(&o).cloned())
     }
 
+    /// Column definitions of a relation (name, portable SQL type, NOT NULL), in table
+    /// order. Enum and composite types become `text` (`text[]` for their arrays) and domains
+    /// their base type, so the definitions can be created in a database without those types.
+    pub(crate) async fn column_definitions(
+        &self,
+        relation: u32,
+    ) -> Result<Vec<(String, String, bool)>, TidelinkError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, \
+                        CASE WHEN t.typtype IN ('e', 'c') THEN 'text' \
+                             WHEN et.typtype IN ('e', 'c') THEN 'text[]' \
+                             WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) \
+                             ELSE format_type(a.atttypid, a.atttypmod) END, \
+                        a.attnotnull \
+                 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                 LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A' \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&relation],
+            )
+            .await
+            .map_err(|e| classify(&e).context("reading column definitions"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     /// Primary-key column names of a relation, in key order (empty when it has none).
     pub(crate) async fn primary_key(&self, relation: u32) -> Result<Vec<String>, TidelinkError> {
         primary_key(&self.client, relation).await

@@ -38,6 +38,8 @@ pub struct PgSinkSettings {
     pub state_schema: String,
     /// Also record every applied message in `<state_schema>.history` (for audits).
     pub record_history: bool,
+    /// Create missing target tables from the source's column definitions.
+    pub create_tables: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +72,7 @@ enum Pending {
 
 struct TableBatch<'a> {
     table: &'a TableId,
+    source_columns: Option<std::sync::Arc<[u8]>>,
     order: Vec<String>,
     pending: HashMap<String, (Row, Pending)>,
 }
@@ -99,7 +102,11 @@ impl PgSink {
         Ok(self.client.as_ref().expect("connected above"))
     }
 
-    async fn target_table(&mut self, table: &TableId) -> Result<TargetTable, SinkError> {
+    async fn target_table(
+        &mut self,
+        table: &TableId,
+        source_columns: Option<&[u8]>,
+    ) -> Result<TargetTable, SinkError> {
         if let Some(t) = self.tables.get(table) {
             return Ok(t.clone());
         }
@@ -108,6 +115,26 @@ impl PgSink {
             .client
             .as_ref()
             .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let exists: Option<u32> = client
+            .query_one("SELECT to_regclass($1)::oid", &[&quoted])
+            .await
+            .map_err(|e| sink_error(&e, &format!("looking up target table {table}")))?
+            .get(0);
+        if exists.is_none() {
+            match (self.settings.create_tables, source_columns) {
+                (true, Some(columns)) => create_table(client, table, columns).await?,
+                (true, None) => {
+                    return Err(SinkError::Rejected(format!(
+                        "target table {table} does not exist and the message carries no column definitions to create it from"
+                    )))
+                }
+                (false, _) => {
+                    return Err(SinkError::Rejected(format!(
+                        "target table {table} does not exist (create it, or set create_tables: true on the sink)"
+                    )))
+                }
+            }
+        }
         let rows = client
             // Values are cast to the column's type *without* its modifier: an explicit cast
             // to varchar(3) or char(3) would silently truncate, while the assignment into
@@ -276,7 +303,9 @@ impl PgSink {
     }
 
     async fn apply_table(&mut self, batch: TableBatch<'_>) -> Result<(), SinkError> {
-        let target = self.target_table(batch.table).await?;
+        let target = self
+            .target_table(batch.table, batch.source_columns.as_deref())
+            .await?;
         let mut deletes: Vec<&Row> = Vec::new();
         let mut upserts: HashMap<Vec<String>, Vec<KeyedRow<'_>>> = HashMap::new();
         for k in &batch.order {
@@ -368,7 +397,9 @@ impl PgSink {
                 self.apply_table(batch).await?;
             }
             if let Some(truncate) = changes.get(end) {
-                let target = self.target_table(&truncate.table).await?;
+                let target = self
+                    .target_table(&truncate.table, truncate.source_columns.as_deref())
+                    .await?;
                 self.execute(
                     format!("TRUNCATE {}", target.quoted),
                     &[],
@@ -449,6 +480,7 @@ fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
         let i = *index.entry(&change.table).or_insert_with(|| {
             batches.push(TableBatch {
                 table: &change.table,
+                source_columns: change.source_columns.clone(),
                 order: Vec::new(),
                 pending: HashMap::new(),
             });
@@ -556,6 +588,60 @@ fn sink_error(error: &tokio_postgres::Error, what: &str) -> SinkError {
         Some(_) => SinkError::Rejected(message),
         None => SinkError::Transient(message),
     }
+}
+
+/// Creates a target table (and its schema) from the source's column definitions, inside
+/// the batch's transaction. A concurrent creation by another worker is transient: the retry
+/// finds the table.
+async fn create_table(client: &Client, table: &TableId, columns: &[u8]) -> Result<(), SinkError> {
+    let columns = tidelink_core::TableColumns::decode(columns).map_err(SinkError::Rejected)?;
+    if columns.is_empty() {
+        return Err(SinkError::Rejected(format!(
+            "no column definitions for {table}"
+        )));
+    }
+    let mut definitions: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}{}",
+                quote_ident(&c.name),
+                c.sql_type,
+                if c.not_null { " NOT NULL" } else { "" }
+            )
+        })
+        .collect();
+    let keys: Vec<String> = columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| c.name.clone())
+        .collect();
+    if !keys.is_empty() {
+        definitions.push(format!("PRIMARY KEY ({})", quoted_list(&keys)));
+    }
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} ({})",
+        quote_ident(&table.schema),
+        quote_table(&table.schema, &table.name),
+        definitions.join(", ")
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| match e.code() {
+            Some(code)
+                if *code == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                    || *code == tokio_postgres::error::SqlState::DUPLICATE_TABLE =>
+            {
+                SinkError::Transient(format!(
+                    "{table} was created concurrently: {}",
+                    describe(&e)
+                ))
+            }
+            _ => sink_error(&e, &format!("creating target table {table}")),
+        })?;
+    tracing::info!(%table, columns = columns.len(), "created target table");
+    Ok(())
 }
 
 async fn create_state_tables(client: &Client, schema: &str) -> Result<(), TidelinkError> {

@@ -205,6 +205,7 @@ async fn run_sink(
             group: sink.group_id(&name),
             state_schema: pg.state_schema.clone(),
             record_history: pg.record_history,
+            create_tables: pg.create_tables,
         },
         None => {
             return Err(TidelinkError::permanent(format!(

@@ -8,10 +8,12 @@
 //! from there: changes may repeat, none are lost.
 
 use crate::{Metrics, Shutdown};
+use rdkafka::message::{Header, OwnedHeaders};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tidelink_config::KafkaConfig;
 use tidelink_core::{Op, Source, SourceMessage, TidelinkError};
+use tidelink_kafka::envelope::COLUMNS_HEADER;
 use tidelink_kafka::producer::PendingDelivery;
 use tidelink_kafka::topics::table_topic;
 use tidelink_kafka::{admin, encode_change, EventProducer};
@@ -71,8 +73,14 @@ pub async fn publish<S: Source>(
                     let (key, value) = encode_change(&event, now_ms());
                     // A truncate has no key; partition 0 keeps its copy ordered there.
                     let partition = (event.op == Op::Truncate).then_some(0);
+                    let headers = event.columns.as_ref().map(|c| {
+                        OwnedHeaders::new().insert(Header {
+                            key: COLUMNS_HEADER,
+                            value: Some(c.encoded.as_slice()),
+                        })
+                    });
                     let delivery = producer
-                        .send(&topic, key.as_deref(), &value, partition, None)
+                        .send(&topic, key.as_deref(), &value, partition, headers)
                         .await?;
                     if queue
                         .send(InFlight::Delivery(delivery, Instant::now()))

@@ -23,6 +23,7 @@ use tidelink_core::{
     MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, TableId, TidelinkError,
     TopicPartition,
 };
+use tidelink_kafka::envelope::COLUMNS_HEADER;
 use tidelink_kafka::topics::table_topics_pattern;
 use tidelink_kafka::{
     admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
@@ -246,6 +247,7 @@ impl<S: Sink> Worker<S> {
                         key: decoded.key,
                         after: decoded.after,
                         origin,
+                        source_columns: columns_header(message),
                     });
                     prepared.source_ts.push(decoded.source_ts_ms);
                 }
@@ -530,6 +532,16 @@ impl<S: Sink> Worker<S> {
                 .set(lag);
         }
     }
+}
+
+fn columns_header(message: &OwnedMessage) -> Option<Arc<[u8]>> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == COLUMNS_HEADER)
+        .and_then(|h| h.value)
+        .map(Arc::from)
 }
 
 fn partition_of(message: &OwnedMessage) -> TopicPartition {

@@ -26,11 +26,12 @@ use pgoutput::{OldTuple, PgOutputMessage, TupleValue};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 use tidelink_config::redact_dsn;
 use tidelink_core::{
-    ChangeEvent, Lsn, Op, Row, Source, SourceInfo, SourceMessage, TableId, TidelinkError,
-    UNAVAILABLE_VALUE,
+    ChangeEvent, ColumnDefinition, Lsn, Op, Row, Source, SourceInfo, SourceMessage, TableColumns,
+    TableId, TidelinkError, UNAVAILABLE_VALUE,
 };
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
@@ -67,6 +68,8 @@ struct RelationInfo {
     columns: Vec<ColumnInfo>,
     /// Indexes of the columns forming the message key (primary key, else replica identity).
     key: Vec<usize>,
+    /// Column definitions sent with every event of the table.
+    definitions: Arc<TableColumns>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +180,24 @@ impl PgSource {
                 .filter_map(|name| columns.iter().position(|c| &c.name == name))
                 .collect()
         };
+        let catalog_columns = self.catalog.column_definitions(rel.id).await?;
+        let definitions = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (sql_type, not_null) = catalog_columns
+                    .iter()
+                    .find(|(name, _, _)| name == &c.name)
+                    .map(|(_, t, n)| (t.clone(), *n))
+                    .unwrap_or_else(|| ("text".into(), false));
+                ColumnDefinition {
+                    name: c.name.clone(),
+                    sql_type,
+                    key: key.contains(&i),
+                    not_null,
+                }
+            })
+            .collect();
         let table = TableId::new(rel.namespace, rel.name);
         tracing::debug!(%table, columns = columns.len(), "relation described");
         self.relations.insert(
@@ -185,6 +206,7 @@ impl PgSource {
                 table,
                 columns,
                 key,
+                definitions: Arc::new(TableColumns::new(definitions)),
             },
         );
         Ok(())
@@ -216,6 +238,7 @@ impl PgSource {
                     before: None,
                     after: Some(after),
                     source: self.source_info(&rel.table, tx),
+                    columns: Some(rel.definitions.clone()),
                 };
                 self.ready.push_back(SourceMessage::Change(event));
             }
@@ -233,6 +256,7 @@ impl PgSource {
                 };
                 let source = self.source_info(&rel.table, tx);
                 let table = rel.table.clone();
+                let columns = Some(rel.definitions.clone());
                 match old_key {
                     // The key changed: the old row is gone and a new one exists, as two
                     // events keyed by their own keys (Debezium does the same).
@@ -244,6 +268,7 @@ impl PgSource {
                             before,
                             after: None,
                             source: source.clone(),
+                            columns: columns.clone(),
                         }));
                         self.ready.push_back(SourceMessage::Change(ChangeEvent {
                             table,
@@ -252,6 +277,7 @@ impl PgSource {
                             before: None,
                             after: Some(after),
                             source,
+                            columns,
                         }));
                     }
                     _ => self.ready.push_back(SourceMessage::Change(ChangeEvent {
@@ -261,6 +287,7 @@ impl PgSource {
                         before,
                         after: Some(after),
                         source,
+                        columns,
                     })),
                 }
             }
@@ -274,6 +301,7 @@ impl PgSource {
                     before: Some(build_old_row(rel, &old)?),
                     after: None,
                     source: self.source_info(&rel.table, tx),
+                    columns: Some(rel.definitions.clone()),
                 };
                 self.ready.push_back(SourceMessage::Change(event));
             }
@@ -287,6 +315,7 @@ impl PgSource {
                         before: None,
                         after: None,
                         source: self.source_info(&rel.table, tx),
+                        columns: Some(rel.definitions.clone()),
                     };
                     self.ready.push_back(SourceMessage::Change(event));
                 }
