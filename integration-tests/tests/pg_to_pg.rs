@@ -4,7 +4,7 @@
 use std::time::Duration;
 use tidelink_integration_tests::{http_get, table_rows, Daemon, PgCluster, PgPipeline};
 
-const CATCH_UP: Duration = Duration::from_secs(120);
+const CATCH_UP: Duration = Duration::from_secs(180);
 
 const TYPES_SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -168,6 +168,32 @@ async fn a_50k_change_workload_ends_with_target_equal_to_source() {
     );
     assert!(metric_sum(&metrics, "tidelink_source_events_total") >= 53_000.0);
 
+    // `tidelink status` agrees: nothing left to apply, no dead letters, the slot streaming.
+    let out = std::process::Command::new(tidelink_integration_tests::tidelink_binary())
+        .args(["status", "-c", &config.display().to_string(), "--json"])
+        .output()
+        .expect("tidelink status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let pipeline = &status["pipelines"][0];
+    assert_eq!(pipeline["source"]["active"], true, "{status}");
+    assert_eq!(pipeline["sinks"][0]["total_lag"], 0, "{status}");
+    assert_eq!(pipeline["sinks"][0]["dead_letters"], 0, "{status}");
+    let applied: i64 = pipeline["sinks"][0]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["next_offset"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        applied, recorded,
+        "status offsets account for every applied message"
+    );
+
     let status = daemon
         .terminate(Duration::from_secs(30))
         .expect("daemon exits after SIGTERM");
@@ -319,6 +345,7 @@ async fn when_the_group_leader_dies_the_other_worker_takes_over() {
     for topic in WORKLOAD_TOPICS.iter().chain(&["it.dlq.it.replica"]) {
         mock.create_topic(topic, 4, 1).expect("mock topic");
     }
+    mock.create_topic("it.schemas", 1, 1).expect("mock topic");
     let mut p = PgPipeline::start(WORKLOAD_SCHEMA).await;
     p.bootstrap = mock.bootstrap_servers();
     failover(p, Victim::Leader).await;

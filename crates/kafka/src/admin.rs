@@ -10,8 +10,23 @@ use std::time::Duration;
 use tidelink_config::KafkaConfig;
 use tidelink_core::TidelinkError;
 
-/// Creates the topics that do not exist yet.
+/// Creates the topics that do not exist yet, with the configured partitions.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), TidelinkError> {
+    create_missing(kafka, topics, kafka.partitions, false).await
+}
+
+/// Creates a single-partition, log-compacted topic (latest value per key kept forever)
+/// when it does not exist yet.
+pub async fn ensure_compacted_topic(kafka: &KafkaConfig, topic: &str) -> Result<(), TidelinkError> {
+    create_missing(kafka, &[topic.to_string()], 1, true).await
+}
+
+async fn create_missing(
+    kafka: &KafkaConfig,
+    topics: &[String],
+    partitions: i32,
+    compacted: bool,
+) -> Result<(), TidelinkError> {
     if topics.is_empty() {
         return Ok(());
     }
@@ -48,11 +63,16 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 t,
-                kafka.partitions,
+                partitions,
                 TopicReplication::Fixed(kafka.replication_factor),
-            )
+            );
+            if compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -70,7 +90,7 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
     .map_err(|e| TidelinkError::transient(format!("creating topics on {}: {e}", kafka.brokers)))?;
     for result in results {
         match result {
-            Ok(topic) => tracing::info!(%topic, partitions = kafka.partitions, "created topic"),
+            Ok(topic) => tracing::info!(%topic, partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(TidelinkError::transient(format!(
@@ -81,4 +101,124 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Low and high watermarks of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionWatermarks {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Oldest offset still stored.
+    pub low: i64,
+    /// Next offset to be written.
+    pub high: i64,
+}
+
+/// Watermarks of every partition of the topics `select` accepts.
+pub async fn watermarks(
+    kafka: &KafkaConfig,
+    select: impl Fn(&str) -> bool + Send + 'static,
+) -> Result<Vec<PartitionWatermarks>, TidelinkError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = client_config::admin(kafka)?
+        .set("group.id", "tidelink-status")
+        .create()
+        .map_err(|e| TidelinkError::permanent(format!("kafka client: {e}")))?;
+    let brokers = kafka.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(None, timeout).map_err(|e| {
+            TidelinkError::transient(format!("reading metadata from {brokers}: {e}"))
+        })?;
+        let mut out = Vec::new();
+        for topic in metadata.topics().iter().filter(|t| select(t.name())) {
+            for partition in topic.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic.name(), partition.id(), timeout)
+                    .map_err(|e| {
+                        TidelinkError::transient(format!("watermarks of {}: {e}", topic.name()))
+                    })?;
+                out.push(PartitionWatermarks {
+                    topic: topic.name().to_string(),
+                    partition: partition.id(),
+                    low,
+                    high,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        Ok(out)
+    })
+    .await
+    .map_err(|e| TidelinkError::permanent(format!("watermark task: {e}")))?
+}
+
+/// Reads a small keyed topic from the beginning to its end and returns the last value of
+/// each key (the table definitions in `<prefix>.schemas`).
+pub async fn read_latest_by_key(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Result<std::collections::HashMap<String, Vec<u8>>, TidelinkError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client_config::admin(kafka)?
+        .set("group.id", "tidelink-schema-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| TidelinkError::permanent(format!("kafka client: {e}")))?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| TidelinkError::transient(format!("metadata of {topic}: {e}")))?;
+        let mut latest = std::collections::HashMap::new();
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        for partition in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, partition, timeout)
+                .map_err(|e| TidelinkError::transient(format!("watermarks of {topic}: {e}")))?;
+            if high <= low {
+                continue;
+            }
+            let mut assignment = TopicPartitionList::new();
+            assignment
+                .add_partition_offset(&topic, partition, Offset::Offset(low))
+                .map_err(|e| TidelinkError::permanent(format!("{topic}: {e}")))?;
+            consumer
+                .assign(&assignment)
+                .map_err(|e| TidelinkError::transient(format!("reading {topic}: {e}")))?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut next = low;
+            while next < high {
+                if std::time::Instant::now() > deadline {
+                    return Err(TidelinkError::transient(format!(
+                        "reading {topic} timed out"
+                    )));
+                }
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(message)) => {
+                        next = message.offset() + 1;
+                        if let (Some(key), Some(value)) = (message.key(), message.payload()) {
+                            latest
+                                .insert(String::from_utf8_lossy(key).into_owned(), value.to_vec());
+                        }
+                    }
+                    Some(Err(e)) => {
+                        return Err(TidelinkError::transient(format!("reading {topic}: {e}")))
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(latest)
+    })
+    .await
+    .map_err(|e| TidelinkError::permanent(format!("schema reader task: {e}")))?
 }

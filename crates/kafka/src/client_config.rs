@@ -29,8 +29,8 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
+        .set("session.timeout.ms", "30000")
+        .set("heartbeat.interval.ms", "3000")
         .set("topic.metadata.refresh.interval.ms", "5000");
     apply_overrides(
         &mut config,

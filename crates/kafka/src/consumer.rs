@@ -246,16 +246,3 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(50));
     }
 }
-
-impl SinkConsumer {
-    /// The partition's high watermark (next offset to be written), for lag.
-    pub fn high_watermark(&self, partition: &TopicPartition) -> KafkaResult<i64> {
-        self.consumer
-            .fetch_watermarks(
-                &partition.topic,
-                partition.partition,
-                Duration::from_secs(2),
-            )
-            .map(|(_, high)| high)
-    }
-}

@@ -17,9 +17,6 @@ struct EnvelopeOut<'a> {
     transaction: Option<()>,
 }
 
-/// The Kafka header carrying a table's column definitions (JSON).
-pub const COLUMNS_HEADER: &str = "tidelink.columns";
-
 /// Encodes an event as (key, value). A truncate has no key.
 pub fn encode_change(event: &ChangeEvent, now_ms: i64) -> (Option<Vec<u8>>, Vec<u8>) {
     let key = if event.key.is_empty() {

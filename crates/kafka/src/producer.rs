@@ -92,6 +92,18 @@ impl EventProducer {
         }
     }
 
+    /// A partition's high watermark, read over this producer's connections (so a consumer's
+    /// connection, busy with long fetches, is not held up).
+    pub fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, TidelinkError> {
+        self.producer
+            .client()
+            .fetch_watermarks(topic, partition, Duration::from_secs(2))
+            .map(|(_, high)| high)
+            .map_err(|e| {
+                TidelinkError::transient(format!("watermarks of {topic}[{partition}]: {e}"))
+            })
+    }
+
     /// Waits up to `timeout` for every queued message to be acknowledged.
     pub fn flush(&self, timeout: Duration) -> Result<(), TidelinkError> {
         self.producer

@@ -40,9 +40,36 @@ pub fn table_topics_pattern(prefix: &str) -> String {
     format!("^{escaped}\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$")
 }
 
+/// The compacted topic holding each table's column definitions, keyed by `schema.table`.
+/// Not a table topic (one segment after the prefix), so sinks do not subscribe to it.
+pub fn schemas_topic(prefix: &str) -> String {
+    format!("{prefix}.schemas")
+}
+
+/// True for a table topic of `prefix` (`<prefix>.<schema>.<table>`), false for anything
+/// else such as dead-letter topics.
+pub fn is_table_topic(prefix: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| {
+            let parts: Vec<&str> = rest.split('.').collect();
+            parts.len() == 2 && parts.iter().all(|p| !p.is_empty())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_topics_are_told_from_others() {
+        assert!(is_table_topic("shop", "shop.public.orders"));
+        assert!(is_table_topic("shop.v1", "shop.v1.public.orders"));
+        assert!(!is_table_topic("shop", "shop.dlq.p.s"));
+        assert!(!is_table_topic("shop", "shopx.public.orders"));
+        assert!(!is_table_topic("shop", "shop.orders"));
+    }
 
     #[test]
     fn names_are_sanitized_into_single_segments() {

@@ -681,3 +681,30 @@ async fn create_state_tables(client: &Client, schema: &str) -> Result<(), Tideli
     }
     Ok(())
 }
+
+/// Offsets a consumer group recorded in a target, for `tidelink status`:
+/// (topic, partition, next offset, when it was recorded as RFC 3339 text).
+pub async fn recorded_offsets(
+    dsn: &str,
+    state_schema: &str,
+    group: &str,
+) -> Result<Vec<(String, i32, i64, String)>, TidelinkError> {
+    let client = connect(dsn, "status").await?;
+    let sql = format!(
+        "SELECT topic, partition, next_offset, \
+                to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+         FROM {}.offsets WHERE consumer_group = $1 ORDER BY 1, 2",
+        quote_ident(state_schema)
+    );
+    match client.query(&sql, &[&group]).await {
+        Ok(rows) => Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()),
+        // No batch applied yet: the state tables do not exist.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(crate::connection::classify(&e).context("reading recorded offsets")),
+    }
+}

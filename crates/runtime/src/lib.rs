@@ -7,6 +7,7 @@ pub mod pipeline;
 pub mod publisher;
 pub mod shutdown;
 pub mod sink_worker;
+pub mod status;
 
 pub use metrics::Metrics;
 pub use pipeline::{run_pipelines, Role};

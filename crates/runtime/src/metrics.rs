@@ -39,6 +39,24 @@ pub mod names {
     pub const ERRORS: &str = "tidelink_errors_total";
     /// 1 while a component is connected and streaming.
     pub const COMPONENT_UP: &str = "tidelink_component_up";
+
+    /// Every series tidelink exports.
+    pub const ALL: &[&str] = &[
+        SOURCE_EVENTS,
+        SOURCE_LAG,
+        KAFKA_PRODUCED_EVENTS,
+        KAFKA_PRODUCE_LATENCY,
+        SINK_APPLIED_ROWS,
+        SINK_BATCHES,
+        SINK_BATCH_SIZE,
+        SINK_APPLY_DURATION,
+        SINK_END_TO_END_LATENCY,
+        SINK_LAG,
+        SINK_CONSUMER_LAG,
+        SINK_DEAD_LETTER,
+        ERRORS,
+        COMPONENT_UP,
+    ];
 }
 
 /// The registry and every series handle.

@@ -8,14 +8,13 @@
 //! from there: changes may repeat, none are lost.
 
 use crate::{Metrics, Shutdown};
-use rdkafka::message::{Header, OwnedHeaders};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidelink_config::KafkaConfig;
-use tidelink_core::{Op, Source, SourceMessage, TidelinkError};
-use tidelink_kafka::envelope::COLUMNS_HEADER;
+use tidelink_core::{Op, Source, SourceMessage, TableColumns, TableId, TidelinkError};
 use tidelink_kafka::producer::PendingDelivery;
-use tidelink_kafka::topics::table_topic;
+use tidelink_kafka::topics::{schemas_topic, table_topic};
 use tidelink_kafka::{admin, encode_change, EventProducer};
 use tokio::sync::{mpsc, watch};
 
@@ -46,6 +45,7 @@ pub async fn publish<S: Source>(
         metrics.clone(),
     ));
     let mut known_topics: HashSet<String> = HashSet::new();
+    let mut published: HashMap<TableId, Arc<TableColumns>> = HashMap::new();
     let mut last_commit_ts: Option<i64> = None;
     let result: Result<(), TidelinkError> = async {
         while !shutdown.is_triggered() {
@@ -73,14 +73,12 @@ pub async fn publish<S: Source>(
                     let (key, value) = encode_change(&event, now_ms());
                     // A truncate has no key; partition 0 keeps its copy ordered there.
                     let partition = (event.op == Op::Truncate).then_some(0);
-                    let headers = event.columns.as_ref().map(|c| {
-                        OwnedHeaders::new().insert(Header {
-                            key: COLUMNS_HEADER,
-                            value: Some(c.encoded.as_slice()),
-                        })
-                    });
+                    if let Some(columns) = &event.columns {
+                        publish_definitions(producer, kafka, &mut published, &event.table, columns)
+                            .await?;
+                    }
                     let delivery = producer
-                        .send(&topic, key.as_deref(), &value, partition, headers)
+                        .send(&topic, key.as_deref(), &value, partition, None)
                         .await?;
                     if queue
                         .send(InFlight::Delivery(delivery, Instant::now()))
@@ -147,6 +145,41 @@ async fn acknowledge<P: Copy + std::fmt::Display>(
             }
         }
     }
+    Ok(())
+}
+
+/// Publishes a table's column definitions to `<prefix>.schemas` when they differ from what
+/// this run published last, and waits for Kafka's acknowledgement, so any sink that reads a
+/// change of the table can also find its definitions. Happens once per table and DDL.
+async fn publish_definitions(
+    producer: &EventProducer,
+    kafka: &KafkaConfig,
+    published: &mut HashMap<TableId, Arc<TableColumns>>,
+    table: &TableId,
+    columns: &Arc<TableColumns>,
+) -> Result<(), TidelinkError> {
+    if published
+        .get(table)
+        .is_some_and(|p| Arc::ptr_eq(p, columns) || p.columns == columns.columns)
+    {
+        return Ok(());
+    }
+    let topic = schemas_topic(&kafka.topic_prefix);
+    if published.is_empty() {
+        admin::ensure_compacted_topic(kafka, &topic).await?;
+    }
+    producer
+        .send(
+            &topic,
+            Some(table.to_string().as_bytes()),
+            &columns.encoded,
+            None,
+            None,
+        )
+        .await?
+        .acknowledged()
+        .await?;
+    published.insert(table.clone(), columns.clone());
     Ok(())
 }
 

@@ -23,8 +23,7 @@ use tidelink_core::{
     MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, TableId, TidelinkError,
     TopicPartition,
 };
-use tidelink_kafka::envelope::COLUMNS_HEADER;
-use tidelink_kafka::topics::table_topics_pattern;
+use tidelink_kafka::topics::{schemas_topic, table_topics_pattern, topic_segment};
 use tidelink_kafka::{
     admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
 };
@@ -72,6 +71,9 @@ struct Worker<S: Sink> {
     dead_letter_topic: String,
     /// Assigned partitions and the next offset the target records for each.
     assigned: HashMap<TopicPartition, Option<i64>>,
+    /// Source tables' column definitions from `<prefix>.schemas`, read when the target may
+    /// need to create a table (`create_tables`).
+    definitions: HashMap<TableId, Arc<[u8]>>,
     buffer: Vec<OwnedMessage>,
 }
 
@@ -103,6 +105,7 @@ pub async fn run_worker<S: Sink + 'static>(
         dead_letters,
         dead_letter_topic,
         assigned: HashMap::new(),
+        definitions: HashMap::new(),
         buffer: Vec::new(),
     };
     worker.ctx.metrics.set_ready(
@@ -247,7 +250,7 @@ impl<S: Sink> Worker<S> {
                         key: decoded.key,
                         after: decoded.after,
                         origin,
-                        source_columns: columns_header(message),
+                        source_columns: self.definitions.get(&decoded.table).cloned(),
                     });
                     prepared.source_ts.push(decoded.source_ts_ms);
                 }
@@ -274,8 +277,49 @@ impl<S: Sink> Worker<S> {
         }
     }
 
+    /// Reads `<prefix>.schemas` again when a buffered table has no definitions yet and the
+    /// sink may create tables.
+    async fn refresh_definitions(
+        &mut self,
+        messages: &[OwnedMessage],
+    ) -> Result<(), TidelinkError> {
+        if !self
+            .ctx
+            .sink
+            .postgres
+            .as_ref()
+            .is_some_and(|pg| pg.create_tables)
+        {
+            return Ok(());
+        }
+        let prefix = format!("{}.", self.ctx.kafka.topic_prefix);
+        let unknown = messages.iter().any(|m| {
+            m.topic()
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(schema, table)| {
+                    !self.definitions.keys().any(|t| {
+                        topic_segment(&t.schema) == schema && topic_segment(&t.name) == table
+                    })
+                })
+        });
+        if !unknown {
+            return Ok(());
+        }
+        let topic = schemas_topic(&self.ctx.kafka.topic_prefix);
+        let latest = admin::read_latest_by_key(&self.ctx.kafka, &topic).await?;
+        for (key, value) in latest {
+            if let Some((schema, name)) = key.split_once('.') {
+                self.definitions
+                    .insert(TableId::new(schema, name), Arc::from(value));
+            }
+        }
+        Ok(())
+    }
+
     async fn apply_buffer(&mut self) -> Result<(), TidelinkError> {
         let mut messages = std::mem::take(&mut self.buffer);
+        self.refresh_definitions(&messages).await?;
         let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
         let mut attempt = 0;
         loop {
@@ -507,12 +551,17 @@ impl<S: Sink> Worker<S> {
     async fn report_consumer_lag(&self) {
         let partitions: Vec<(TopicPartition, Option<i64>)> =
             self.assigned.iter().map(|(p, o)| (p.clone(), *o)).collect();
-        let consumer = self.consumer.clone();
+        // Over the dead-letter producer's connection: the consumer's own connection may be
+        // waiting on a long fetch, and Kafka answers a connection's requests in order.
+        let client = self.dead_letters.clone();
         let watermarks = tokio::task::spawn_blocking(move || {
             partitions
                 .into_iter()
                 .filter_map(|(p, next)| {
-                    consumer.high_watermark(&p).ok().map(|high| (p, next, high))
+                    client
+                        .high_watermark(&p.topic, p.partition)
+                        .ok()
+                        .map(|high| (p, next, high))
                 })
                 .collect::<Vec<_>>()
         })
@@ -532,16 +581,6 @@ impl<S: Sink> Worker<S> {
                 .set(lag);
         }
     }
-}
-
-fn columns_header(message: &OwnedMessage) -> Option<Arc<[u8]>> {
-    use rdkafka::message::Headers;
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == COLUMNS_HEADER)
-        .and_then(|h| h.value)
-        .map(Arc::from)
 }
 
 fn partition_of(message: &OwnedMessage) -> TopicPartition {

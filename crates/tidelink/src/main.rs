@@ -36,6 +36,19 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         shutdown_timeout: u64,
     },
+    /// Show where each pipeline stands: slot position and retained WAL, per-partition
+    /// consumer lag, last apply, dead letters.
+    Status {
+        /// Pipeline configuration (YAML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and report every problem with its location.
     Validate {
         /// Pipeline configuration (YAML).
@@ -90,6 +103,52 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Status {
+            config,
+            pipeline,
+            json,
+        } => {
+            let parsed = match tidelink_config::load_file(&config) {
+                Ok(parsed) => parsed,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(tidelink_runtime::status::collect(
+                &parsed,
+                pipeline.as_deref(),
+            )) {
+                Ok(status) if json => match serde_json::to_string_pretty(&status) {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Ok(status) => {
+                    print!("{status}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run {
             config,
             pipeline,

@@ -18,7 +18,7 @@
 pub mod pgoutput;
 mod preflight;
 
-pub use preflight::{preflight, PreflightReport, SourceTable};
+pub use preflight::{preflight, slot_status, PreflightReport, SlotStatus, SourceTable};
 
 use crate::connection::{self, parse_dsn};
 use crate::types::{text_to_json, ValueKind};

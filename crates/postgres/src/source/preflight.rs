@@ -296,3 +296,52 @@ fn parse_lsn(text: String, place: &str) -> Result<Lsn, TidelinkError> {
     text.parse()
         .map_err(|e: String| TidelinkError::permanent(format!("{place}: {e}")))
 }
+
+/// Where a slot stands, for `tidelink status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    /// Slot name.
+    pub slot: String,
+    /// Whether the slot exists.
+    pub exists: bool,
+    /// Whether a process streams it now.
+    pub active: bool,
+    /// Position confirmed by tidelink.
+    pub confirmed_flush_lsn: Option<String>,
+    /// The server's current WAL position.
+    pub current_wal_lsn: String,
+    /// WAL the slot keeps on disk (current minus restart_lsn), bytes.
+    pub retained_wal_bytes: Option<i64>,
+    /// WAL not yet confirmed (current minus confirmed_flush_lsn), bytes.
+    pub unconfirmed_wal_bytes: Option<i64>,
+    /// The walsender's flush lag as the server measures it, seconds.
+    pub flush_lag_seconds: Option<f64>,
+}
+
+/// Reads a slot's position and lag.
+pub async fn slot_status(dsn: &str, slot: &str) -> Result<SlotStatus, TidelinkError> {
+    let client = connect(dsn, "status").await?;
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, s.active, s.confirmed_flush_lsn::text, \
+                    (pg_current_wal_lsn() - s.restart_lsn)::bigint, \
+                    (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, \
+                    (SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r \
+                      WHERE r.pid = s.active_pid), \
+                    s.slot_name IS NOT NULL \
+             FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| classify(&e).context(format!("reading slot {slot}")))?;
+    Ok(SlotStatus {
+        slot: slot.to_string(),
+        current_wal_lsn: row.get(0),
+        active: row.get::<_, Option<bool>>(1).unwrap_or(false),
+        confirmed_flush_lsn: row.get(2),
+        retained_wal_bytes: row.get(3),
+        unconfirmed_wal_bytes: row.get(4),
+        flush_lag_seconds: row.get(5),
+        exists: row.get(6),
+    })
+}
