@@ -552,3 +552,35 @@ async fn a_table_without_a_primary_key_is_refused_by_name() {
         "says how to fix it:\n{output}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_workload_exits_cleanly_and_a_restart_applies_everything_once() {
+    let p = PgPipeline::start(WORKLOAD_SCHEMA).await;
+    let config = p.write_config("sigterm.yaml", "");
+    let daemon = p.run_ready(&config, "sigterm-1.log").await;
+    let source = p.source.client("app").await;
+    let writer = {
+        let source = p.source.client("app").await;
+        tokio::spawn(async move { workload(&source, 0, 40).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = std::time::Instant::now();
+    let status = daemon
+        .terminate(Duration::from_secs(40))
+        .expect("tidelink exits after SIGTERM");
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(35),
+        "stopped within the shutdown timeout"
+    );
+    writer.await.expect("workload");
+    let _daemon = p.run_ready(&config, "sigterm-2.log").await;
+    workload(&source, 40, 5).await;
+    p.wait_in_sync(WORKLOAD_TABLES, CATCH_UP).await;
+    let (recorded, distinct) = p.history_audit().await;
+    assert_eq!(
+        recorded, distinct,
+        "a message was applied twice across the restart"
+    );
+    assert_eq!(recorded, p.messages_in_topics(WORKLOAD_TOPICS));
+}

@@ -58,17 +58,105 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads, interpolates, parses and validates a configuration file.
+/// Reads, interpolates, parses and validates a configuration file, or every `.yaml` and
+/// `.yml` file of a directory (in name order), merged: pipeline names must be unique across
+/// files and at most one file may set `metrics`.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let env = |var: &str| std::env::var(var).ok();
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigIssue {
-            location: name.clone(),
-            path: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }])
-    })?;
-    load_str(&text, &name, &|var| std::env::var(var).ok())
+    let read_issue = |location: String, message: String| ConfigIssue {
+        location,
+        path: String::new(),
+        message,
+    };
+    if !path.is_dir() {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![read_issue(
+                name.clone(),
+                format!("cannot read the file: {e}"),
+            )])
+        })?;
+        return load_str(&text, &name, &env);
+    }
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| {
+            ConfigErrors(vec![read_issue(
+                name.clone(),
+                format!("cannot read the directory: {e}"),
+            )])
+        })?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ConfigErrors(vec![read_issue(
+            name,
+            "the directory holds no .yaml or .yml file".into(),
+        )]));
+    }
+    let mut config = Config {
+        metrics: MetricsConfig::default(),
+        pipelines: Vec::new(),
+    };
+    let mut issues = Vec::new();
+    let mut metrics_from: Option<String> = None;
+    let mut defined_in: std::collections::HashMap<String, String> =
+        std::collections::HashMap::new();
+    for file in &files {
+        let file_name = file.display().to_string();
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                issues.push(read_issue(file_name, format!("cannot read the file: {e}")));
+                continue;
+            }
+        };
+        match load_one(&text, &file_name, &env, false) {
+            Err(errors) => issues.extend(errors.0),
+            Ok(parsed) => {
+                if let Some(metrics) = parsed.metrics {
+                    match &metrics_from {
+                        Some(first) => issues.push(ConfigIssue {
+                            location: file_name.clone(),
+                            path: "metrics".into(),
+                            message: format!("already set in {first}; set it in one file only"),
+                        }),
+                        None => {
+                            config.metrics = metrics;
+                            metrics_from = Some(file_name.clone());
+                        }
+                    }
+                }
+                for (i, pipeline) in parsed.pipelines.into_iter().enumerate() {
+                    if let Some(other) = defined_in.get(&pipeline.name) {
+                        issues.push(ConfigIssue {
+                            location: file_name.clone(),
+                            path: format!("pipelines[{i}].name"),
+                            message: format!(
+                                "pipeline `{}` is also defined in {other}",
+                                pipeline.name
+                            ),
+                        });
+                    } else {
+                        defined_in.insert(pipeline.name.clone(), file_name.clone());
+                        config.pipelines.push(pipeline);
+                    }
+                }
+            }
+        }
+    }
+    if issues.is_empty() && config.pipelines.is_empty() {
+        issues.push(read_issue(
+            name,
+            "no file of the directory defines a pipeline".into(),
+        ));
+    }
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(issues))
+    }
 }
 
 /// Interpolates, parses and validates configuration text. `file` names the source in
@@ -78,6 +166,19 @@ pub fn load_str(
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
+    let parsed = load_one(text, file, env, true)?;
+    Ok(Config {
+        metrics: parsed.metrics.unwrap_or_default(),
+        pipelines: parsed.pipelines,
+    })
+}
+
+fn load_one(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    require_pipelines: bool,
+) -> Result<ConfigFile, ConfigErrors> {
     let text = interpolate(text, env).map_err(|issues| {
         ConfigErrors(
             issues
@@ -90,18 +191,22 @@ pub fn load_str(
                 .collect(),
         )
     })?;
-    let config: Config = parse_yaml(&text, file)?;
-    let issues = validate::validate(&config, file);
+    let parsed: ConfigFile = parse_yaml(&text, file)?;
+    let as_config = Config {
+        metrics: parsed.metrics.clone().unwrap_or_default(),
+        pipelines: parsed.pipelines.clone(),
+    };
+    let issues = validate::validate(&as_config, file, require_pipelines);
     if issues.is_empty() {
-        Ok(config)
+        Ok(parsed)
     } else {
         Err(ConfigErrors(issues))
     }
 }
 
-fn parse_yaml(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+fn parse_yaml(text: &str, file: &str) -> Result<ConfigFile, ConfigErrors> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
-    let result: Result<Config, _> = serde_path_to_error::deserialize(de);
+    let result: Result<ConfigFile, _> = serde_path_to_error::deserialize(de);
     result.map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();

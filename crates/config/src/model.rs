@@ -4,14 +4,25 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// A whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A whole configuration: one file, or every file of a directory merged.
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
-    #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The pipelines, in file order.
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// One configuration file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (at most one file of a
+    /// directory may say).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// The pipelines this file defines.
+    #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
 }
 

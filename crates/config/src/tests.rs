@@ -140,3 +140,40 @@ fn comments_are_not_interpolated() {
         "# uses ${NOT_SET}\na: s3cret # or ${ALSO_NOT_SET}\nb: \"#s3cret\"\n"
     );
 }
+
+#[test]
+fn a_directory_of_files_is_merged_with_clear_conflicts() {
+    std::env::set_var("TIDELINK_TEST_DIR_PASSWORD", "pw");
+    let dir = std::env::temp_dir().join(format!("tidelink-config-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pipeline = |name: &str| {
+        GOOD.replace("name: shop", &format!("name: {name}"))
+            .replace("${PG_PASSWORD}", "${TIDELINK_TEST_DIR_PASSWORD}")
+            .replace("pipelines:", "")
+    };
+    std::fs::write(
+        dir.join("a.yaml"),
+        format!(
+            "metrics:\n  listen: 127.0.0.1:9999\npipelines:{}",
+            pipeline("one")
+        ),
+    )
+    .expect("a");
+    std::fs::write(dir.join("b.yml"), format!("pipelines:{}", pipeline("two"))).expect("b");
+    std::fs::write(dir.join("notes.txt"), "ignored").expect("c");
+    let config = load_file(&dir).expect("directory loads");
+    let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, vec!["one", "two"]);
+    assert_eq!(config.metrics.listen, "127.0.0.1:9999");
+
+    std::fs::write(
+        dir.join("c.yaml"),
+        format!("metrics:\n  enabled: false\npipelines:{}", pipeline("one")),
+    )
+    .expect("c");
+    let err = load_file(&dir).expect_err("conflicts");
+    let text = err.to_string();
+    assert!(text.contains("c.yaml: metrics: already set in"), "{text}");
+    assert!(text.contains("pipeline `one` is also defined in"), "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}

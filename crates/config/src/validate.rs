@@ -4,7 +4,7 @@
 use crate::{Config, ConfigIssue, SinkTarget, SourceKind};
 use std::collections::HashSet;
 
-pub(crate) fn validate(config: &Config, file: &str) -> Vec<ConfigIssue> {
+pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> Vec<ConfigIssue> {
     let mut issues = Vec::new();
     let mut report = |path: String, message: String| {
         issues.push(ConfigIssue {
@@ -27,7 +27,7 @@ pub(crate) fn validate(config: &Config, file: &str) -> Vec<ConfigIssue> {
             ),
         );
     }
-    if config.pipelines.is_empty() {
+    if require_pipelines && config.pipelines.is_empty() {
         report(
             "pipelines".into(),
             "at least one pipeline is required".into(),

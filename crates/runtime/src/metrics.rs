@@ -15,6 +15,8 @@ pub mod names {
     pub const SOURCE_EVENTS: &str = "tidelink_source_events_total";
     /// Seconds between a transaction's commit and Kafka acknowledging its last change.
     pub const SOURCE_LAG: &str = "tidelink_source_lag_seconds";
+    /// WAL the source's replication slot keeps on the server (current LSN minus restart_lsn).
+    pub const SOURCE_RETAINED_WAL: &str = "tidelink_source_retained_wal_bytes";
     /// Changes acknowledged by Kafka.
     pub const KAFKA_PRODUCED_EVENTS: &str = "tidelink_kafka_produced_events_total";
     /// Kafka produce latency (enqueue to acknowledgement).
@@ -44,6 +46,7 @@ pub mod names {
     pub const ALL: &[&str] = &[
         SOURCE_EVENTS,
         SOURCE_LAG,
+        SOURCE_RETAINED_WAL,
         KAFKA_PRODUCED_EVENTS,
         KAFKA_PRODUCE_LATENCY,
         SINK_APPLIED_ROWS,
@@ -68,6 +71,8 @@ pub struct Metrics {
     pub source_events: IntCounterVec,
     /// See [`names::SOURCE_LAG`].
     pub source_lag: GaugeVec,
+    /// See [`names::SOURCE_RETAINED_WAL`].
+    pub source_retained_wal: GaugeVec,
     /// See [`names::KAFKA_PRODUCED_EVENTS`].
     pub kafka_produced: IntCounterVec,
     /// See [`names::KAFKA_PRODUCE_LATENCY`].
@@ -169,6 +174,12 @@ impl Metrics {
                 &registry,
                 SOURCE_LAG,
                 "Commit to Kafka acknowledgement of the newest confirmed transaction",
+                &["pipeline"],
+            ),
+            source_retained_wal: gauge(
+                &registry,
+                SOURCE_RETAINED_WAL,
+                "WAL the replication slot keeps on the source server",
                 &["pipeline"],
             ),
             kafka_produced: counter(

@@ -138,6 +138,15 @@ async fn run_source(
     let settings = source_settings(&pipeline)?;
     let producer = EventProducer::new(&pipeline.kafka)?;
     metrics.set_ready(&name, "source", false);
+    // The slot's retained WAL is watched even while the source cannot stream: that is when
+    // it grows.
+    let watcher = tokio::spawn(watch_retained_wal(
+        settings.dsn.clone(),
+        settings.slot.clone(),
+        name.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let mut attempt = 0;
     while !shutdown.is_triggered() {
         let result = async {
@@ -186,9 +195,36 @@ async fn run_source(
             }
         }
     }
+    watcher.abort();
     producer.flush(Duration::from_secs(10))?;
     tracing::info!(pipeline = %name, "source stopped");
     Ok(())
+}
+
+/// Samples the slot's retained WAL every 10 s into `tidelink_source_retained_wal_bytes`.
+async fn watch_retained_wal(
+    dsn: String,
+    slot: String,
+    pipeline: String,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
+    let gauge = metrics.source_retained_wal.with_label_values(&[&pipeline]);
+    loop {
+        match tidelink_postgres::source::slot_status(&dsn, &slot).await {
+            Ok(status) => {
+                if let Some(bytes) = status.retained_wal_bytes {
+                    gauge.set(bytes as f64);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pipeline = %pipeline, error = %e, "cannot read the slot's retained WAL")
+            }
+        }
+        if !shutdown.sleep(Duration::from_secs(10)).await {
+            return;
+        }
+    }
 }
 
 async fn run_sink(

@@ -101,6 +101,10 @@ fn registered_series_match_the_name_list() {
         .with_label_values(&["p", "t", "insert"])
         .inc();
     metrics.source_lag.with_label_values(&["p"]).set(0.0);
+    metrics
+        .source_retained_wal
+        .with_label_values(&["p"])
+        .set(0.0);
     metrics.kafka_produced.with_label_values(&["p"]).inc();
     metrics
         .kafka_produce_latency

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Run the pipelines of a configuration file until SIGINT or SIGTERM.
     Run {
-        /// Pipeline configuration (YAML).
+        /// Pipeline configuration: a YAML file, or a directory of them.
         #[arg(short, long)]
         config: PathBuf,
         /// Run only this pipeline.
@@ -39,7 +39,7 @@ enum Command {
     /// Show where each pipeline stands: slot position and retained WAL, per-partition
     /// consumer lag, last apply, dead letters.
     Status {
-        /// Pipeline configuration (YAML).
+        /// Pipeline configuration: a YAML file, or a directory of them.
         #[arg(short, long)]
         config: PathBuf,
         /// Only this pipeline.
@@ -51,7 +51,7 @@ enum Command {
     },
     /// Check a configuration file and report every problem with its location.
     Validate {
-        /// Pipeline configuration (YAML).
+        /// Pipeline configuration: a YAML file, or a directory of them.
         #[arg(short, long)]
         config: PathBuf,
     },
