@@ -584,3 +584,56 @@ async fn sigterm_mid_workload_exits_cleanly_and_a_restart_applies_everything_onc
     );
     assert_eq!(recorded, p.messages_in_topics(WORKLOAD_TOPICS));
 }
+
+/// Two pipelines in one process: one source has wal_level=replica. That pipeline reports
+/// and retries; the other keeps streaming; the process stays up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_pipeline_does_not_stop_the_others() {
+    let p = PgPipeline::start("CREATE TABLE items (id int PRIMARY KEY, name text)").await;
+    let broken = PgCluster::start_with_wal_level("replica");
+    broken.create_database("app").await;
+    broken
+        .client("app")
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .expect("schema");
+    let config = p.write_config("two.yaml", "");
+    let mut yaml = std::fs::read_to_string(&config).expect("config");
+    yaml.push_str(&format!(
+        "  - name: broken\n    source:\n      postgres:\n        dsn: {}\n        tables: [public.*]\n    kafka:\n      brokers: {}\n      topic_prefix: broken\n",
+        broken.dsn("app"),
+        p.bootstrap
+    ));
+    std::fs::write(&config, yaml).expect("write");
+    let mut daemon = p.run(&config, &[], "two.log");
+    let source = p.source.client("app").await;
+    tidelink_integration_tests::wait_until(
+        Duration::from_secs(60),
+        "the healthy pipeline streams",
+        || async {
+            http_get(p.metrics_port, "/metrics").await.is_some_and(|m| {
+                m.contains("tidelink_component_up{component=\"source\",pipeline=\"it\"} 1")
+            })
+        },
+    )
+    .await;
+    source
+        .batch_execute("INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 500) g")
+        .await
+        .expect("insert");
+    p.wait_in_sync(&[("items", "id")], CATCH_UP).await;
+    assert!(
+        daemon.wait(Duration::from_millis(200)).is_none(),
+        "the process keeps running"
+    );
+    let output = daemon.output();
+    assert!(
+        output.contains("wal_level is `replica`"),
+        "the broken pipeline reports:\n{output}"
+    );
+    assert!(
+        output.contains("the other pipelines keep running"),
+        "and is retried:\n{output}"
+    );
+}

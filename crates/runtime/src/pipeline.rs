@@ -1,10 +1,15 @@
 //! Runs the pipelines of a configuration: per pipeline, its source (publisher) and one
 //! worker per sink, each retried with backoff on transient errors. A permanent error stops
-//! that pipeline's components and is reported; other pipelines keep running.
+//! that pipeline's components and is reported; while other pipelines still run, the failed
+//! one is retried with a long backoff (a fix on the server side, such as a granted
+//! privilege, then takes effect without a restart). When every pipeline has failed, the
+//! process stops with the first error.
 
 use crate::publisher::{backoff, publish};
 use crate::sink_worker::{run_worker, WorkerContext};
 use crate::{Metrics, Shutdown};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SourceKind};
 use tidelink_core::TidelinkError;
@@ -25,8 +30,8 @@ pub enum Role {
     Sink,
 }
 
-/// Runs every selected pipeline until shutdown. Returns the first permanent error, after
-/// all components stopped.
+/// Runs every selected pipeline until shutdown. Returns the first permanent error once
+/// every pipeline has failed (and all components stopped).
 pub async fn run_pipelines(
     config: &Config,
     only: Option<&str>,
@@ -34,16 +39,24 @@ pub async fn run_pipelines(
     metrics: Metrics,
     shutdown: Shutdown,
 ) -> Result<(), TidelinkError> {
+    let selected: Vec<&PipelineConfig> = config
+        .pipelines
+        .iter()
+        .filter(|p| only.is_none_or(|name| name == p.name))
+        .collect();
+    let health = Arc::new(Health {
+        total: selected.len(),
+        failed: AtomicUsize::new(0),
+        all_failed: Shutdown::new(),
+    });
     let mut pipelines = JoinSet::new();
-    for pipeline in &config.pipelines {
-        if only.is_some_and(|name| name != pipeline.name) {
-            continue;
-        }
-        pipelines.spawn(run_pipeline(
+    for pipeline in selected {
+        pipelines.spawn(supervise(
             pipeline.clone(),
             role,
             metrics.clone(),
             shutdown.clone(),
+            health.clone(),
         ));
     }
     if pipelines.is_empty() {
@@ -64,6 +77,60 @@ pub async fn run_pipelines(
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// How many pipelines are currently failed, to tell "one of several failed" (retry it)
+/// from "all failed" (stop).
+struct Health {
+    total: usize,
+    failed: AtomicUsize,
+    all_failed: Shutdown,
+}
+
+async fn supervise(
+    pipeline: PipelineConfig,
+    role: Role,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    health: Arc<Health>,
+) -> Result<(), TidelinkError> {
+    let mut attempt = 0;
+    loop {
+        let stop = Shutdown::new();
+        {
+            let (global, all_failed, stop) =
+                (shutdown.clone(), health.all_failed.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = global.wait() => {}
+                    _ = all_failed.wait() => {}
+                }
+                stop.trigger();
+            });
+        }
+        let error = match run_pipeline(pipeline.clone(), role, metrics.clone(), stop.clone()).await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let failed = health.failed.fetch_add(1, Ordering::SeqCst) + 1;
+        if failed >= health.total || shutdown.is_triggered() || health.all_failed.is_triggered() {
+            health.all_failed.trigger();
+            return Err(error);
+        }
+        attempt += 1;
+        let wait = Duration::from_secs((30u64 << attempt.min(4)).min(300));
+        tracing::error!(pipeline = %pipeline.name, error = %error, retry_in_s = wait.as_secs(),
+            "pipeline failed; the other pipelines keep running and this one is retried");
+        let resumed = tokio::select! {
+            ok = shutdown.sleep(wait) => ok,
+            _ = health.all_failed.wait() => false,
+        };
+        health.failed.fetch_sub(1, Ordering::SeqCst);
+        if !resumed {
+            return Err(error);
+        }
+    }
 }
 
 async fn run_pipeline(
