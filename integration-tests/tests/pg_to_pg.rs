@@ -394,30 +394,7 @@ async fn unchanged_toasted_values_keep_their_value_in_the_target() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_with_wal_level_replica_fails_with_a_clear_error() {
     let source = PgCluster::start_with_wal_level("replica");
-    source.create_database("app").await;
-    source
-        .client("app")
-        .await
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .expect("schema");
-    let work = tempfile::tempdir().expect("work");
-    let config = work.path().join("replica.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "metrics:\n  enabled: false\npipelines:\n  - name: wal\n    source:\n      postgres:\n        dsn: {}\n        tables: [public.*]\n    kafka:\n      brokers: 127.0.0.1:1\n      topic_prefix: wal\n",
-            source.dsn("app")
-        ),
-    )
-    .expect("config");
-    let config = config.display().to_string();
-    let mut daemon = Daemon::start(&["run", "-c", &config], &work.path().join("out.log"));
-    let status = daemon
-        .wait(Duration::from_secs(30))
-        .expect("tidelink exits on its own");
-    assert!(!status.success(), "exit code must be non-zero");
-    let output = daemon.output();
+    let output = run_against_broken_source(&source, "CREATE TABLE t (id int PRIMARY KEY)").await;
     assert!(
         output.contains("wal_level is `replica`"),
         "error names the setting:\n{output}"
@@ -512,33 +489,12 @@ async fn heartbeats_advance_the_slot_while_the_watched_tables_are_idle() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_without_a_primary_key_is_refused_by_name() {
     let source = PgCluster::start();
-    source.create_database("app").await;
-    source
-        .client("app")
-        .await
-        .batch_execute(
-            "CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE loose (a int, b text);
-             CREATE TABLE full_row (a int); ALTER TABLE full_row REPLICA IDENTITY FULL;",
-        )
-        .await
-        .expect("schema");
-    let work = tempfile::tempdir().expect("work");
-    let config = work.path().join("nokey.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "metrics:\n  enabled: false\npipelines:\n  - name: nokey\n    source:\n      postgres:\n        dsn: {}\n        tables: [public.*]\n    kafka:\n      brokers: 127.0.0.1:1\n      topic_prefix: nokey\n",
-            source.dsn("app")
-        ),
+    let output = run_against_broken_source(
+        &source,
+        "CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE loose (a int, b text);
+         CREATE TABLE full_row (a int); ALTER TABLE full_row REPLICA IDENTITY FULL;",
     )
-    .expect("config");
-    let config = config.display().to_string();
-    let mut daemon = Daemon::start(&["run", "-c", &config], &work.path().join("out.log"));
-    let status = daemon
-        .wait(Duration::from_secs(30))
-        .expect("tidelink exits on its own");
-    assert!(!status.success());
-    let output = daemon.output();
+    .await;
     assert!(
         output.contains("table public.loose has no primary key"),
         "names the table:\n{output}"
@@ -636,4 +592,34 @@ async fn a_failing_pipeline_does_not_stop_the_others() {
         output.contains("the other pipelines keep running"),
         "and is retried:\n{output}"
     );
+}
+
+/// Creates `schema_sql` in database `app` of `source`, runs `tidelink run` against it (no
+/// broker needed: preflight fails first), asserts it exits non-zero on its own and returns
+/// what it printed.
+async fn run_against_broken_source(source: &PgCluster, schema_sql: &str) -> String {
+    source.create_database("app").await;
+    source
+        .client("app")
+        .await
+        .batch_execute(schema_sql)
+        .await
+        .expect("schema");
+    let work = tempfile::tempdir().expect("work");
+    let config = work.path().join("broken.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  enabled: false\npipelines:\n  - name: broken\n    source:\n      postgres:\n        dsn: {}\n        tables: [public.*]\n    kafka:\n      brokers: 127.0.0.1:1\n      topic_prefix: broken\n",
+            source.dsn("app")
+        ),
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let mut daemon = Daemon::start(&["run", "-c", &config], &work.path().join("out.log"));
+    let status = daemon
+        .wait(Duration::from_secs(30))
+        .expect("tidelink exits on its own");
+    assert!(!status.success(), "exit code must be non-zero");
+    daemon.output()
 }

@@ -240,32 +240,48 @@ async fn run_source(
             result
         }
         .await;
-        match result {
-            Ok(()) => {}
-            Err(e) if e.is_transient() => {
-                metrics
-                    .errors
-                    .with_label_values(&[&name, "source", "transient"])
-                    .inc();
-                attempt += 1;
-                tracing::warn!(pipeline = %name, error = %e, attempt, "source failed; retrying");
-                if !backoff(attempt, &shutdown).await {
-                    break;
-                }
-            }
-            Err(e) => {
-                metrics
-                    .errors
-                    .with_label_values(&[&name, "source", "permanent"])
-                    .inc();
-                return Err(e.context(format!("pipeline {name}")));
-            }
+        match after_run(result, &metrics, &name, "source", &mut attempt, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(e.context(format!("pipeline {name}"))),
         }
     }
     watcher.abort();
     producer.flush(Duration::from_secs(10))?;
     tracing::info!(pipeline = %name, "source stopped");
     Ok(())
+}
+
+/// Counts and logs the outcome of one run of a component. A transient failure is retried
+/// after backoff (`Ok(true)`: run again; `Ok(false)`: stop was asked for meanwhile); a
+/// permanent one ends the component.
+async fn after_run(
+    result: Result<(), TidelinkError>,
+    metrics: &Metrics,
+    pipeline: &str,
+    component: &str,
+    attempt: &mut u32,
+    shutdown: &Shutdown,
+) -> Result<bool, TidelinkError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_transient() => {
+            metrics
+                .errors
+                .with_label_values(&[pipeline, component, "transient"])
+                .inc();
+            *attempt += 1;
+            tracing::warn!(%pipeline, %component, error = %e, attempt = *attempt, "failed; retrying");
+            Ok(backoff(*attempt, shutdown).await)
+        }
+        Err(e) => {
+            metrics
+                .errors
+                .with_label_values(&[pipeline, component, "permanent"])
+                .inc();
+            Err(e)
+        }
+    }
 }
 
 /// Samples the slot's retained WAL every 10 s into `tidelink_source_retained_wal_bytes`.
@@ -334,26 +350,10 @@ async fn run_sink(
             run_worker(ctx, apply, offsets).await
         }
         .await;
-        match result {
-            Ok(()) => {}
-            Err(e) if e.is_transient() => {
-                metrics
-                    .errors
-                    .with_label_values(&[&name, &component, "transient"])
-                    .inc();
-                attempt += 1;
-                tracing::warn!(pipeline = %name, sink = %sink.name, error = %e, attempt, "sink worker failed; retrying");
-                if !backoff(attempt, &shutdown).await {
-                    break;
-                }
-            }
-            Err(e) => {
-                metrics
-                    .errors
-                    .with_label_values(&[&name, &component, "permanent"])
-                    .inc();
-                return Err(e.context(format!("pipeline {name}, sink {}", sink.name)));
-            }
+        match after_run(result, &metrics, &name, &component, &mut attempt, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(e.context(format!("pipeline {name}, sink {}", sink.name))),
         }
     }
     tracing::info!(pipeline = %name, sink = %sink.name, "sink worker stopped");

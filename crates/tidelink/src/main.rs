@@ -108,22 +108,13 @@ fn main() -> ExitCode {
             pipeline,
             json,
         } => {
-            let parsed = match tidelink_config::load_file(&config) {
+            let parsed = match load_config(&config) {
                 Ok(parsed) => parsed,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match async_runtime() {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(tidelink_runtime::status::collect(
                 &parsed,
@@ -155,27 +146,18 @@ fn main() -> ExitCode {
             role,
             shutdown_timeout,
         } => {
-            let parsed = match tidelink_config::load_file(&config) {
+            let parsed = match load_config(&config) {
                 Ok(parsed) => parsed,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let role = match role {
                 RoleArg::All => Role::All,
                 RoleArg::Source => Role::Source,
                 RoleArg::Sink => Role::Sink,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match async_runtime() {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(run(
                 parsed,
@@ -192,6 +174,25 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Loads and validates the configuration; on failure prints every problem and gives exit
+/// code 2.
+fn load_config(path: &std::path::Path) -> Result<tidelink_config::Config, ExitCode> {
+    tidelink_config::load_file(path).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 async fn run(
