@@ -7,6 +7,12 @@ use tidelink_core::TidelinkError;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
+/// Session settings that fix how values render as text. The replication stream and the
+/// backfill reader both use them, so the same row always encodes to the same JSON (and the
+/// same key to the same Kafka partition).
+pub const VALUE_FORMAT_OPTIONS: &str =
+    "-c datestyle=ISO,MDY -c intervalstyle=postgres -c timezone=UTC -c extra_float_digits=1";
+
 /// Parses a DSN (URL or key-value form).
 pub fn parse_dsn(dsn: &str) -> Result<Config, TidelinkError> {
     dsn.parse::<Config>().map_err(|e| {
@@ -19,11 +25,20 @@ pub fn parse_dsn(dsn: &str) -> Result<Config, TidelinkError> {
 
 /// Opens a regular (non-replication) connection; the connection task runs in the background.
 pub async fn connect(dsn: &str, purpose: &str) -> Result<Client, TidelinkError> {
+    connect_with_options(dsn, purpose, "").await
+}
+
+/// Like [`connect`], with extra `-c name=value` session settings.
+pub async fn connect_with_options(
+    dsn: &str,
+    purpose: &str,
+    extra: &str,
+) -> Result<Client, TidelinkError> {
     let mut config = parse_dsn(dsn)?;
     config.application_name(format!("tidelink {purpose}"));
     // NOTICEs ("relation already exists, skipping") are noise in tidelink's logs.
     let options = format!(
-        "{} -c client_min_messages=warning",
+        "{} -c client_min_messages=warning {extra}",
         config.get_options().unwrap_or("")
     );
     config.options(options.trim());

@@ -2,6 +2,7 @@
 //! decoding), the sink that applies batches with their Kafka offsets in one transaction,
 //! and the preflight checks that run before either starts.
 
+pub mod backfill;
 mod catalog;
 pub mod connection;
 pub mod sink;

@@ -67,6 +67,9 @@ type KeyedRow<'a> = (&'a Row, &'a Row);
 
 enum Pending {
     Upsert(Row),
+    /// A backfill read: written only where the target has no row with this key, so a
+    /// change the stream applied first is never overwritten by an older snapshot.
+    InsertIfAbsent(Row),
     Delete,
 }
 
@@ -307,18 +310,22 @@ impl PgSink {
             .target_table(batch.table, batch.source_columns.as_deref())
             .await?;
         let mut deletes: Vec<&Row> = Vec::new();
-        let mut upserts: HashMap<Vec<String>, Vec<KeyedRow<'_>>> = HashMap::new();
+        let mut upserts: HashMap<(Vec<String>, bool), Vec<KeyedRow<'_>>> = HashMap::new();
         for k in &batch.order {
             let (key, pending) = &batch.pending[k];
             match pending {
                 Pending::Delete => deletes.push(key),
-                Pending::Upsert(row) => {
+                Pending::Upsert(row) | Pending::InsertIfAbsent(row) => {
+                    let if_absent = matches!(pending, Pending::InsertIfAbsent(_));
                     let columns: Vec<String> = row
                         .iter()
                         .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
                         .map(|(c, _)| c.clone())
                         .collect();
-                    upserts.entry(columns).or_default().push((key, row));
+                    upserts
+                        .entry((columns, if_absent))
+                        .or_default()
+                        .push((key, row));
                 }
             }
         }
@@ -337,9 +344,10 @@ impl PgSink {
             self.execute(sql, &params, &format!("deleting from {}", batch.table))
                 .await?;
         }
-        let mut groups: Vec<(Vec<String>, Vec<KeyedRow<'_>>)> = upserts.into_iter().collect();
+        let mut groups: Vec<((Vec<String>, bool), Vec<KeyedRow<'_>>)> =
+            upserts.into_iter().collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
-        for (columns, rows) in groups {
+        for ((columns, if_absent), rows) in groups {
             let key_columns: Vec<String> = rows[0].0.keys().cloned().collect();
             let params =
                 column_params(&target, batch.table, &columns, rows.iter().map(|(_, r)| *r))?;
@@ -347,7 +355,7 @@ impl PgSink {
                 .iter()
                 .filter(|c| !key_columns.contains(c))
                 .collect();
-            let conflict = if updates.is_empty() {
+            let conflict = if updates.is_empty() || if_absent {
                 "DO NOTHING".to_string()
             } else {
                 format!(
@@ -496,6 +504,13 @@ fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
         let key_text = serde_json::Value::Object(change.key.clone()).to_string();
         let next = match (change.op, &change.after) {
             (Op::Delete, _) => Pending::Delete,
+            (Op::Read, Some(after)) => match batch.pending.get(&key_text) {
+                // A streamed change in this batch is newer than any snapshot of the row.
+                Some((_, Pending::Upsert(_))) => continue,
+                // Deleted and read again: the read is the row's state now.
+                Some((_, Pending::Delete)) => Pending::Upsert(after.clone()),
+                _ => Pending::InsertIfAbsent(after.clone()),
+            },
             (_, Some(after)) => {
                 let mut row = after.clone();
                 if let Some((_, Pending::Upsert(previous))) = batch.pending.get(&key_text) {

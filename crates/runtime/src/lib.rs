@@ -2,6 +2,7 @@
 //! source positions only behind Kafka's acknowledgements, the sink workers that replay
 //! topics into targets with exactly-once effect, the metrics endpoint, and shutdown.
 
+pub mod backfill;
 pub mod metrics;
 pub mod pipeline;
 pub mod publisher;

@@ -151,7 +151,7 @@ async fn acknowledge<P: Copy + std::fmt::Display>(
 /// Publishes a table's column definitions to `<prefix>.schemas` when they differ from what
 /// this run published last, and waits for Kafka's acknowledgement, so any sink that reads a
 /// change of the table can also find its definitions. Happens once per table and DDL.
-async fn publish_definitions(
+pub(crate) async fn publish_definitions(
     producer: &EventProducer,
     kafka: &KafkaConfig,
     published: &mut HashMap<TableId, Arc<TableColumns>>,

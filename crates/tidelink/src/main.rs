@@ -36,6 +36,26 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         shutdown_timeout: u64,
     },
+    /// Copy the rows tables already hold through Kafka (as `op: "r"` events) to every sink
+    /// of a pipeline, while it streams. Resumable: rerun the same command after a stop.
+    Backfill {
+        /// Pipeline configuration: a YAML file, or a directory of them.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The pipeline whose tables to copy.
+        #[arg(long)]
+        pipeline: String,
+        /// Only these tables (schema.table; repeat the flag); default: every table the
+        /// pipeline captures.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 5000)]
+        chunk_size: usize,
+        /// Copy tables again that an earlier run finished.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Show where each pipeline stands: slot position and retained WAL, per-partition
     /// consumer lag, last apply, dead letters.
     Status {
@@ -103,6 +123,61 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Backfill {
+            config,
+            pipeline,
+            tables,
+            chunk_size,
+            restart,
+        } => {
+            let parsed = match load_config(&config) {
+                Ok(parsed) => parsed,
+                Err(code) => return code,
+            };
+            let Some(pipeline) = parsed.pipelines.iter().find(|p| p.name == pipeline) else {
+                eprintln!(
+                    "error: no pipeline named `{pipeline}` in {}",
+                    config.display()
+                );
+                return ExitCode::from(2);
+            };
+            let runtime = match async_runtime() {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            let options = tidelink_runtime::backfill::BackfillOptions {
+                tables,
+                chunk_size: chunk_size.max(1),
+                restart,
+            };
+            let result = runtime.block_on(async {
+                let shutdown = Shutdown::new();
+                let signals = {
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        wait_for_signal().await;
+                        tracing::info!("stop requested: finishing the current chunk");
+                        shutdown.trigger();
+                    })
+                };
+                let result =
+                    tidelink_runtime::backfill::backfill(pipeline, &options, &shutdown).await;
+                signals.abort();
+                result
+            });
+            match result {
+                Ok(report) => {
+                    for (table, rows) in report {
+                        println!("{table}: {rows} rows");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status {
             config,
             pipeline,

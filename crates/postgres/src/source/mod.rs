@@ -456,9 +456,7 @@ async fn open_stream(
     .with_port(port)
     .with_tls(tls)
     // Pin the text forms of values so every source renders them identically.
-    .with_options(
-        "-c datestyle=ISO,MDY -c intervalstyle=postgres -c timezone=UTC -c extra_float_digits=1",
-    )
+    .with_options(connection::VALUE_FORMAT_OPTIONS)
     .with_status_interval(settings.status_interval)
     .with_wakeup_interval(settings.status_interval)
     .with_application_name(format!("tidelink {}", settings.pipeline));

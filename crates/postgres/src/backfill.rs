@@ -1,0 +1,232 @@
+//! Reading existing rows for a backfill: keyset pagination by primary key, one short
+//! statement per chunk (no lock beyond the chunk's read), values rendered by the types'
+//! output functions so every value — and every key, hence every Kafka partition — is
+//! byte-for-byte what the replication stream produces for the same row.
+
+use crate::catalog::Catalog;
+use crate::connection::{
+    classify, connect, connect_with_options, quote_ident, quote_table, VALUE_FORMAT_OPTIONS,
+};
+use crate::types::{text_to_json, ValueKind};
+use std::sync::Arc;
+use tidelink_core::{ColumnDefinition, Row, TableColumns, TableId, TidelinkError};
+use tokio_postgres::SimpleQueryMessage;
+
+/// A table being backfilled.
+pub struct TableReader {
+    client: tokio_postgres::Client,
+    /// The table.
+    pub table: TableId,
+    columns: Vec<(String, ValueKind)>,
+    /// Indexes of the primary-key columns, in key order.
+    key: Vec<usize>,
+    /// SQL type of each key column, for literals.
+    key_types: Vec<String>,
+    /// Column definitions, as the stream publishes them.
+    pub definitions: Arc<TableColumns>,
+    /// The planner's row estimate, for progress.
+    pub estimated_rows: i64,
+}
+
+/// The tables a pipeline's publication covers.
+pub async fn published_tables(dsn: &str, publication: &str) -> Result<Vec<TableId>, TidelinkError> {
+    let client = connect(dsn, "backfill").await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading publications"))?;
+    if exists.is_none() {
+        return Err(TidelinkError::permanent(format!(
+            "publication {publication} does not exist yet: start the pipeline once (`tidelink run`), \
+             which creates it, or name the tables with --table"
+        )));
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading the publication's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+impl TableReader {
+    /// Describes the table; refuses one without a primary key.
+    pub async fn open(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
+        let client = connect_with_options(dsn, "backfill", VALUE_FORMAT_OPTIONS).await?;
+        let mut catalog = Catalog::connect(dsn).await?;
+        let oid: Option<u32> = client
+            .query_one(
+                "SELECT to_regclass($1)::oid",
+                &[&quote_table(&table.schema, &table.name)],
+            )
+            .await
+            .map_err(|e| classify(&e).context(format!("looking up {table}")))?
+            .get(0);
+        let oid = oid.ok_or_else(|| {
+            TidelinkError::permanent(format!("table {table} does not exist in the source"))
+        })?;
+        let rows = client
+            .query(
+                "SELECT attname::text, atttypid, format_type(atttypid, NULL) FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| classify(&e).context(format!("reading the columns of {table}")))?;
+        let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
+        catalog.load_types(&oids).await?;
+        let columns: Vec<(String, ValueKind)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), catalog.classify(r.get(1))))
+            .collect();
+        let primary_key = catalog.primary_key(oid).await?;
+        if primary_key.is_empty() {
+            return Err(TidelinkError::permanent(format!(
+                "table {table} has no primary key: a backfill pages through rows by key, so it needs one"
+            )));
+        }
+        let key: Vec<usize> = primary_key
+            .iter()
+            .filter_map(|k| columns.iter().position(|(name, _)| name == k))
+            .collect();
+        let key_types = key.iter().map(|&i| rows[i].get::<_, String>(2)).collect();
+        let definitions = catalog
+            .column_definitions(oid)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, sql_type, not_null))| ColumnDefinition {
+                name,
+                sql_type,
+                key: key.contains(&i),
+                not_null,
+            })
+            .collect();
+        let estimated_rows: f32 = client
+            .query_one(
+                "SELECT greatest(reltuples, 0)::float4 FROM pg_class WHERE oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| classify(&e).context(format!("estimating the size of {table}")))?
+            .get(0);
+        Ok(Self {
+            client,
+            table: table.clone(),
+            columns,
+            key,
+            key_types,
+            definitions: Arc::new(TableColumns::new(definitions)),
+            estimated_rows: estimated_rows as i64,
+        })
+    }
+
+    fn key_list(&self) -> String {
+        self.key
+            .iter()
+            .map(|&i| quote_ident(&self.columns[i].0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn key_literal(&self, key: &[String]) -> String {
+        key.iter()
+            .zip(&self.key_types)
+            .map(|(value, sql_type)| format!("'{}'::{sql_type}", value.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Up to `limit` rows after `after` (key values in text form), in key order: each row's
+    /// key, its full image, and its key in text form for the next call.
+    pub async fn chunk(
+        &self,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+        let columns = self
+            .columns
+            .iter()
+            .map(|(name, _)| quote_ident(name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let keys = self.key_list();
+        let filter = match after {
+            Some(after) => format!("WHERE ({keys}) > ({})", self.key_literal(after)),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}",
+            quote_table(&self.table.schema, &self.table.name)
+        );
+        let messages = self
+            .client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| classify(&e).context(format!("reading a chunk of {}", self.table)))?;
+        let mut out = Vec::new();
+        for message in messages {
+            if let SimpleQueryMessage::Row(row) = message {
+                let mut image = Row::new();
+                for (i, (name, kind)) in self.columns.iter().enumerate() {
+                    let value = row
+                        .get(i)
+                        .map(|text| text_to_json(text, kind))
+                        .unwrap_or(serde_json::Value::Null);
+                    image.insert(name.clone(), value);
+                }
+                let mut key = Row::new();
+                let mut key_text = Vec::with_capacity(self.key.len());
+                for &i in &self.key {
+                    let name = &self.columns[i].0;
+                    key.insert(name.clone(), image[name].clone());
+                    key_text.push(row.get(i).unwrap_or_default().to_string());
+                }
+                out.push((key, image, key_text));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which of these keys (text form) still exist.
+    pub async fn existing(&self, keys: &[Vec<String>]) -> Result<Vec<bool>, TidelinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = keys
+            .iter()
+            .map(|k| format!("({})", self.key_literal(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {} FROM {} WHERE ({}) IN ({list})",
+            // Rendered by the output functions, exactly as `chunk` renders them (a `::text`
+            // cast would trim char(n) padding and make present keys look deleted).
+            self.key_list(),
+            quote_table(&self.table.schema, &self.table.name),
+            self.key_list()
+        );
+        let messages =
+            self.client.simple_query(&sql).await.map_err(|e| {
+                classify(&e).context(format!("re-checking a chunk of {}", self.table))
+            })?;
+        let mut found = std::collections::HashSet::new();
+        for message in messages {
+            if let SimpleQueryMessage::Row(row) = message {
+                let key: Vec<String> = (0..self.key.len())
+                    .map(|i| row.get(i).unwrap_or_default().to_string())
+                    .collect();
+                found.insert(key);
+            }
+        }
+        Ok(keys.iter().map(|k| found.contains(k)).collect())
+    }
+}

@@ -1,0 +1,262 @@
+//! `tidelink backfill`: copies the rows a table already holds through Kafka as `op: "r"`
+//! events, so every sink of the pipeline receives them, while the stream keeps flowing.
+//!
+//! # Why the result is right while the stream runs
+//! Rows are read in primary-key chunks, each by one short statement. Their keys are encoded
+//! exactly like the stream's, so a row's snapshot and its streamed changes share a
+//! partition. Sinks apply a snapshot row only where the target has no row with its key:
+//! whatever the stream applied first wins, and a change committed after the chunk was read
+//! reaches Kafka after the chunk (it is decoded after it commits, the chunk was acknowledged
+//! before) and overwrites it. The one race left is a row deleted after its chunk was read
+//! but streamed before the chunk landed — the snapshot would bring it back. So once a
+//! chunk is acknowledged its keys are looked up again, and each key gone by then gets a
+//! delete event after the chunk.
+//!
+//! # Resuming
+//! After each chunk the last key is recorded in the compacted topic `<prefix>.backfill`
+//! (keyed by table). A rerun of the same command continues after it and skips finished
+//! tables (`--restart` copies them again).
+
+use crate::publisher::{now_ms, publish_definitions};
+use crate::Shutdown;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tidelink_config::{PipelineConfig, SourceKind};
+use tidelink_core::{ChangeEvent, Op, SourceInfo, TableId, TidelinkError};
+use tidelink_kafka::topics::table_topic;
+use tidelink_kafka::{admin, encode_change, EventProducer};
+use tidelink_postgres::backfill::{published_tables, TableReader};
+
+/// What to copy and how.
+#[derive(Debug, Clone)]
+pub struct BackfillOptions {
+    /// Tables as `schema.table`; empty means every table of the pipeline's publication.
+    pub tables: Vec<String>,
+    /// Rows per chunk.
+    pub chunk_size: usize,
+    /// Copy tables again even if a previous run finished them.
+    pub restart: bool,
+}
+
+/// Progress of one table, as recorded after each chunk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct TableProgress {
+    /// Key (text form) of the last row copied.
+    after: Option<Vec<String>>,
+    /// Rows copied so far.
+    rows: u64,
+    /// The table is finished.
+    done: bool,
+}
+
+/// The compacted topic recording backfill progress.
+pub fn progress_topic(prefix: &str) -> String {
+    format!("{prefix}.backfill")
+}
+
+/// Runs a backfill of a pipeline's tables; returns rows copied per table.
+pub async fn backfill(
+    pipeline: &PipelineConfig,
+    options: &BackfillOptions,
+    shutdown: &Shutdown,
+) -> Result<Vec<(TableId, u64)>, TidelinkError> {
+    let Some(SourceKind::Postgres(pg)) = pipeline.source.kind() else {
+        return Err(TidelinkError::permanent(format!(
+            "pipeline {}: no source configured",
+            pipeline.name
+        )));
+    };
+    let tables = if options.tables.is_empty() {
+        published_tables(&pg.dsn, &pg.publication_name(&pipeline.name)).await?
+    } else {
+        options
+            .tables
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((schema, name)) if !schema.is_empty() && !name.is_empty() => {
+                    Ok(TableId::new(schema, name))
+                }
+                _ => Err(TidelinkError::permanent(format!(
+                    "--table {t}: write it schema.table"
+                ))),
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let kafka = &pipeline.kafka;
+    let producer = EventProducer::new(kafka)?;
+    let progress_topic = progress_topic(&kafka.topic_prefix);
+    admin::ensure_compacted_topic(kafka, &progress_topic).await?;
+    let recorded: HashMap<String, Vec<u8>> =
+        admin::read_latest_by_key(kafka, &progress_topic).await?;
+    let database = tidelink_postgres::connection::parse_dsn(&pg.dsn)?
+        .get_dbname()
+        .unwrap_or("postgres")
+        .to_string();
+    let mut definitions = HashMap::new();
+    let mut report = Vec::new();
+    for table in tables {
+        let mut progress: TableProgress = recorded
+            .get(&table.to_string())
+            .and_then(|bytes| serde_json::from_slice(bytes).ok())
+            .unwrap_or_default();
+        if options.restart {
+            progress = TableProgress::default();
+        }
+        if progress.done {
+            tracing::info!(%table, rows = progress.rows, "already backfilled by an earlier run; skipping (--restart copies it again)");
+            report.push((table, progress.rows));
+            continue;
+        }
+        if progress.rows > 0 {
+            tracing::info!(%table, rows_done = progress.rows, "resuming after the last completed chunk");
+        }
+        let reader = TableReader::open(&pg.dsn, &table).await?;
+        let topic = table_topic(&kafka.topic_prefix, &table.schema, &table.name);
+        admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
+        publish_definitions(
+            &producer,
+            kafka,
+            &mut definitions,
+            &table,
+            &reader.definitions,
+        )
+        .await?;
+        let source = |op_ts: i64| SourceInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            connector: "postgresql".into(),
+            name: pipeline.name.clone(),
+            ts_ms: op_ts,
+            snapshot: "true".into(),
+            db: database.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            tx_id: None,
+            lsn: None,
+        };
+        let started = Instant::now();
+        let rows_at_start = progress.rows;
+        let mut last_report = Instant::now();
+        loop {
+            if shutdown.is_triggered() {
+                tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
+                return Ok(report);
+            }
+            let chunk = reader
+                .chunk(progress.after.as_deref(), options.chunk_size)
+                .await?;
+            if chunk.is_empty() {
+                progress.done = true;
+                record(&producer, &progress_topic, &table, &progress).await?;
+                tracing::info!(%table, rows = progress.rows, seconds = started.elapsed().as_secs_f64(), "backfill of the table finished");
+                break;
+            }
+            let now = now_ms();
+            let mut deliveries = Vec::with_capacity(chunk.len());
+            for (key, image, _) in &chunk {
+                let event = ChangeEvent {
+                    table: table.clone(),
+                    op: Op::Read,
+                    key: key.clone(),
+                    before: None,
+                    after: Some(image.clone()),
+                    source: source(now),
+                    columns: None,
+                };
+                let (key, value) = encode_change(&event, now);
+                deliveries.push(
+                    producer
+                        .send(&topic, key.as_deref(), &value, None, None)
+                        .await?,
+                );
+            }
+            for delivery in deliveries {
+                delivery.acknowledged().await?;
+            }
+            // Rows deleted since the chunk was read get a delete after their snapshot.
+            let keys: Vec<Vec<String>> = chunk.iter().map(|(_, _, k)| k.clone()).collect();
+            let existing = reader.existing(&keys).await?;
+            for ((key, _, _), exists) in chunk.iter().zip(existing) {
+                if !exists {
+                    let event = ChangeEvent {
+                        table: table.clone(),
+                        op: Op::Delete,
+                        key: key.clone(),
+                        before: Some(key.clone()),
+                        after: None,
+                        source: source(now_ms()),
+                        columns: None,
+                    };
+                    let (key, value) = encode_change(&event, now_ms());
+                    producer
+                        .send(&topic, key.as_deref(), &value, None, None)
+                        .await?
+                        .acknowledged()
+                        .await?;
+                }
+            }
+            progress.rows += chunk.len() as u64;
+            progress.after = chunk.last().map(|(_, _, k)| k.clone());
+            record(&producer, &progress_topic, &table, &progress).await?;
+            if last_report.elapsed() >= Duration::from_secs(2) {
+                last_report = Instant::now();
+                log_progress(
+                    &table,
+                    &progress,
+                    reader.estimated_rows,
+                    rows_at_start,
+                    started,
+                );
+            }
+        }
+        report.push((table, progress.rows));
+    }
+    Ok(report)
+}
+
+async fn record(
+    producer: &EventProducer,
+    topic: &str,
+    table: &TableId,
+    progress: &TableProgress,
+) -> Result<(), TidelinkError> {
+    let value = serde_json::to_vec(progress).expect("progress serializes");
+    producer
+        .send(
+            topic,
+            Some(table.to_string().as_bytes()),
+            &value,
+            None,
+            None,
+        )
+        .await?
+        .acknowledged()
+        .await
+        .map(|_| ())
+}
+
+fn log_progress(
+    table: &TableId,
+    progress: &TableProgress,
+    estimated: i64,
+    rows_at_start: u64,
+    started: Instant,
+) {
+    let copied_now = progress.rows.saturating_sub(rows_at_start) as f64;
+    let rate = copied_now / started.elapsed().as_secs_f64().max(0.001);
+    let total = (estimated.max(0) as u64).max(progress.rows);
+    let remaining = total.saturating_sub(progress.rows) as f64;
+    let eta = if rate > 0.0 { remaining / rate } else { 0.0 };
+    let percent = if total > 0 {
+        progress.rows as f64 * 100.0 / total as f64
+    } else {
+        100.0
+    };
+    tracing::info!(
+        %table,
+        rows = progress.rows,
+        estimated_total = total,
+        "backfill {percent:.0}%  {:.0} rows/s  ETA {eta:.0}s",
+        rate
+    );
+}

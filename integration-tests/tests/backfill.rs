@@ -1,0 +1,121 @@
+//! `tidelink backfill` against real servers: existing rows reach the target through Kafka
+//! while the stream keeps changing them, and a killed backfill resumes.
+
+use std::time::Duration;
+use tidelink_integration_tests::{Daemon, PgPipeline};
+
+const SCHEMA: &str = "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance numeric(14,2) NOT NULL, note text);";
+const ROWS: i64 = 20_000;
+
+async fn preloaded() -> PgPipeline {
+    let p = PgPipeline::start(SCHEMA).await;
+    p.source
+        .client("app")
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO accounts SELECT g, 'owner ' || g, g % 1000, CASE WHEN g % 7 = 0 THEN NULL ELSE 'n' END \
+             FROM generate_series(1, {ROWS}) g"
+        ))
+        .await
+        .expect("preload");
+    p
+}
+
+/// Random updates, deletes and inserts while the backfill runs.
+async fn churn(p: &PgPipeline, rounds: usize) {
+    let source = p.source.client("app").await;
+    for round in 0..rounds {
+        source
+            .batch_execute(&format!(
+                "BEGIN;
+                 UPDATE accounts SET balance = balance + 1, note = 'round {round}'
+                   WHERE id IN (SELECT (random() * {ROWS})::bigint + 1 FROM generate_series(1, 100));
+                 DELETE FROM accounts WHERE id IN (SELECT (random() * {ROWS})::bigint + 1 FROM generate_series(1, 20));
+                 INSERT INTO accounts SELECT 1000000 + {round} * 100 + g, 'new', 0, NULL FROM generate_series(1, 10) g;
+                 COMMIT;"
+            ))
+            .await
+            .expect("churn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn backfill(p: &PgPipeline, config: &std::path::Path, chunk: &str, log: &str) -> Daemon {
+    let config = config.display().to_string();
+    Daemon::start(
+        &[
+            "backfill",
+            "-c",
+            &config,
+            "--pipeline",
+            "it",
+            "--chunk-size",
+            chunk,
+        ],
+        &p.work.path().join(log),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_rows_are_backfilled_while_the_stream_changes_them() {
+    let p = preloaded().await;
+    let config = p.write_config("backfill.yaml", "");
+    let _daemon = p.run_ready(&config, "daemon.log").await;
+    let churner = {
+        let p = &p;
+        async move { churn(p, 60).await }
+    };
+    let mut copier = backfill(&p, &config, "1000", "backfill.log");
+    churner.await;
+    let status = copier
+        .wait(Duration::from_secs(120))
+        .expect("backfill finishes");
+    assert!(status.success(), "backfill failed:\n{}", copier.output());
+    assert!(
+        copier.output().contains("public.accounts: "),
+        "{}",
+        copier.output()
+    );
+    p.wait_in_sync(&[("accounts", "id")], Duration::from_secs(180))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_backfill_resumes_after_its_last_chunk() {
+    let p = preloaded().await;
+    let config = p.write_config("resume.yaml", "");
+    let _daemon = p.run_ready(&config, "daemon.log").await;
+    let copier = backfill(&p, &config, "200", "backfill-1.log");
+    tidelink_integration_tests::wait_until(
+        Duration::from_secs(60),
+        "some chunks are copied",
+        || async { copier.output().contains("rows/s") },
+    )
+    .await;
+    copier.kill9();
+    churn(&p, 10).await;
+    let mut again = backfill(&p, &config, "200", "backfill-2.log");
+    let status = again
+        .wait(Duration::from_secs(120))
+        .expect("second run finishes");
+    assert!(status.success(), "{}", again.output());
+    assert!(
+        again
+            .output()
+            .contains("resuming after the last completed chunk"),
+        "the rerun continues instead of starting over:\n{}",
+        again.output()
+    );
+    p.wait_in_sync(&[("accounts", "id")], Duration::from_secs(180))
+        .await;
+    // A third run finds the table finished.
+    let mut third = backfill(&p, &config, "200", "backfill-3.log");
+    assert!(third
+        .wait(Duration::from_secs(60))
+        .is_some_and(|s| s.success()));
+    assert!(
+        third.output().contains("already backfilled"),
+        "{}",
+        third.output()
+    );
+}
