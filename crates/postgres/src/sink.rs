@@ -65,6 +65,10 @@ pub struct PgSink {
 /// A row's key and its new image.
 type KeyedRow<'a> = (&'a Row, &'a Row);
 
+/// What one INSERT statement covers: the columns present, and whether it only inserts rows
+/// the target lacks (backfill reads).
+type StatementShape = (Vec<String>, bool);
+
 enum Pending {
     Upsert(Row),
     /// A backfill read: written only where the target has no row with this key, so a
@@ -310,7 +314,7 @@ impl PgSink {
             .target_table(batch.table, batch.source_columns.as_deref())
             .await?;
         let mut deletes: Vec<&Row> = Vec::new();
-        let mut upserts: HashMap<(Vec<String>, bool), Vec<KeyedRow<'_>>> = HashMap::new();
+        let mut upserts: HashMap<StatementShape, Vec<KeyedRow<'_>>> = HashMap::new();
         for k in &batch.order {
             let (key, pending) = &batch.pending[k];
             match pending {
@@ -344,8 +348,7 @@ impl PgSink {
             self.execute(sql, &params, &format!("deleting from {}", batch.table))
                 .await?;
         }
-        let mut groups: Vec<((Vec<String>, bool), Vec<KeyedRow<'_>>)> =
-            upserts.into_iter().collect();
+        let mut groups: Vec<(StatementShape, Vec<KeyedRow<'_>>)> = upserts.into_iter().collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
         for ((columns, if_absent), rows) in groups {
             let key_columns: Vec<String> = rows[0].0.keys().cloned().collect();
