@@ -7,6 +7,7 @@
 
 mod interpolate;
 mod model;
+mod positions;
 mod redact;
 mod validate;
 
@@ -196,7 +197,15 @@ fn load_one(
         metrics: parsed.metrics.clone().unwrap_or_default(),
         pipelines: parsed.pipelines.clone(),
     };
-    let issues = validate::validate(&as_config, file, require_pipelines);
+    let mut issues = validate::validate(&as_config, file, require_pipelines);
+    if !issues.is_empty() {
+        let positions = positions::key_positions(&text);
+        for issue in &mut issues {
+            if let Some((line, column)) = positions::locate(&positions, &issue.path) {
+                issue.location = format!("{file}:{line}:{column}");
+            }
+        }
+    }
     if issues.is_empty() {
         Ok(parsed)
     } else {

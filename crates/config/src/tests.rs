@@ -93,6 +93,19 @@ pipelines:
 "#;
     let err = load_str(text, "v.yaml", &env).expect_err("invalid");
     let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+    // Each problem points at its line and column too.
+    let batch = err
+        .0
+        .iter()
+        .find(|i| i.path == "pipelines[0].sinks[0].batch_size")
+        .expect("batch_size issue");
+    assert_eq!(batch.location, "v.yaml:10:9");
+    let listen = err
+        .0
+        .iter()
+        .find(|i| i.path == "metrics.listen")
+        .expect("listen issue");
+    assert_eq!(listen.location, "v.yaml:2:12");
     for expected in [
         "metrics.listen",
         "pipelines[0].name",
