@@ -192,19 +192,27 @@ fn load_one(
                 .collect(),
         )
     })?;
-    let parsed: ConfigFile = parse_yaml(&text, file)?;
+    let positions = positions::key_positions(&text);
+    let at = |path: &str| match positions::locate(&positions, path) {
+        Some((line, column)) => format!("{file}:{line}:{column}"),
+        None => file.to_string(),
+    };
+    let (parsed, mut issues) = parse_yaml(&text, file);
+    for issue in &mut issues {
+        if issue.location == file {
+            issue.location = at(&issue.path);
+        }
+    }
+    let Some(parsed) = parsed else {
+        return Err(ConfigErrors(issues));
+    };
     let as_config = Config {
         metrics: parsed.metrics.clone().unwrap_or_default(),
         pipelines: parsed.pipelines.clone(),
     };
-    let mut issues = validate::validate(&as_config, file, require_pipelines);
-    if !issues.is_empty() {
-        let positions = positions::key_positions(&text);
-        for issue in &mut issues {
-            if let Some((line, column)) = positions::locate(&positions, &issue.path) {
-                issue.location = format!("{file}:{line}:{column}");
-            }
-        }
+    for mut issue in validate::validate(&as_config, file, require_pipelines) {
+        issue.location = at(&issue.path);
+        issues.push(issue);
     }
     if issues.is_empty() {
         Ok(parsed)
@@ -213,30 +221,75 @@ fn load_one(
     }
 }
 
-fn parse_yaml(text: &str, file: &str) -> Result<ConfigFile, ConfigErrors> {
+/// `pipelines.0.source.?.dsn` (serde_ignored's form) to `pipelines[0].source.dsn` (ours).
+fn bracket_indexes(path: &str) -> String {
+    let mut out = String::new();
+    // serde_ignored writes `?` for an Option; our paths do not.
+    for segment in path.split('.').filter(|s| *s != "?") {
+        if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+/// Parses the YAML; returns the model (unless a value cannot be read at all) and every
+/// unknown key plus the first type or syntax error, as issues without positions yet.
+fn parse_yaml(text: &str, file: &str) -> (Option<ConfigFile>, Vec<ConfigIssue>) {
+    let mut unknown = Vec::new();
     let de = serde_yaml_ng::Deserializer::from_str(text);
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(de, &mut record);
     let result: Result<ConfigFile, _> = serde_path_to_error::deserialize(de);
-    result.map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let location = match inner.location() {
-            Some(loc) => format!("{file}:{}:{}", loc.line(), loc.column()),
-            None => file.to_string(),
-        };
-        // The YAML library appends "at line N column M"; the location already says it.
-        let mut message = inner.to_string();
-        if let Some(cut) = message.find(" at line ") {
-            message.truncate(cut);
+    let mut issues: Vec<ConfigIssue> = unknown
+        .iter()
+        .map(|path| {
+            let path = bracket_indexes(path);
+            let key = path
+                .rsplit(['.', '['])
+                .next()
+                .unwrap_or(&path)
+                .trim_end_matches(']')
+                .to_string();
+            ConfigIssue {
+                location: file.to_string(),
+                path,
+                message: format!(
+                    "unknown field `{key}` (see the pipeline reference in the README)"
+                ),
+            }
+        })
+        .collect();
+    match result {
+        Ok(parsed) => (Some(parsed), issues),
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let location = match inner.location() {
+                Some(loc) => format!("{file}:{}:{}", loc.line(), loc.column()),
+                None => file.to_string(),
+            };
+            // The YAML library appends "at line N column M"; the location already says it.
+            let mut message = inner.to_string();
+            if let Some(cut) = message.find(" at line ") {
+                message.truncate(cut);
+            }
+            if let Some(stripped) = message.strip_prefix(&format!("{path}: ")) {
+                message = stripped.to_string();
+            }
+            issues.push(ConfigIssue {
+                location,
+                path: if path == "." { String::new() } else { path },
+                message,
+            });
+            (None, issues)
         }
-        if let Some(stripped) = message.strip_prefix(&format!("{path}: ")) {
-            message = stripped.to_string();
-        }
-        ConfigErrors(vec![ConfigIssue {
-            location,
-            path: if path == "." { String::new() } else { path },
-            message,
-        }])
-    })
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The typed configuration model. Every struct rejects unknown keys, so a misspelt option
-//! is an error rather than a silently ignored default.
+//! The typed configuration model. Unknown keys are errors — a misspelt option must not
+//! silently become a default — but they are collected by the loader (`serde_ignored`)
+//! rather than rejected here, so one run reports every unknown key with the other problems.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -15,7 +16,6 @@ pub struct Config {
 
 /// One configuration file as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (at most one file of a
     /// directory may say).
@@ -28,7 +28,6 @@ pub struct ConfigFile {
 
 /// The HTTP endpoint for Prometheus metrics and health checks.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Listen address; loopback by default so metrics are not exposed by accident.
     #[serde(default = "default_metrics_listen")]
@@ -57,7 +56,6 @@ fn default_true() -> bool {
 
 /// One source, its Kafka topics, and the sinks that replay them.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Unique name; used in the consumer group, slot and metric labels.
     pub name: String,
@@ -72,7 +70,6 @@ pub struct PipelineConfig {
 
 /// The source connector: one key names its kind (exactly one must be given).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// PostgreSQL logical replication (pgoutput).
     #[serde(default)]
@@ -95,7 +92,6 @@ impl SourceConfig {
 
 /// PostgreSQL source options.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PostgresSourceConfig {
     /// Connection string, URL (`postgres://user:pass@host:5432/db`) or key-value form. The
     /// role needs the REPLICATION attribute and SELECT on the tables.
@@ -150,7 +146,6 @@ pub fn sanitize_identifier(name: &str) -> String {
 
 /// The Kafka (or Kafka-compatible) cluster and topic layout.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port…]`.
     pub brokers: String,
@@ -185,7 +180,6 @@ impl KafkaConfig {
 
 /// One sink: a consumer group replaying the pipeline's topics into a target.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     /// Unique within the pipeline; the consumer group is `tidelink.<pipeline>.<sink>`.
     pub name: String,
@@ -247,7 +241,6 @@ pub enum SinkTarget<'a> {
 
 /// PostgreSQL sink options.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PostgresSinkConfig {
     /// Connection string of the target.
     pub dsn: String,

@@ -190,3 +190,34 @@ fn a_directory_of_files_is_merged_with_clear_conflicts() {
     assert!(text.contains("pipeline `one` is also defined in"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn every_unknown_key_and_every_other_problem_is_reported_in_one_run() {
+    let text = GOOD
+        .replace(
+            "        tables: [public.*]",
+            "        tables: [public.*]\n        slott: x",
+        )
+        .replace(
+            "      topic_prefix: shop",
+            "      topic_prefix: shop\n      partitons: 3\n      partitions: 0",
+        );
+    let err = load_str(&text, "many.yaml", &env).expect_err("problems");
+    let found: Vec<(&str, &str)> = err
+        .0
+        .iter()
+        .map(|i| (i.location.as_str(), i.path.as_str()))
+        .collect();
+    assert!(
+        found.contains(&("many.yaml:8:9", "pipelines[0].source.postgres.slott")),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&("many.yaml:12:7", "pipelines[0].kafka.partitons")),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&("many.yaml:13:7", "pipelines[0].kafka.partitions")),
+        "{found:?}"
+    );
+}
