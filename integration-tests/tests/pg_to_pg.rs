@@ -346,6 +346,7 @@ async fn when_the_group_leader_dies_the_other_worker_takes_over() {
         mock.create_topic(topic, 4, 1).expect("mock topic");
     }
     mock.create_topic("it.schemas", 1, 1).expect("mock topic");
+    mock.create_topic("it.backfill", 1, 1).expect("mock topic");
     let mut p = PgPipeline::start(WORKLOAD_SCHEMA).await;
     p.bootstrap = mock.bootstrap_servers();
     failover(p, Victim::Leader).await;

@@ -61,11 +61,29 @@ pub struct PipelineConfig {
     pub name: String,
     /// Where changes come from.
     pub source: SourceConfig,
+    /// Copying the rows tables already hold: `initial` (default) copies them on the first
+    /// start, resuming on later starts until done; `when_needed` also copies everything
+    /// again whenever the slot had to be created (changes may have been missed); `never`.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
     /// Where changes are buffered.
     pub kafka: KafkaConfig,
     /// Where changes are replayed.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+}
+
+/// When the pipeline copies existing rows (see [`PipelineConfig::snapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// On the first start, resumed until done.
+    #[default]
+    Initial,
+    /// Never; `tidelink backfill` copies rows on demand.
+    Never,
+    /// Like `initial`, and again in full whenever the slot had to be created.
+    WhenNeeded,
 }
 
 /// The source connector: one key names its kind (exactly one must be given).

@@ -5,13 +5,14 @@
 //! privilege, then takes effect without a restart). When every pipeline has failed, the
 //! process stops with the first error.
 
+use crate::backfill::{backfill, BackfillOptions};
 use crate::publisher::{backoff, publish};
 use crate::sink_worker::{run_worker, WorkerContext};
 use crate::{Metrics, Shutdown};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SourceKind};
+use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SnapshotMode, SourceKind};
 use tidelink_core::TidelinkError;
 use tidelink_kafka::topics::table_topic;
 use tidelink_kafka::{admin, EventProducer};
@@ -224,6 +225,7 @@ async fn run_source(
                 .map(|t| table_topic(&pipeline.kafka.topic_prefix, &t.table.schema, &t.table.name))
                 .collect();
             admin::ensure_topics(&pipeline.kafka, &topics).await?;
+            let snapshot = start_snapshot(&pipeline, report.slot_created, &shutdown);
             metrics.set_ready(&name, "source", true);
             attempt = 0;
             let result = publish(
@@ -236,6 +238,9 @@ async fn run_source(
             )
             .await;
             metrics.set_ready(&name, "source", false);
+            if let Some(snapshot) = snapshot {
+                snapshot.abort();
+            }
             source.shutdown().await;
             result
         }
@@ -250,6 +255,51 @@ async fn run_source(
     producer.flush(Duration::from_secs(10))?;
     tracing::info!(pipeline = %name, "source stopped");
     Ok(())
+}
+
+/// Starts the pipeline's snapshot (see [`SnapshotMode`]) next to the stream: a backfill of
+/// every captured table, resumable and safe to run while changes stream. Retried with
+/// backoff until it finishes.
+fn start_snapshot(
+    pipeline: &PipelineConfig,
+    slot_created: bool,
+    shutdown: &Shutdown,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let restart = match pipeline.snapshot {
+        SnapshotMode::Never => return None,
+        SnapshotMode::Initial => false,
+        SnapshotMode::WhenNeeded => slot_created,
+    };
+    let pipeline = pipeline.clone();
+    let shutdown = shutdown.clone();
+    Some(tokio::spawn(async move {
+        let mut options = BackfillOptions {
+            tables: Vec::new(),
+            chunk_size: 5000,
+            restart,
+        };
+        let mut attempt = 0;
+        loop {
+            match backfill(&pipeline, &options, &shutdown).await {
+                Ok(report) => {
+                    let rows: u64 = report.iter().map(|(_, n)| n).sum();
+                    if !shutdown.is_triggered() {
+                        tracing::info!(pipeline = %pipeline.name, tables = report.len(), rows, "snapshot complete");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(pipeline = %pipeline.name, error = %e, attempt, "snapshot failed; retrying");
+                    // A retry continues where this attempt stopped.
+                    options.restart = false;
+                    if !backoff(attempt, &shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }))
 }
 
 /// Counts and logs the outcome of one run of a component. A transient failure is retried
