@@ -567,6 +567,19 @@ impl<S: Sink> Worker<S> {
         })
         .await
         .unwrap_or_default();
+        let caught_up = !watermarks.is_empty()
+            && watermarks
+                .iter()
+                .all(|(_, next, high)| *high <= next.unwrap_or(0));
+        if caught_up {
+            // Nothing left to apply: the sink is not behind the source, however old the
+            // last change it applied is.
+            self.ctx
+                .metrics
+                .sink_lag
+                .with_label_values(&self.labels())
+                .set(0.0);
+        }
         for (p, next, high) in watermarks {
             let lag = (high - next.unwrap_or(0)).max(0);
             self.ctx
