@@ -288,6 +288,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `tidelink <args>`; output goes to `log`.
     pub fn start(args: &[&str], log: &Path) -> Self {
+        Self::start_with_env(args, log, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Self {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -300,6 +305,7 @@ impl Daemon {
                 std::env::var("TIDELINK_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
             .spawn()

@@ -624,3 +624,71 @@ async fn run_against_broken_source(source: &PgCluster, schema_sql: &str) -> Stri
     assert!(!status.success(), "exit code must be non-zero");
     daemon.output()
 }
+
+/// Passwords in connection strings never reach a log line or a command's output, even at
+/// debug level and on error paths that print the connection string.
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_never_reach_the_logs() {
+    const SECRET: &str = "Sup3rSecretPw";
+    let p = PgPipeline::start("CREATE TABLE items (id int PRIMARY KEY)").await;
+    let config = p.write_config("secret.yaml", "");
+    let mut yaml = std::fs::read_to_string(&config).expect("config").replace(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{SECRET}@"),
+    );
+    // A second pipeline whose source refuses connections: its errors print the DSN.
+    yaml.push_str(&format!(
+        "  - name: unreachable\n    snapshot: never\n    source:\n      postgres:\n        dsn: postgres://postgres:{SECRET}@127.0.0.1:1/app\n        tables: [public.*]\n    kafka:\n      brokers: {}\n      topic_prefix: unreachable\n",
+        p.bootstrap
+    ));
+    std::fs::write(&config, yaml).expect("write");
+    let config_s = config.display().to_string();
+    let daemon = Daemon::start_with_env(
+        &["run", "-c", &config_s],
+        &p.work.path().join("secret.log"),
+        &[("TIDELINK_LOG", "debug,librdkafka=info,tokio_postgres=debug")],
+    );
+    tidelink_integration_tests::wait_until(
+        Duration::from_secs(60),
+        "the healthy pipeline streams",
+        || async {
+            http_get(p.metrics_port, "/metrics").await.is_some_and(|m| {
+                m.contains("tidelink_component_up{component=\"source\",pipeline=\"it\"} 1")
+            })
+        },
+    )
+    .await;
+    let source = p.source.client("app").await;
+    source
+        .batch_execute("INSERT INTO items SELECT generate_series(1, 100)")
+        .await
+        .expect("insert");
+    p.wait_in_sync(&[("items", "id")], CATCH_UP).await;
+    tidelink_integration_tests::wait_until(
+        Duration::from_secs(30),
+        "the unreachable source is retried",
+        || async { daemon.output().contains("postgres:****@127.0.0.1:1") },
+    )
+    .await;
+    let mut outputs = vec![daemon.output()];
+    for args in [
+        vec!["status", "-c", &config_s],
+        vec!["status", "-c", &config_s, "--json"],
+        vec!["validate", "-c", &config_s],
+    ] {
+        let out = std::process::Command::new(tidelink_integration_tests::tidelink_binary())
+            .args(&args)
+            .output()
+            .expect("run tidelink");
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        outputs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    drop(daemon);
+    for output in &outputs {
+        assert!(!output.contains(SECRET), "a password leaked:\n{output}");
+    }
+    assert!(
+        outputs.iter().any(|o| o.contains("unreachable")),
+        "status reports the broken pipeline"
+    );
+}

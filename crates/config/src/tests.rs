@@ -221,3 +221,16 @@ fn every_unknown_key_and_every_other_problem_is_reported_in_one_run() {
         "{found:?}"
     );
 }
+
+#[test]
+fn mutated_configuration_text_never_panics() {
+    let seeds: [&[u8]; 2] = [GOOD.as_bytes(), b"a: ${X:-1} # ${Y}\nb: \"$${Z}\"\n"];
+    let mut mutator = tidelink_core::fuzz::Mutator::new(0xc0f1);
+    for _ in 0..5_000 {
+        let input = mutator.input(&seeds);
+        let text = String::from_utf8_lossy(&input);
+        let _ = load_str(&text, "fuzz.yaml", &env);
+        let _ = interpolate(&text, &env);
+        let _ = redact_dsn(&text);
+    }
+}

@@ -7,6 +7,7 @@
 pub mod contract;
 pub mod error;
 pub mod event;
+pub mod fuzz;
 pub mod position;
 
 pub use contract::{

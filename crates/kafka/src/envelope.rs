@@ -183,6 +183,21 @@ mod tests {
     }
 
     #[test]
+    fn mutated_and_foreign_messages_never_panic() {
+        let (key, value) = encode_change(&event(), 5);
+        let key = key.expect("key");
+        let wrapped = br#"{"schema":{},"payload":{"before":null,"after":{"id":1},"source":{"schema":"s","table":"t"},"op":"r"}}"#;
+        let seeds: [&[u8]; 3] = [&value, &key, wrapped];
+        let mut mutator = tidelink_core::fuzz::Mutator::new(0xe1e1);
+        for _ in 0..30_000 {
+            let k = mutator.input(&seeds);
+            let v = mutator.input(&seeds);
+            let _ = decode_change(Some(&k), &v);
+            let _ = decode_change(None, &v);
+        }
+    }
+
+    #[test]
     fn foreign_messages_are_errors() {
         assert!(decode_change(Some(b"{}"), b"not json").is_err());
         assert!(decode_change(

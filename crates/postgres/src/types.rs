@@ -396,6 +396,32 @@ mod tests {
     }
 
     #[test]
+    fn array_and_value_parsing_never_panics() {
+        let kind = ValueKind::Array {
+            element: Box::new(ValueKind::Array {
+                element: Box::new(ValueKind::Bytes),
+                delimiter: ',',
+            }),
+            delimiter: ',',
+        };
+        let seeds: [&[u8]; 4] = [
+            br#"{{"a\"b",NULL},{"\\x00ff",c}}"#,
+            b"{1,2,{3}}",
+            b"[0:1]={1,2}",
+            "{\"\u{e9}t\u{e9}\"}".as_bytes(),
+        ];
+        let mut mutator = tidelink_core::fuzz::Mutator::new(0xa77a);
+        for _ in 0..50_000 {
+            let input = mutator.input(&seeds);
+            let text = String::from_utf8_lossy(&input);
+            let json = text_to_json(&text, &kind);
+            let _ = json_to_text(&json, &TargetKind::Array(Box::new(TargetKind::Bytes)));
+            let _ = text_to_json(&text, &ValueKind::Bytes);
+            let _ = text_to_json(&text, &ValueKind::Float);
+        }
+    }
+
+    #[test]
     fn json_converts_back_to_text_by_target_kind() {
         assert_eq!(
             json_to_text(&json!("AP8="), &TargetKind::Bytes).expect("ok"),

@@ -437,6 +437,29 @@ mod tests {
     }
 
     #[test]
+    fn mutated_and_random_payloads_never_panic() {
+        let mut insert = vec![b'I'];
+        insert.extend(16384u32.to_be_bytes());
+        insert.push(b'N');
+        insert.extend(2i16.to_be_bytes());
+        insert.push(b't');
+        insert.extend(3i32.to_be_bytes());
+        insert.extend(b"abc");
+        insert.push(b'u');
+        let truncate = [b'T', 0, 0, 0, 2, 1, 0, 0, 0x40, 0, 0, 0, 0x40, 1];
+        let seeds: [&[u8]; 4] = [
+            &relation_bytes(),
+            &insert,
+            &truncate,
+            b"O\0\0\0\0\0\0\0\x01origin\0",
+        ];
+        let mut mutator = tidelink_core::fuzz::Mutator::new(0x5eed);
+        for _ in 0..50_000 {
+            let _ = decode(&mutator.input(&seeds));
+        }
+    }
+
+    #[test]
     fn garbage_is_an_error_naming_the_type() {
         let err = decode(b"Zxyz").expect_err("unknown type");
         assert_eq!(err.message_type, 'Z');
