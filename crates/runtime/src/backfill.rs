@@ -18,7 +18,7 @@
 //! tables (`--restart` copies them again).
 
 use crate::publisher::{now_ms, publish_definitions};
-use crate::Shutdown;
+use crate::{Metrics, Shutdown};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -37,6 +37,8 @@ pub struct BackfillOptions {
     pub chunk_size: usize,
     /// Copy tables again even if a previous run finished them.
     pub restart: bool,
+    /// Draw a progress bar (stderr is a terminal) instead of periodic log lines.
+    pub progress_bar: bool,
 }
 
 /// Progress of one table, as recorded after each chunk.
@@ -59,6 +61,7 @@ pub fn progress_topic(prefix: &str) -> String {
 pub async fn backfill(
     pipeline: &PipelineConfig,
     options: &BackfillOptions,
+    metrics: Option<&Metrics>,
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, u64)>, TidelinkError> {
     let Some(SourceKind::Postgres(pg)) = pipeline.source.kind() else {
@@ -137,6 +140,8 @@ pub async fn backfill(
         let started = Instant::now();
         let rows_at_start = progress.rows;
         let mut last_report = Instant::now();
+        let table_label = table.to_string();
+        let labels = [pipeline.name.as_str(), table_label.as_str()];
         loop {
             if shutdown.is_triggered() {
                 tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
@@ -148,6 +153,23 @@ pub async fn backfill(
             if chunk.is_empty() {
                 progress.done = true;
                 record(&producer, &progress_topic, &table, &progress).await?;
+                if let Some(metrics) = metrics {
+                    metrics
+                        .backfill_remaining
+                        .with_label_values(&labels)
+                        .set(0.0);
+                }
+                if options.progress_bar {
+                    report_progress(
+                        &table,
+                        &progress,
+                        progress.rows as i64,
+                        rows_at_start,
+                        started,
+                        true,
+                    );
+                    eprintln!();
+                }
                 tracing::info!(%table, rows = progress.rows, seconds = started.elapsed().as_secs_f64(), "backfill of the table finished");
                 break;
             }
@@ -198,14 +220,32 @@ pub async fn backfill(
             progress.rows += chunk.len() as u64;
             progress.after = chunk.last().map(|(_, _, k)| k.clone());
             record(&producer, &progress_topic, &table, &progress).await?;
-            if last_report.elapsed() >= Duration::from_secs(2) {
+            if let Some(metrics) = metrics {
+                metrics
+                    .backfill_rows
+                    .with_label_values(&labels)
+                    .inc_by(chunk.len() as u64);
+                metrics.backfill_chunks.with_label_values(&labels).inc();
+                let remaining = (reader.estimated_rows.max(0) as u64).saturating_sub(progress.rows);
+                metrics
+                    .backfill_remaining
+                    .with_label_values(&labels)
+                    .set(remaining as f64);
+            }
+            let every = if options.progress_bar {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(2)
+            };
+            if last_report.elapsed() >= every {
                 last_report = Instant::now();
-                log_progress(
+                report_progress(
                     &table,
                     &progress,
                     reader.estimated_rows,
                     rows_at_start,
                     started,
+                    options.progress_bar,
                 );
             }
         }
@@ -235,12 +275,13 @@ async fn record(
         .map(|_| ())
 }
 
-fn log_progress(
+fn report_progress(
     table: &TableId,
     progress: &TableProgress,
     estimated: i64,
     rows_at_start: u64,
     started: Instant,
+    bar: bool,
 ) {
     let copied_now = progress.rows.saturating_sub(rows_at_start) as f64;
     let rate = copied_now / started.elapsed().as_secs_f64().max(0.001);
@@ -252,6 +293,17 @@ fn log_progress(
     } else {
         100.0
     };
+    if bar {
+        let filled = ((percent / 100.0 * 30.0).round() as usize).min(30);
+        eprint!(
+            "\r{table} [{}{}] {percent:>3.0}%  {}/{} rows  {rate:.0} rows/s  ETA {eta:.0}s   ",
+            "#".repeat(filled),
+            "-".repeat(30 - filled),
+            progress.rows,
+            total
+        );
+        return;
+    }
     tracing::info!(
         %table,
         rows = progress.rows,

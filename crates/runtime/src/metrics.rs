@@ -35,6 +35,12 @@ pub mod names {
     pub const SINK_LAG: &str = "tidelink_sink_lag_seconds";
     /// Messages not yet applied, per partition (high watermark minus next offset).
     pub const SINK_CONSUMER_LAG: &str = "tidelink_sink_consumer_lag_messages";
+    /// Rows copied by backfills and snapshots, by pipeline and table.
+    pub const BACKFILL_ROWS: &str = "tidelink_backfill_rows_total";
+    /// Chunks copied by backfills and snapshots.
+    pub const BACKFILL_CHUNKS: &str = "tidelink_backfill_chunks_total";
+    /// Rows a running backfill still has to copy (from the planner's estimate).
+    pub const BACKFILL_REMAINING: &str = "tidelink_backfill_remaining_rows";
     /// Messages sent to the dead-letter topic.
     pub const SINK_DEAD_LETTER: &str = "tidelink_sink_dead_letter_messages_total";
     /// Errors by pipeline, component and kind (transient, permanent, rejected, fenced).
@@ -57,6 +63,9 @@ pub mod names {
         SINK_LAG,
         SINK_CONSUMER_LAG,
         SINK_DEAD_LETTER,
+        BACKFILL_ROWS,
+        BACKFILL_CHUNKS,
+        BACKFILL_REMAINING,
         ERRORS,
         COMPONENT_UP,
     ];
@@ -93,6 +102,12 @@ pub struct Metrics {
     pub sink_consumer_lag: IntGaugeVec,
     /// See [`names::SINK_DEAD_LETTER`].
     pub sink_dead_letter: IntCounterVec,
+    /// See [`names::BACKFILL_ROWS`].
+    pub backfill_rows: IntCounterVec,
+    /// See [`names::BACKFILL_CHUNKS`].
+    pub backfill_chunks: IntCounterVec,
+    /// See [`names::BACKFILL_REMAINING`].
+    pub backfill_remaining: GaugeVec,
     /// See [`names::ERRORS`].
     pub errors: IntCounterVec,
     /// See [`names::COMPONENT_UP`].
@@ -240,6 +255,24 @@ impl Metrics {
                 SINK_DEAD_LETTER,
                 "Messages sent to the dead-letter topic",
                 &["pipeline", "sink"],
+            ),
+            backfill_rows: counter(
+                &registry,
+                BACKFILL_ROWS,
+                "Rows copied by backfills and snapshots",
+                &["pipeline", "table"],
+            ),
+            backfill_chunks: counter(
+                &registry,
+                BACKFILL_CHUNKS,
+                "Chunks copied by backfills and snapshots",
+                &["pipeline", "table"],
+            ),
+            backfill_remaining: gauge(
+                &registry,
+                BACKFILL_REMAINING,
+                "Rows a running backfill still has to copy (estimate)",
+                &["pipeline", "table"],
             ),
             errors: counter(
                 &registry,

@@ -225,7 +225,7 @@ async fn run_source(
                 .map(|t| table_topic(&pipeline.kafka.topic_prefix, &t.table.schema, &t.table.name))
                 .collect();
             admin::ensure_topics(&pipeline.kafka, &topics).await?;
-            let snapshot = start_snapshot(&pipeline, report.slot_created, &shutdown);
+            let snapshot = start_snapshot(&pipeline, report.slot_created, &metrics, &shutdown);
             metrics.set_ready(&name, "source", true);
             attempt = 0;
             let result = publish(
@@ -263,6 +263,7 @@ async fn run_source(
 fn start_snapshot(
     pipeline: &PipelineConfig,
     slot_created: bool,
+    metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let restart = match pipeline.snapshot {
@@ -272,15 +273,17 @@ fn start_snapshot(
     };
     let pipeline = pipeline.clone();
     let shutdown = shutdown.clone();
+    let metrics = metrics.clone();
     Some(tokio::spawn(async move {
         let mut options = BackfillOptions {
             tables: Vec::new(),
             chunk_size: 5000,
             restart,
+            progress_bar: false,
         };
         let mut attempt = 0;
         loop {
-            match backfill(&pipeline, &options, &shutdown).await {
+            match backfill(&pipeline, &options, Some(&metrics), &shutdown).await {
                 Ok(report) => {
                     let rows: u64 = report.iter().map(|(_, n)| n).sum();
                     if !shutdown.is_triggered() {

@@ -140,6 +140,12 @@ fn registered_series_match_the_name_list() {
         .errors
         .with_label_values(&["p", "c", "transient"])
         .inc();
+    metrics.backfill_rows.with_label_values(&["p", "t"]).inc();
+    metrics.backfill_chunks.with_label_values(&["p", "t"]).inc();
+    metrics
+        .backfill_remaining
+        .with_label_values(&["p", "t"])
+        .set(0.0);
     metrics.set_ready("p", "source", true);
     let gathered: BTreeSet<String> = metrics
         .registry

@@ -149,6 +149,7 @@ fn main() -> ExitCode {
                 tables,
                 chunk_size: chunk_size.max(1),
                 restart,
+                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let result = runtime.block_on(async {
                 let shutdown = Shutdown::new();
@@ -161,7 +162,7 @@ fn main() -> ExitCode {
                     })
                 };
                 let result =
-                    tidelink_runtime::backfill::backfill(pipeline, &options, &shutdown).await;
+                    tidelink_runtime::backfill::backfill(pipeline, &options, None, &shutdown).await;
                 signals.abort();
                 result
             });
