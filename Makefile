@@ -17,7 +17,7 @@ deps:
 test: deps
 	$(CARGO) build -p tidelink
 	$(CARGO) test --workspace --exclude tidelink-integration-tests
-	$(CARGO) test -p tidelink-integration-tests -- --test-threads=2
+	$(CARGO) test --no-fail-fast -p tidelink-integration-tests -- --test-threads=2
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -482,6 +482,19 @@ impl PgPipeline {
         path
     }
 
+    /// Writes a configuration like [`PgPipeline::write_config`] whose pipeline takes no
+    /// snapshot of existing rows (`snapshot: never`), for tests that count messages exactly.
+    pub fn write_config_without_snapshot(&self, name: &str, sink_extra: &str) -> PathBuf {
+        let path = self.write_config(name, sink_extra);
+        let yaml = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(
+            &path,
+            yaml.replace("  - name: it\n", "  - name: it\n    snapshot: never\n"),
+        )
+        .expect("write config");
+        path
+    }
+
     /// Starts `tidelink run` on a config with extra arguments; logs to `<work>/<log>`.
     pub fn run(&self, config: &Path, extra: &[&str], log: &str) -> Daemon {
         let config = config.display().to_string();
@@ -505,6 +518,22 @@ impl PgPipeline {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Waits until the source of pipeline `it` reports itself up on `/metrics` (for
+    /// processes whose `/readyz` also covers pipelines that are meant to fail).
+    pub async fn wait_source_streaming(&self) {
+        let port = self.metrics_port;
+        wait_until(
+            Duration::from_secs(60),
+            "the source of pipeline it streams",
+            || async move {
+                http_get(port, "/metrics").await.is_some_and(|m| {
+                    m.contains("tidelink_component_up{component=\"source\",pipeline=\"it\"} 1")
+                })
+            },
+        )
+        .await;
     }
 
     /// Starts `tidelink run` and waits until `/readyz` answers 200 (source streaming and
@@ -583,6 +612,22 @@ impl PgPipeline {
             }
         }
         out
+    }
+
+    /// Waits until the sink has applied every message stored in `topics` (up to a minute),
+    /// then returns (history rows, distinct messages in the history, messages stored).
+    /// Equal data is not enough to stop waiting: snapshot messages that change nothing may
+    /// still be on their way.
+    pub async fn audit_applied(&self, topics: &[&str]) -> (i64, i64, i64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stored = self.messages_in_topics(topics);
+            let (recorded, distinct) = self.history_audit().await;
+            if recorded >= stored || Instant::now() >= deadline {
+                return (recorded, distinct, stored);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Audit of the sink's history: (rows recorded, distinct messages recorded).

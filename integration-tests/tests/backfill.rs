@@ -40,18 +40,6 @@ async fn churn(p: &PgPipeline, rounds: usize) {
     }
 }
 
-/// The pipeline's config without the daemon's own snapshot, so the command does the copying.
-fn without_snapshot(p: &PgPipeline, name: &str) -> std::path::PathBuf {
-    let config = p.write_config(name, "");
-    let yaml = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        yaml.replace("  - name: it\n", "  - name: it\n    snapshot: never\n"),
-    )
-    .expect("write");
-    config
-}
-
 fn backfill(p: &PgPipeline, config: &std::path::Path, chunk: &str, log: &str) -> Daemon {
     let config = config.display().to_string();
     Daemon::start(
@@ -71,7 +59,7 @@ fn backfill(p: &PgPipeline, config: &std::path::Path, chunk: &str, log: &str) ->
 #[tokio::test(flavor = "multi_thread")]
 async fn existing_rows_are_backfilled_while_the_stream_changes_them() {
     let p = preloaded().await;
-    let config = without_snapshot(&p, "backfill.yaml");
+    let config = p.write_config_without_snapshot("backfill.yaml", "");
     let _daemon = p.run_ready(&config, "daemon.log").await;
     let churner = {
         let p = &p;
@@ -95,7 +83,7 @@ async fn existing_rows_are_backfilled_while_the_stream_changes_them() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_backfill_resumes_after_its_last_chunk() {
     let p = preloaded().await;
-    let config = without_snapshot(&p, "resume.yaml");
+    let config = p.write_config_without_snapshot("resume.yaml", "");
     let _daemon = p.run_ready(&config, "daemon.log").await;
     let copier = backfill(&p, &config, "200", "backfill-1.log");
     tidelink_integration_tests::wait_until(
