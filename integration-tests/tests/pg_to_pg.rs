@@ -251,8 +251,16 @@ enum Victim {
 
 /// Source in one process, two sink workers in two more; after both hold partitions one
 /// worker is killed with -9 and the survivor must take its partitions over.
-async fn failover(p: PgPipeline, victim: Victim) {
+async fn failover(p: PgPipeline, victim: Victim, kafka_properties: &str) {
     let config = p.write_config("workers.yaml", "");
+    if !kafka_properties.is_empty() {
+        let yaml = std::fs::read_to_string(&config).expect("config");
+        let yaml = yaml.replace(
+            "      partitions: 4\n",
+            &format!("      partitions: 4\n      properties: {kafka_properties}\n"),
+        );
+        std::fs::write(&config, yaml).expect("write config");
+    }
     let config_s = config.display().to_string();
     let log = |name: &str| p.work.path().join(name);
     let source_proc = Daemon::start(
@@ -329,7 +337,12 @@ async fn failover(p: PgPipeline, victim: Victim) {
 /// against librdkafka's mock cluster below, whose group coordinator behaves like Kafka's.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_sink_workers_split_partitions_and_the_survivor_takes_over() {
-    failover(PgPipeline::start(WORKLOAD_SCHEMA).await, Victim::Follower).await;
+    failover(
+        PgPipeline::start(WORKLOAD_SCHEMA).await,
+        Victim::Follower,
+        "",
+    )
+    .await;
 }
 
 /// The group leader is killed: the survivor takes every partition over (Kafka semantics,
@@ -345,7 +358,14 @@ async fn when_the_group_leader_dies_the_other_worker_takes_over() {
     mock.create_topic("it.backfill", 1, 1).expect("mock topic");
     let mut p = PgPipeline::start(WORKLOAD_SCHEMA).await;
     p.bootstrap = mock.bootstrap_servers();
-    failover(p, Victim::Leader).await;
+    // The mock coordinator waits up to the session timeout in each rebalance round; it
+    // needs none of the headroom the 30 s default gives a loaded tansu.
+    failover(
+        p,
+        Victim::Leader,
+        "{ session.timeout.ms: \"10000\", heartbeat.interval.ms: \"1000\" }",
+    )
+    .await;
     drop(mock);
 }
 
