@@ -145,11 +145,40 @@ impl TableReader {
             .join(", ")
     }
 
-    /// Up to `limit` rows after `after` (key values in text form), in key order: each row's
-    /// key, its full image, and its key in text form for the next call.
+    /// The largest key (text form) the table holds now, `None` when it is empty. A copy
+    /// can stop there: rows inserted later commit after the pipeline's slot exists, so the
+    /// stream delivers them.
+    pub async fn max_key(&self) -> Result<Option<Vec<String>>, TidelinkError> {
+        let descending = self
+            .key
+            .iter()
+            .map(|&i| format!("{} DESC", quote_ident(&self.columns[i].0)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY {descending} LIMIT 1",
+            self.key_list(),
+            quote_table(&self.table.schema, &self.table.name)
+        );
+        let messages = self.client.simple_query(&sql).await.map_err(|e| {
+            classify(&e).context(format!("reading the largest key of {}", self.table))
+        })?;
+        Ok(messages.into_iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..self.key.len())
+                    .map(|i| row.get(i).unwrap_or_default().to_string())
+                    .collect(),
+            ),
+            _ => None,
+        }))
+    }
+
+    /// Up to `limit` rows after `after` and up to `upto` (key values in text form), in key
+    /// order: each row's key, its full image, and its key in text form for the next call.
     pub async fn chunk(
         &self,
         after: Option<&[String]>,
+        upto: Option<&[String]>,
         limit: usize,
     ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
         let columns = self
@@ -159,9 +188,17 @@ impl TableReader {
             .collect::<Vec<_>>()
             .join(", ");
         let keys = self.key_list();
-        let filter = match after {
-            Some(after) => format!("WHERE ({keys}) > ({})", self.key_literal(after)),
-            None => String::new(),
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(format!("({keys}) > ({})", self.key_literal(after)));
+        }
+        if let Some(upto) = upto {
+            conditions.push(format!("({keys}) <= ({})", self.key_literal(upto)));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
         };
         let sql = format!(
             "SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}",

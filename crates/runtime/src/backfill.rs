@@ -12,6 +12,10 @@
 //! chunk is acknowledged its keys are looked up again, and each key gone by then gets a
 //! delete event after the chunk.
 //!
+//! Each table is copied up to the largest key it holds when its copy starts: rows inserted
+//! later commit after the pipeline's slot exists (the publication a backfill reads is
+//! created together with it), so the stream delivers them.
+//!
 //! # Resuming
 //! After each chunk the last key is recorded in the compacted topic `<prefix>.backfill`
 //! (keyed by table). A rerun of the same command continues after it and skips finished
@@ -137,6 +141,9 @@ pub async fn backfill(
             tx_id: None,
             lsn: None,
         };
+        // Rows with larger keys are inserted after this point and reach sinks through the
+        // stream: the copy stops at the largest key there is now.
+        let upto = reader.max_key().await?;
         let started = Instant::now();
         let rows_at_start = progress.rows;
         let mut last_report = Instant::now();
@@ -147,9 +154,15 @@ pub async fn backfill(
                 tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
                 return Ok(report);
             }
-            let chunk = reader
-                .chunk(progress.after.as_deref(), options.chunk_size)
-                .await?;
+            // An empty table has nothing to copy: every row it gets is streamed.
+            let chunk = match &upto {
+                None => Vec::new(),
+                Some(upto) => {
+                    reader
+                        .chunk(progress.after.as_deref(), Some(upto), options.chunk_size)
+                        .await?
+                }
+            };
             if chunk.is_empty() {
                 progress.done = true;
                 record(&producer, &progress_topic, &table, &progress).await?;
