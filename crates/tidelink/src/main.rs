@@ -153,14 +153,7 @@ fn main() -> ExitCode {
             };
             let result = runtime.block_on(async {
                 let shutdown = Shutdown::new();
-                let signals = {
-                    let shutdown = shutdown.clone();
-                    tokio::spawn(async move {
-                        wait_for_signal().await;
-                        tracing::info!("stop requested: finishing the current chunk");
-                        shutdown.trigger();
-                    })
-                };
+                let signals = stop_on_signal(&shutdown, "finishing the current chunk");
                 let result =
                     tidelink_runtime::backfill::backfill(pipeline, &options, None, &shutdown).await;
                 signals.abort();
@@ -293,14 +286,7 @@ async fn run(
             }
         });
     }
-    let signals = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("stop requested: finishing in-flight work");
-            shutdown.trigger();
-        })
-    };
+    let signals = stop_on_signal(&shutdown, "finishing in-flight work");
     let work = run_pipelines(
         &config,
         pipeline.as_deref(),
@@ -323,6 +309,16 @@ async fn run(
     };
     signals.abort();
     result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Triggers `shutdown` on SIGINT or SIGTERM, logging what happens next.
+fn stop_on_signal(shutdown: &Shutdown, next: &'static str) -> tokio::task::JoinHandle<()> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested: {next}");
+        shutdown.trigger();
+    })
 }
 
 async fn wait_for_signal() {
