@@ -3,7 +3,7 @@
 //! output functions so every value — and every key, hence every Kafka partition — is
 //! byte-for-byte what the replication stream produces for the same row.
 
-use crate::catalog::Catalog;
+use crate::catalog::{column_definitions, primary_key, TypeCache};
 use crate::connection::{
     classify, connect, connect_with_options, quote_ident, quote_table, VALUE_FORMAT_OPTIONS,
 };
@@ -61,7 +61,6 @@ impl TableReader {
     /// Describes the table; refuses one without a primary key.
     pub async fn open(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
         let client = connect_with_options(dsn, "backfill", VALUE_FORMAT_OPTIONS).await?;
-        let mut catalog = Catalog::connect(dsn).await?;
         let oid: Option<u32> = client
             .query_one(
                 "SELECT to_regclass($1)::oid",
@@ -82,12 +81,13 @@ impl TableReader {
             .await
             .map_err(|e| classify(&e).context(format!("reading the columns of {table}")))?;
         let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
-        catalog.load_types(&oids).await?;
+        let mut types = TypeCache::default();
+        types.load(&client, &oids).await?;
         let columns: Vec<(String, ValueKind)> = rows
             .iter()
-            .map(|r| (r.get::<_, String>(0), catalog.classify(r.get(1))))
+            .map(|r| (r.get::<_, String>(0), types.classify(r.get(1))))
             .collect();
-        let primary_key = catalog.primary_key(oid).await?;
+        let primary_key = primary_key(&client, oid).await?;
         if primary_key.is_empty() {
             return Err(TidelinkError::permanent(format!(
                 "table {table} has no primary key: a backfill pages through rows by key, so it needs one"
@@ -98,8 +98,7 @@ impl TableReader {
             .filter_map(|k| columns.iter().position(|(name, _)| name == k))
             .collect();
         let key_types = key.iter().map(|&i| rows[i].get::<_, String>(2)).collect();
-        let definitions = catalog
-            .column_definitions(oid)
+        let definitions = column_definitions(&client, oid)
             .await?
             .into_iter()
             .enumerate()

@@ -1,33 +1,31 @@
 //! Catalog look-ups shared by source and sink: type classification (cached per OID)
 //! and primary keys.
 
-use crate::connection::{classify, connect};
+use crate::connection::classify;
 use crate::types::{classify as classify_kind, TypeRow, ValueKind};
 use std::collections::HashMap;
 use tidelink_core::TidelinkError;
 
-pub(crate) struct Catalog {
-    client: tokio_postgres::Client,
+/// `pg_type` rows loaded so far, by OID. Used over any connection to the database.
+#[derive(Default)]
+pub(crate) struct TypeCache {
     types: HashMap<u32, TypeRow>,
 }
 
-impl Catalog {
-    pub(crate) async fn connect(dsn: &str) -> Result<Self, TidelinkError> {
-        Ok(Self {
-            client: connect(dsn, "source catalog").await?,
-            types: HashMap::new(),
-        })
-    }
-
+impl TypeCache {
     /// Loads `pg_type` rows for these OIDs and, transitively, their element and base types.
-    pub(crate) async fn load_types(&mut self, oids: &[u32]) -> Result<(), TidelinkError> {
+    pub(crate) async fn load(
+        &mut self,
+        client: &tokio_postgres::Client,
+        oids: &[u32],
+    ) -> Result<(), TidelinkError> {
         let mut missing: Vec<u32> = oids
             .iter()
             .copied()
             .filter(|o| !self.types.contains_key(o))
             .collect();
         while !missing.is_empty() {
-            let rows = fetch_types(&self.client, &missing).await?;
+            let rows = fetch_types(client, &missing).await?;
             let mut next = Vec::new();
             for row in rows {
                 for dependency in [row.element, row.base] {
@@ -45,21 +43,32 @@ impl Catalog {
         Ok(())
     }
 
-    pub(crate) fn classify(&self, oid: u32) -> ValueKind {
-        classify_kind(oid, &|o| self.types.get(&o).cloned())
+    /// A loaded row.
+    pub(crate) fn get(&self, oid: u32) -> Option<TypeRow> {
+        self.types.get(&oid).cloned()
     }
 
-    /// Column definitions of a relation (name, portable SQL type, NOT NULL), in table
-    /// order. Enum and composite types become `text` (`text[]` for their arrays) and domains
-    /// their base type, so the definitions can be created in a database without those types.
-    pub(crate) async fn column_definitions(
-        &self,
-        relation: u32,
-    ) -> Result<Vec<(String, String, bool)>, TidelinkError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT a.attname::text, \
+    /// How a source value of this type is represented in the envelope.
+    pub(crate) fn classify(&self, oid: u32) -> ValueKind {
+        classify_kind(oid, &|o| self.get(o))
+    }
+
+    /// Forgets every row (after a reconnect, types may have changed).
+    pub(crate) fn clear(&mut self) {
+        self.types.clear();
+    }
+}
+
+/// Column definitions of a relation (name, portable SQL type, NOT NULL), in table
+/// order. Enum and composite types become `text` (`text[]` for their arrays) and domains
+/// their base type, so the definitions can be created in a database without those types.
+pub(crate) async fn column_definitions(
+    client: &tokio_postgres::Client,
+    relation: u32,
+) -> Result<Vec<(String, String, bool)>, TidelinkError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, \
                         CASE WHEN t.typtype IN ('e', 'c') THEN 'text' \
                              WHEN et.typtype IN ('e', 'c') THEN 'text[]' \
                              WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) \
@@ -68,24 +77,18 @@ impl Catalog {
                  FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
                  LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A' \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                &[&relation],
-            )
-            .await
-            .map_err(|e| classify(&e).context("reading column definitions"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
-    }
-
-    /// Primary-key column names of a relation, in key order (empty when it has none).
-    pub(crate) async fn primary_key(&self, relation: u32) -> Result<Vec<String>, TidelinkError> {
-        primary_key(&self.client, relation).await
-    }
+            &[&relation],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading column definitions"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// `pg_type` rows for these OIDs.
-pub(crate) async fn fetch_types(
+async fn fetch_types(
     client: &tokio_postgres::Client,
     oids: &[u32],
 ) -> Result<Vec<TypeRow>, TidelinkError> {

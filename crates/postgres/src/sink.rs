@@ -17,9 +17,9 @@
 //! value sent as text and cast to the target column's type: one round trip per table, not
 //! per row.
 
-use crate::catalog::fetch_types;
+use crate::catalog::TypeCache;
 use crate::connection::{connect, describe, is_transient_state, quote_ident, quote_table};
-use crate::types::{json_to_text, target_kind, TargetKind, TypeRow};
+use crate::types::{json_to_text, target_kind, TargetKind};
 use std::collections::HashMap;
 use tidelink_core::{
     OffsetAdvance, Op, Row, Sink, SinkChange, SinkError, TableId, TidelinkError, TopicPartition,
@@ -59,6 +59,7 @@ pub struct PgSink {
     settings: PgSinkSettings,
     client: Option<Client>,
     tables: HashMap<TableId, TargetTable>,
+    types: TypeCache,
     statements: HashMap<String, Statement>,
 }
 
@@ -91,6 +92,7 @@ impl PgSink {
             settings,
             client: None,
             tables: HashMap::new(),
+            types: TypeCache::default(),
             statements: HashMap::new(),
         };
         sink.client().await?;
@@ -102,6 +104,7 @@ impl PgSink {
         if !healthy {
             self.statements.clear();
             self.tables.clear();
+            self.types.clear();
             let client = connect(&self.settings.dsn, "sink").await?;
             create_state_tables(&client, &self.settings.state_schema).await?;
             self.client = Some(client);
@@ -159,23 +162,10 @@ impl PgSink {
             .await
             .map_err(|e| sink_error(&e, &format!("reading the columns of target table {table}")))?;
         let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
-        let mut types: HashMap<u32, TypeRow> = HashMap::new();
-        let mut missing = oids.clone();
-        while !missing.is_empty() {
-            let fetched = fetch_types(client, &missing)
-                .await
-                .map_err(|e| SinkError::Transient(e.message))?;
-            missing = Vec::new();
-            for row in fetched {
-                for dep in [row.element, row.base] {
-                    if dep != 0 && !types.contains_key(&dep) {
-                        missing.push(dep);
-                    }
-                }
-                types.insert(row.oid, row);
-            }
-            missing.retain(|o| !types.contains_key(o));
-        }
+        self.types
+            .load(client, &oids)
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
         let columns = rows
             .iter()
             .map(|r| {
@@ -184,7 +174,7 @@ impl PgSink {
                     r.get::<_, String>(0),
                     TargetColumn {
                         sql_type: r.get(2),
-                        kind: target_kind(oid, &|o| types.get(&o).cloned()),
+                        kind: target_kind(oid, &|o| self.types.get(o)),
                     },
                 )
             })

@@ -346,15 +346,25 @@ async fn watch_retained_wal(
     shutdown: Shutdown,
 ) {
     let gauge = metrics.source_retained_wal.with_label_values(&[&pipeline]);
+    // One connection, opened again only after it failed.
+    let mut client: Option<tokio_postgres::Client> = None;
     loop {
-        match tidelink_postgres::source::slot_status(&dsn, &slot).await {
-            Ok(status) => {
-                if let Some(bytes) = status.retained_wal_bytes {
-                    gauge.set(bytes as f64);
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = tidelink_postgres::connection::connect(&dsn, "slot watch")
+                .await
+                .ok();
+        }
+        if let Some(c) = &client {
+            match tidelink_postgres::source::slot_status_on(c, &slot).await {
+                Ok(status) => {
+                    if let Some(bytes) = status.retained_wal_bytes {
+                        gauge.set(bytes as f64);
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::debug!(pipeline = %pipeline, error = %e, "cannot read the slot's retained WAL")
+                Err(e) => {
+                    tracing::debug!(pipeline = %pipeline, error = %e, "cannot read the slot's retained WAL");
+                    client = None;
+                }
             }
         }
         if !shutdown.sleep(Duration::from_secs(10)).await {

@@ -18,8 +18,11 @@
 pub mod pgoutput;
 mod preflight;
 
-pub use preflight::{preflight, slot_status, PreflightReport, SlotStatus, SourceTable};
+pub use preflight::{
+    preflight, slot_status, slot_status_on, PreflightReport, SlotStatus, SourceTable,
+};
 
+use crate::catalog::{self, TypeCache};
 use crate::connection::{self, parse_dsn};
 use crate::types::{text_to_json, ValueKind};
 use pgoutput::{OldTuple, PgOutputMessage, TupleValue};
@@ -84,7 +87,9 @@ pub struct PgSource {
     settings: PgSourceSettings,
     database: String,
     client: ReplicationClient,
-    catalog: crate::catalog::Catalog,
+    /// A regular connection for catalog look-ups while streaming.
+    catalog: tokio_postgres::Client,
+    types: TypeCache,
     relations: HashMap<u32, RelationInfo>,
     transaction: Option<OpenTransaction>,
     ready: VecDeque<SourceMessage<Lsn>>,
@@ -104,7 +109,7 @@ impl PgSource {
         }
         let config = parse_dsn(&settings.dsn)?;
         let database = config.get_dbname().unwrap_or("postgres").to_string();
-        let catalog = crate::catalog::Catalog::connect(&settings.dsn).await?;
+        let catalog = connection::connect(&settings.dsn, "source catalog").await?;
         let client = open_stream(&settings, &config).await?;
         tracing::info!(
             pipeline = %settings.pipeline,
@@ -122,6 +127,7 @@ impl PgSource {
                 database,
                 client,
                 catalog,
+                types: TypeCache::default(),
                 relations: HashMap::new(),
                 transaction: None,
                 ready: VecDeque::new(),
@@ -157,16 +163,16 @@ impl PgSource {
 
     async fn handle_relation(&mut self, rel: pgoutput::Relation) -> Result<(), TidelinkError> {
         let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
-        self.catalog.load_types(&oids).await?;
+        self.types.load(&self.catalog, &oids).await?;
         let columns: Vec<ColumnInfo> = rel
             .columns
             .iter()
             .map(|c| ColumnInfo {
                 name: c.name.clone(),
-                kind: self.catalog.classify(c.type_oid),
+                kind: self.types.classify(c.type_oid),
             })
             .collect();
-        let primary_key = self.catalog.primary_key(rel.id).await?;
+        let primary_key = catalog::primary_key(&self.catalog, rel.id).await?;
         let key: Vec<usize> = if primary_key.is_empty() {
             rel.columns
                 .iter()
@@ -180,7 +186,7 @@ impl PgSource {
                 .filter_map(|name| columns.iter().position(|c| &c.name == name))
                 .collect()
         };
-        let catalog_columns = self.catalog.column_definitions(rel.id).await?;
+        let catalog_columns = catalog::column_definitions(&self.catalog, rel.id).await?;
         let definitions = columns
             .iter()
             .enumerate()

@@ -318,9 +318,16 @@ pub struct SlotStatus {
     pub flush_lag_seconds: Option<f64>,
 }
 
-/// Reads a slot's position and lag.
+/// Reads a slot's position and lag over a new connection.
 pub async fn slot_status(dsn: &str, slot: &str) -> Result<SlotStatus, TidelinkError> {
-    let client = connect(dsn, "status").await?;
+    slot_status_on(&connect(dsn, "status").await?, slot).await
+}
+
+/// Reads a slot's position and lag over an existing connection.
+pub async fn slot_status_on(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<SlotStatus, TidelinkError> {
     let row = client
         .query_one(
             "SELECT pg_current_wal_lsn()::text, s.active, s.confirmed_flush_lsn::text, \
