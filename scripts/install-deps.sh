@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what tidelink's tests and demo need on a bare Debian machine: PostgreSQL 15
-# (server binaries for throwaway clusters, psql), curl, and the build tools for the bundled
+# (server binaries for throwaway clusters, psql), MariaDB (mariadbd, mariadb-install-db and
+# the client for throwaway instances), curl, and the build tools for the bundled
 # librdkafka. Then builds the tansu broker once (cached). Idempotent and quiet when all is there.
 set -euo pipefail
 need=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 command -v psql >/dev/null || need+=(postgresql-client-15)
+command -v mariadbd >/dev/null || need+=(mariadb-server)
+command -v mariadb >/dev/null || need+=(mariadb-client)
 command -v curl >/dev/null || need+=(curl)
 command -v make >/dev/null || need+=(make)
 command -v cc >/dev/null || need+=(gcc)

@@ -26,6 +26,8 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+pub mod mariadb;
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

@@ -92,6 +92,9 @@ pub struct SourceConfig {
     /// PostgreSQL logical replication (pgoutput).
     #[serde(default)]
     pub postgres: Option<PostgresSourceConfig>,
+    /// MySQL or MariaDB row binlog.
+    #[serde(default)]
+    pub mysql: Option<MysqlSourceConfig>,
 }
 
 /// The configured source connector.
@@ -99,12 +102,60 @@ pub struct SourceConfig {
 pub enum SourceKind<'a> {
     /// PostgreSQL logical replication.
     Postgres(&'a PostgresSourceConfig),
+    /// MySQL/MariaDB binlog replication.
+    Mysql(&'a MysqlSourceConfig),
 }
 
 impl SourceConfig {
     /// The configured connector; validation guarantees there is exactly one.
     pub fn kind(&self) -> Option<SourceKind<'_>> {
-        self.postgres.as_ref().map(SourceKind::Postgres)
+        match (&self.postgres, &self.mysql) {
+            (Some(pg), _) => Some(SourceKind::Postgres(pg)),
+            (None, Some(my)) => Some(SourceKind::Mysql(my)),
+            (None, None) => None,
+        }
+    }
+
+    /// How many connectors are configured (exactly one is valid).
+    pub fn count(&self) -> usize {
+        usize::from(self.postgres.is_some()) + usize::from(self.mysql.is_some())
+    }
+}
+
+/// MySQL/MariaDB source options.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MysqlSourceConfig {
+    /// Connection URL, `mysql://user:pass@host:3306/db`. The user needs REPLICATION SLAVE,
+    /// REPLICATION CLIENT (BINLOG MONITOR on MariaDB) and SELECT on the tables.
+    pub dsn: String,
+    /// Tables to capture, as `database.table` patterns with `*` and `?` (`shop.*`).
+    pub tables: Vec<String>,
+    /// Server id tidelink registers with as a replica; must differ from every other
+    /// server and replica of the source. Default: derived from the pipeline name.
+    #[serde(default)]
+    pub server_id: Option<u32>,
+    /// Heartbeat interval the server is asked for on a quiet binlog, in milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+
+impl MysqlSourceConfig {
+    /// The replica server id, defaulted to a stable value derived from the pipeline name
+    /// (in 1,000,000..2,000,000, away from the small ids people give servers).
+    pub fn server_id_for(&self, pipeline: &str) -> u32 {
+        self.server_id.unwrap_or_else(|| {
+            // FNV-1a: stable across builds and platforms.
+            let mut hash: u32 = 0x811c_9dc5;
+            for b in pipeline.bytes() {
+                hash ^= u32::from(b);
+                hash = hash.wrapping_mul(0x0100_0193);
+            }
+            1_000_000 + hash % 1_000_000
+        })
     }
 }
 
@@ -201,9 +252,12 @@ impl KafkaConfig {
 pub struct SinkConfig {
     /// Unique within the pipeline; the consumer group is `tidelink.<pipeline>.<sink>`.
     pub name: String,
-    /// A PostgreSQL target (the one target kind so far; exactly one must be given).
+    /// A PostgreSQL target (exactly one target must be given).
     #[serde(default)]
     pub postgres: Option<PostgresSinkConfig>,
+    /// A MySQL or MariaDB target.
+    #[serde(default)]
+    pub mysql: Option<MysqlSinkConfig>,
     /// Largest number of messages applied in one target transaction.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -234,7 +288,16 @@ fn default_batch_wait_ms() -> u64 {
 impl SinkConfig {
     /// The target database; validation guarantees exactly one is configured.
     pub fn target(&self) -> Option<SinkTarget<'_>> {
-        self.postgres.as_ref().map(SinkTarget::Postgres)
+        match (&self.postgres, &self.mysql) {
+            (Some(pg), _) => Some(SinkTarget::Postgres(pg)),
+            (None, Some(my)) => Some(SinkTarget::Mysql(my)),
+            (None, None) => None,
+        }
+    }
+
+    /// How many targets are configured (exactly one is valid).
+    pub fn target_count(&self) -> usize {
+        usize::from(self.postgres.is_some()) + usize::from(self.mysql.is_some())
     }
 
     /// The consumer group of this sink's workers.
@@ -255,6 +318,24 @@ impl SinkConfig {
 pub enum SinkTarget<'a> {
     /// A PostgreSQL database.
     Postgres(&'a PostgresSinkConfig),
+    /// A MySQL or MariaDB database.
+    Mysql(&'a MysqlSinkConfig),
+}
+
+/// MySQL/MariaDB sink options.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MysqlSinkConfig {
+    /// Connection URL of the target, `mysql://user:pass@host:3306/db`.
+    pub dsn: String,
+    /// Database holding the `offsets` (and `history`) tables.
+    #[serde(default = "default_state_schema")]
+    pub state_database: String,
+    /// Also record every applied message in `<state_database>.history` (for audits).
+    #[serde(default)]
+    pub record_history: bool,
+    /// Create a missing target table (and database) from the source's column definitions.
+    #[serde(default)]
+    pub create_tables: bool,
 }
 
 /// PostgreSQL sink options.

@@ -51,12 +51,39 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                 format!("pipeline `{}` is defined twice", pipeline.name),
             );
         }
+        if pipeline.source.count() > 1 {
+            report(
+                format!("{at}.source"),
+                "give exactly one source: `postgres:` or `mysql:`, not both".into(),
+            );
+        }
         match pipeline.source.kind() {
             None => report(
                 format!("{at}.source"),
-                "name the source database: add a `postgres:` block with its `dsn` and `tables`"
+                "name the source database: add a `postgres:` or `mysql:` block with its `dsn` and `tables`"
                     .into(),
             ),
+            Some(SourceKind::Mysql(my)) => {
+                let at = format!("{at}.source.mysql");
+                if my.dsn.trim().is_empty() {
+                    report(format!("{at}.dsn"), "must not be empty".into());
+                } else if !my.dsn.starts_with("mysql://") && !my.dsn.starts_with("mariadb://") {
+                    report(
+                        format!("{at}.dsn"),
+                        "write it as a URL: mysql://user:password@host:3306/database".into(),
+                    );
+                }
+                check_patterns(&my.tables, &format!("{at}.tables"), true, &mut report);
+                if my.server_id == Some(0) {
+                    report(
+                        format!("{at}.server_id"),
+                        "must be at least 1 (0 means no replication)".into(),
+                    );
+                }
+                if my.heartbeat_ms == 0 {
+                    report(format!("{at}.heartbeat_ms"), "must be at least 1".into());
+                }
+            }
             Some(SourceKind::Postgres(pg)) => {
                 let at = format!("{at}.source.postgres");
                 if pg.dsn.trim().is_empty() {
@@ -143,11 +170,34 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                     }
                 }
             }
+            if sink.target_count() > 1 {
+                report(
+                    at.clone(),
+                    "give exactly one target: `postgres:` or `mysql:`, not both".into(),
+                );
+            }
             match sink.target() {
                 None => report(
                     at.clone(),
-                    "name the target database: add a `postgres:` block with its `dsn`".into(),
+                    "name the target database: add a `postgres:` or `mysql:` block with its `dsn`"
+                        .into(),
                 ),
+                Some(SinkTarget::Mysql(my)) => {
+                    if my.dsn.trim().is_empty() {
+                        report(format!("{at}.mysql.dsn"), "must not be empty".into());
+                    } else if !my.dsn.starts_with("mysql://") && !my.dsn.starts_with("mariadb://") {
+                        report(
+                            format!("{at}.mysql.dsn"),
+                            "write it as a URL: mysql://user:password@host:3306/database".into(),
+                        );
+                    }
+                    if !is_name(&my.state_database) {
+                        report(
+                            format!("{at}.mysql.state_database"),
+                            format!("`{}` must be letters, digits and `_`", my.state_database),
+                        );
+                    }
+                }
                 Some(SinkTarget::Postgres(pg)) => {
                     if pg.dsn.trim().is_empty() {
                         report(format!("{at}.postgres.dsn"), "must not be empty".into());

@@ -84,7 +84,7 @@ impl Op {
 }
 
 /// Where a change came from, as the envelope's `source` block reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SourceInfo {
     /// tidelink version that produced the event.
     pub version: String,
@@ -108,6 +108,22 @@ pub struct SourceInfo {
     /// PostgreSQL commit LSN of the transaction.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub lsn: Option<u64>,
+    /// MySQL family: binlog file of the event.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub file: Option<String>,
+    /// MySQL family: position in the binlog file where the transaction's row event starts.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pos: Option<u64>,
+    /// MySQL family: GTID of the transaction (`domain-server-seq` on MariaDB,
+    /// `uuid:number` on MySQL).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gtid: Option<String>,
+    /// MySQL family: id of the server that wrote the event.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub server_id: Option<u32>,
+    /// MySQL family: index of the row within its rows event.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub row: Option<u32>,
 }
 
 /// One committed row change.

@@ -4,6 +4,7 @@
 //! Nothing here talks to a database or a broker; the connector crates implement these
 //! contracts and the runtime wires them together.
 
+pub mod coalesce;
 pub mod contract;
 pub mod error;
 pub mod event;

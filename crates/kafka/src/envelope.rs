@@ -147,6 +147,7 @@ mod tests {
                 table: "users".into(),
                 tx_id: Some(42),
                 lsn: Some(1234),
+                ..Default::default()
             },
             columns: None,
         }

@@ -21,8 +21,9 @@ use crate::catalog::TypeCache;
 use crate::connection::{connect, describe, is_transient_state, quote_ident, quote_table};
 use crate::types::{json_to_text, target_kind, TargetKind};
 use std::collections::HashMap;
+use tidelink_core::coalesce::{coalesce, truncate_segments, Pending, TableBatch};
 use tidelink_core::{
-    OffsetAdvance, Op, Row, Sink, SinkChange, SinkError, TableId, TidelinkError, TopicPartition,
+    OffsetAdvance, Row, Sink, SinkChange, SinkError, TableId, TidelinkError, TopicPartition,
     UNAVAILABLE_VALUE,
 };
 use tokio_postgres::{Client, Statement};
@@ -69,21 +70,6 @@ type KeyedRow<'a> = (&'a Row, &'a Row);
 /// What one INSERT statement covers: the columns present, and whether it only inserts rows
 /// the target lacks (backfill reads).
 type StatementShape = (Vec<String>, bool);
-
-enum Pending {
-    Upsert(Row),
-    /// A backfill read: written only where the target has no row with this key, so a
-    /// change the stream applied first is never overwritten by an older snapshot.
-    InsertIfAbsent(Row),
-    Delete,
-}
-
-struct TableBatch<'a> {
-    table: &'a TableId,
-    source_columns: Option<std::sync::Arc<[u8]>>,
-    order: Vec<String>,
-    pending: HashMap<String, (Row, Pending)>,
-}
 
 impl PgSink {
     /// Connects and creates the state tables when absent.
@@ -385,19 +371,11 @@ impl PgSink {
         if self.settings.record_history && !changes.is_empty() {
             self.record_history(changes).await?;
         }
-        // Segments end at each truncate, so a truncate applies after the changes before it
-        // and before the changes after it.
-        let mut start = 0;
-        while start < changes.len() {
-            let end = changes[start..]
-                .iter()
-                .position(|c| c.op == Op::Truncate)
-                .map(|i| start + i)
-                .unwrap_or(changes.len());
-            for batch in coalesce(&changes[start..end])? {
+        for (segment, truncate) in truncate_segments(changes) {
+            for batch in coalesce(segment)? {
                 self.apply_table(batch).await?;
             }
-            if let Some(truncate) = changes.get(end) {
+            if let Some(truncate) = truncate {
                 let target = self
                     .target_table(&truncate.table, truncate.source_columns.as_deref())
                     .await?;
@@ -408,7 +386,6 @@ impl PgSink {
                 )
                 .await?;
             }
-            start = end + 1;
         }
         Ok(())
     }
@@ -472,66 +449,6 @@ impl Sink for PgSink {
             }
         }
     }
-}
-
-fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
-    let mut batches: Vec<TableBatch<'_>> = Vec::new();
-    let mut index: HashMap<&TableId, usize> = HashMap::new();
-    for change in changes {
-        let i = *index.entry(&change.table).or_insert_with(|| {
-            batches.push(TableBatch {
-                table: &change.table,
-                source_columns: change.source_columns.clone(),
-                order: Vec::new(),
-                pending: HashMap::new(),
-            });
-            batches.len() - 1
-        });
-        let batch = &mut batches[i];
-        if change.key.is_empty() {
-            return Err(SinkError::Rejected(format!(
-                "{}: change of {} has an empty key",
-                change.origin, change.table
-            )));
-        }
-        let key_text = serde_json::Value::Object(change.key.clone()).to_string();
-        let next = match (change.op, &change.after) {
-            (Op::Delete, _) => Pending::Delete,
-            (Op::Read, Some(after)) => match batch.pending.get(&key_text) {
-                // A streamed change in this batch is newer than any snapshot of the row.
-                Some((_, Pending::Upsert(_))) => continue,
-                // Deleted and read again: the read is the row's state now.
-                Some((_, Pending::Delete)) => Pending::Upsert(after.clone()),
-                _ => Pending::InsertIfAbsent(after.clone()),
-            },
-            (_, Some(after)) => {
-                let mut row = after.clone();
-                if let Some((_, Pending::Upsert(previous))) = batch.pending.get(&key_text) {
-                    for (column, value) in row.iter_mut() {
-                        if value.as_str() == Some(UNAVAILABLE_VALUE) {
-                            if let Some(earlier) = previous.get(column) {
-                                *value = earlier.clone();
-                            }
-                        }
-                    }
-                }
-                Pending::Upsert(row)
-            }
-            (op, None) => {
-                return Err(SinkError::Rejected(format!(
-                    "{}: {} change of {} has no `after` row",
-                    change.origin,
-                    op.name(),
-                    change.table
-                )))
-            }
-        };
-        if !batch.pending.contains_key(&key_text) {
-            batch.order.push(key_text.clone());
-        }
-        batch.pending.insert(key_text, (change.key.clone(), next));
-    }
-    Ok(batches)
 }
 
 fn column_params<'r>(
@@ -608,17 +525,17 @@ async fn create_table(client: &Client, table: &TableId, columns: &[u8]) -> Resul
             "no column definitions for {table}"
         )));
     }
-    let mut definitions: Vec<String> = columns
-        .iter()
-        .map(|c| {
-            format!(
-                "{} {}{}",
-                quote_ident(&c.name),
-                c.sql_type,
-                if c.not_null { " NOT NULL" } else { "" }
-            )
-        })
-        .collect();
+    let mut definitions: Vec<String> = Vec::with_capacity(columns.len() + 1);
+    for c in &columns {
+        let sql_type = postgres_type_for(&c.sql_type)
+            .map_err(|e| SinkError::Rejected(format!("{table}.{}: {e}", c.name)))?;
+        definitions.push(format!(
+            "{} {}{}",
+            quote_ident(&c.name),
+            sql_type,
+            if c.not_null { " NOT NULL" } else { "" }
+        ));
+    }
     let keys: Vec<String> = columns
         .iter()
         .filter(|c| c.key)
@@ -650,6 +567,60 @@ async fn create_table(client: &Client, table: &TableId, columns: &[u8]) -> Resul
         })?;
     tracing::info!(%table, columns = columns.len(), "created target table");
     Ok(())
+}
+
+/// The PostgreSQL type for a source column definition: PostgreSQL definitions verbatim,
+/// MySQL-family ones (`mysql:…`) mapped as the README's cross-engine table says.
+pub fn postgres_type_for(sql_type: &str) -> Result<String, String> {
+    let Some(native) = sql_type.strip_prefix("mysql:") else {
+        return Ok(sql_type.to_string());
+    };
+    let t = native.to_ascii_lowercase();
+    let unsigned = t.contains("unsigned");
+    let (base, modifier) = match t.find('(') {
+        Some(i) => (
+            t[..i].trim(),
+            t[i..].split(')').next().map(|m| format!("{m})")),
+        ),
+        None => (t.split_whitespace().next().unwrap_or(""), None),
+    };
+    let m = modifier.clone().unwrap_or_default();
+    Ok(match base {
+        "tinyint" => "smallint".into(),
+        "smallint" if unsigned => "integer".into(),
+        "smallint" => "smallint".into(),
+        "mediumint" | "int" | "integer" if unsigned => "bigint".into(),
+        "mediumint" | "int" | "integer" => "integer".into(),
+        "bigint" if unsigned => "numeric(20)".into(),
+        "bigint" => "bigint".into(),
+        "decimal" | "numeric" => format!("numeric{m}"),
+        "float" => "real".into(),
+        "double" | "real" => "double precision".into(),
+        "bit" => format!("bit{}", if m.is_empty() { "(1)" } else { &m }),
+        "date" => "date".into(),
+        "datetime" => format!("timestamp{m}"),
+        "timestamp" => format!("timestamptz{m}"),
+        // MySQL's TIME is a duration (-838:59:59 to 838:59:59), not a time of day.
+        "time" => format!(
+            "interval{}",
+            if m.is_empty() {
+                String::new()
+            } else {
+                format!(" second{m}")
+            }
+        ),
+        "year" => "smallint".into(),
+        "char" => format!("char{}", if m.is_empty() { "(1)" } else { &m }),
+        "varchar" => format!("varchar{m}"),
+        "tinytext" | "text" | "mediumtext" | "longtext" | "enum" | "set" => "text".into(),
+        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => "bytea".into(),
+        "json" => "json".into(),
+        other => {
+            return Err(format!(
+                "no PostgreSQL type for MySQL type `{other}`; create the target table yourself"
+            ))
+        }
+    })
 }
 
 async fn create_state_tables(client: &Client, schema: &str) -> Result<(), TidelinkError> {
@@ -714,5 +685,30 @@ pub async fn recorded_offsets(
             Ok(Vec::new())
         }
         Err(e) => Err(crate::connection::classify(&e).context("reading recorded offsets")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::postgres_type_for;
+
+    #[test]
+    fn mysql_types_map_to_postgres() {
+        assert_eq!(postgres_type_for("numeric(12,2)").unwrap(), "numeric(12,2)");
+        assert_eq!(
+            postgres_type_for("mysql:bigint(20) unsigned").unwrap(),
+            "numeric(20)"
+        );
+        assert_eq!(postgres_type_for("mysql:int(11)").unwrap(), "integer");
+        assert_eq!(
+            postgres_type_for("mysql:datetime(6)").unwrap(),
+            "timestamp(6)"
+        );
+        assert_eq!(postgres_type_for("mysql:enum('a','b')").unwrap(), "text");
+        assert_eq!(
+            postgres_type_for("mysql:decimal(10,2)").unwrap(),
+            "numeric(10,2)"
+        );
+        assert!(postgres_type_for("mysql:geometry").is_err());
     }
 }

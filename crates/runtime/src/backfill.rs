@@ -28,9 +28,94 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tidelink_config::{PipelineConfig, SourceKind};
 use tidelink_core::{ChangeEvent, Op, SourceInfo, TableId, TidelinkError};
+use tidelink_core::{Row, TableColumns};
 use tidelink_kafka::topics::table_topic;
 use tidelink_kafka::{admin, encode_change, EventProducer};
-use tidelink_postgres::backfill::{published_tables, TableReader};
+
+/// A table reader of either source engine.
+enum Reader {
+    Postgres(tidelink_postgres::backfill::TableReader),
+    Mysql(tidelink_mysql::backfill::TableReader),
+}
+
+type Chunk = Vec<(Row, Row, Vec<String>)>;
+
+impl Reader {
+    fn definitions(&self) -> &std::sync::Arc<TableColumns> {
+        match self {
+            Reader::Postgres(r) => &r.definitions,
+            Reader::Mysql(r) => &r.definitions,
+        }
+    }
+
+    fn estimated_rows(&self) -> i64 {
+        match self {
+            Reader::Postgres(r) => r.estimated_rows,
+            Reader::Mysql(r) => r.estimated_rows,
+        }
+    }
+
+    async fn max_key(&self) -> Result<Option<Vec<String>>, TidelinkError> {
+        match self {
+            Reader::Postgres(r) => r.max_key().await,
+            Reader::Mysql(r) => r.max_key().await,
+        }
+    }
+
+    async fn chunk(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: usize,
+    ) -> Result<Chunk, TidelinkError> {
+        match self {
+            Reader::Postgres(r) => r.chunk(after, upto, limit).await,
+            Reader::Mysql(r) => r.chunk(after, upto, limit).await,
+        }
+    }
+
+    async fn existing(&self, keys: &[Vec<String>]) -> Result<Vec<bool>, TidelinkError> {
+        match self {
+            Reader::Postgres(r) => r.existing(keys).await,
+            Reader::Mysql(r) => r.existing(keys).await,
+        }
+    }
+}
+
+/// What a backfill needs to know of the pipeline's source.
+struct SourceSide<'a> {
+    connector: &'static str,
+    database: String,
+    kind: SourceKind<'a>,
+}
+
+impl SourceSide<'_> {
+    async fn tables(&self, pipeline: &PipelineConfig) -> Result<Vec<TableId>, TidelinkError> {
+        match self.kind {
+            SourceKind::Postgres(pg) => {
+                tidelink_postgres::backfill::published_tables(
+                    &pg.dsn,
+                    &pg.publication_name(&pipeline.name),
+                )
+                .await
+            }
+            SourceKind::Mysql(my) => {
+                tidelink_mysql::backfill::captured_tables(&my.dsn, &my.tables).await
+            }
+        }
+    }
+
+    async fn open(&self, table: &TableId) -> Result<Reader, TidelinkError> {
+        Ok(match self.kind {
+            SourceKind::Postgres(pg) => Reader::Postgres(
+                tidelink_postgres::backfill::TableReader::open(&pg.dsn, table).await?,
+            ),
+            SourceKind::Mysql(my) => {
+                Reader::Mysql(tidelink_mysql::backfill::TableReader::open(&my.dsn, table).await?)
+            }
+        })
+    }
+}
 
 /// What to copy and how.
 #[derive(Debug, Clone)]
@@ -68,14 +153,29 @@ pub async fn backfill(
     metrics: Option<&Metrics>,
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, u64)>, TidelinkError> {
-    let Some(SourceKind::Postgres(pg)) = pipeline.source.kind() else {
-        return Err(TidelinkError::permanent(format!(
-            "pipeline {}: no source configured",
-            pipeline.name
-        )));
+    let side = match pipeline.source.kind() {
+        Some(kind @ SourceKind::Postgres(pg)) => SourceSide {
+            connector: "postgresql",
+            database: tidelink_postgres::connection::parse_dsn(&pg.dsn)?
+                .get_dbname()
+                .unwrap_or("postgres")
+                .to_string(),
+            kind,
+        },
+        Some(kind @ SourceKind::Mysql(_)) => SourceSide {
+            connector: "mysql",
+            database: String::new(),
+            kind,
+        },
+        None => {
+            return Err(TidelinkError::permanent(format!(
+                "pipeline {}: no source configured",
+                pipeline.name
+            )))
+        }
     };
     let tables = if options.tables.is_empty() {
-        published_tables(&pg.dsn, &pg.publication_name(&pipeline.name)).await?
+        side.tables(pipeline).await?
     } else {
         options
             .tables
@@ -96,10 +196,6 @@ pub async fn backfill(
     admin::ensure_compacted_topic(kafka, &progress_topic).await?;
     let recorded: HashMap<String, Vec<u8>> =
         admin::read_latest_by_key(kafka, &progress_topic).await?;
-    let database = tidelink_postgres::connection::parse_dsn(&pg.dsn)?
-        .get_dbname()
-        .unwrap_or("postgres")
-        .to_string();
     let mut definitions = HashMap::new();
     let mut report = Vec::new();
     for table in tables {
@@ -118,7 +214,7 @@ pub async fn backfill(
         if progress.rows > 0 {
             tracing::info!(%table, rows_done = progress.rows, "resuming after the last completed chunk");
         }
-        let reader = TableReader::open(&pg.dsn, &table).await?;
+        let reader = side.open(&table).await?;
         let topic = table_topic(&kafka.topic_prefix, &table.schema, &table.name);
         admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
         publish_definitions(
@@ -126,20 +222,25 @@ pub async fn backfill(
             kafka,
             &mut definitions,
             &table,
-            &reader.definitions,
+            reader.definitions(),
         )
         .await?;
         let source = |op_ts: i64| SourceInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            connector: "postgresql".into(),
+            connector: side.connector.into(),
             name: pipeline.name.clone(),
             ts_ms: op_ts,
             snapshot: "true".into(),
-            db: database.clone(),
+            db: if side.database.is_empty() {
+                table.schema.clone()
+            } else {
+                side.database.clone()
+            },
             schema: table.schema.clone(),
             table: table.name.clone(),
             tx_id: None,
             lsn: None,
+            ..Default::default()
         };
         // Rows with larger keys are inserted after this point and reach sinks through the
         // stream: the copy stops at the largest key there is now.
@@ -239,7 +340,8 @@ pub async fn backfill(
                     .with_label_values(&labels)
                     .inc_by(chunk.len() as u64);
                 metrics.backfill_chunks.with_label_values(&labels).inc();
-                let remaining = (reader.estimated_rows.max(0) as u64).saturating_sub(progress.rows);
+                let remaining =
+                    (reader.estimated_rows().max(0) as u64).saturating_sub(progress.rows);
                 metrics
                     .backfill_remaining
                     .with_label_values(&labels)
@@ -255,7 +357,7 @@ pub async fn backfill(
                 report_progress(
                     &table,
                     &progress,
-                    reader.estimated_rows,
+                    reader.estimated_rows(),
                     rows_at_start,
                     started,
                     options.progress_bar,

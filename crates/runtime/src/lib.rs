@@ -5,6 +5,7 @@
 pub mod backfill;
 pub mod metrics;
 pub mod pipeline;
+pub mod position_store;
 pub mod publisher;
 pub mod shutdown;
 pub mod sink_worker;

@@ -6,6 +6,7 @@
 //! process stops with the first error.
 
 use crate::backfill::{backfill, BackfillOptions};
+use crate::position_store::{load_position, store_position, store_positions};
 use crate::publisher::{backoff, publish};
 use crate::sink_worker::{run_worker, WorkerContext};
 use crate::{Metrics, Shutdown};
@@ -16,6 +17,9 @@ use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SnapshotMo
 use tidelink_core::TidelinkError;
 use tidelink_kafka::topics::table_topic;
 use tidelink_kafka::{admin, EventProducer};
+use tidelink_mysql::{
+    BinlogPosition, MysqlSink, MysqlSinkSettings, MysqlSource, MysqlSourceSettings,
+};
 use tidelink_postgres::sink::PgSinkSettings;
 use tidelink_postgres::{PgSink, PgSource, PgSourceSettings};
 use tokio::task::JoinSet;
@@ -180,16 +184,33 @@ async fn run_pipeline(
     first_error.map_or(Ok(()), Err)
 }
 
-fn source_settings(pipeline: &PipelineConfig) -> Result<PgSourceSettings, TidelinkError> {
+async fn run_source(
+    pipeline: PipelineConfig,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), TidelinkError> {
     match pipeline.source.kind() {
-        Some(SourceKind::Postgres(pg)) => Ok(PgSourceSettings {
-            pipeline: pipeline.name.clone(),
-            dsn: pg.dsn.clone(),
-            tables: pg.tables.clone(),
-            slot: pg.slot_name(&pipeline.name),
-            publication: pg.publication_name(&pipeline.name),
-            status_interval: Duration::from_millis(pg.status_interval_ms),
-        }),
+        Some(SourceKind::Postgres(pg)) => {
+            let settings = PgSourceSettings {
+                pipeline: pipeline.name.clone(),
+                dsn: pg.dsn.clone(),
+                tables: pg.tables.clone(),
+                slot: pg.slot_name(&pipeline.name),
+                publication: pg.publication_name(&pipeline.name),
+                status_interval: Duration::from_millis(pg.status_interval_ms),
+            };
+            run_postgres_source(pipeline, settings, metrics, shutdown).await
+        }
+        Some(SourceKind::Mysql(my)) => {
+            let settings = MysqlSourceSettings {
+                pipeline: pipeline.name.clone(),
+                dsn: my.dsn.clone(),
+                tables: my.tables.clone(),
+                server_id: my.server_id_for(&pipeline.name),
+                heartbeat: Duration::from_millis(my.heartbeat_ms),
+            };
+            run_mysql_source(pipeline, settings, metrics, shutdown).await
+        }
         None => Err(TidelinkError::permanent(format!(
             "pipeline {}: no source configured",
             pipeline.name
@@ -197,13 +218,83 @@ fn source_settings(pipeline: &PipelineConfig) -> Result<PgSourceSettings, Tideli
     }
 }
 
-async fn run_source(
+async fn run_mysql_source(
     pipeline: PipelineConfig,
+    settings: MysqlSourceSettings,
     metrics: Metrics,
     shutdown: Shutdown,
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
-    let settings = source_settings(&pipeline)?;
+    let producer = EventProducer::new(&pipeline.kafka)?;
+    metrics.set_ready(&name, "source", false);
+    let mut attempt = 0;
+    while !shutdown.is_triggered() {
+        let result = async {
+            let resume: Option<BinlogPosition> = load_position(&pipeline.kafka, &name).await?;
+            let (mut source, report) = MysqlSource::start(settings.clone(), resume).await?;
+            let topics: Vec<String> = report
+                .tables
+                .iter()
+                .map(|t| table_topic(&pipeline.kafka.topic_prefix, &t.table.schema, &t.table.name))
+                .collect();
+            admin::ensure_topics(&pipeline.kafka, &topics).await?;
+            // A first start stores its starting point at once, so a crash before the
+            // first change does not move the start to a later position.
+            if report.fresh {
+                store_position(&producer, &pipeline.kafka, &name, &report.position).await?;
+            }
+            let stop_store = Shutdown::new();
+            let store = tokio::spawn(store_positions(
+                source.confirmed(),
+                EventProducer::new(&pipeline.kafka)?,
+                pipeline.kafka.clone(),
+                name.clone(),
+                stop_store.clone(),
+            ));
+            let snapshot = start_snapshot(&pipeline, report.fresh, &metrics, &shutdown);
+            metrics.set_ready(&name, "source", true);
+            attempt = 0;
+            let result = publish(
+                &mut source,
+                &producer,
+                &pipeline.kafka,
+                &name,
+                &metrics,
+                &shutdown,
+            )
+            .await;
+            metrics.set_ready(&name, "source", false);
+            if let Some(snapshot) = snapshot {
+                snapshot.abort();
+            }
+            stop_store.trigger();
+            let stored = store.await.unwrap_or_else(|e| {
+                Err(TidelinkError::permanent(format!(
+                    "position store task failed: {e}"
+                )))
+            });
+            source.shutdown().await;
+            result.and(stored)
+        }
+        .await;
+        match after_run(result, &metrics, &name, "source", &mut attempt, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(e.context(format!("pipeline {name}"))),
+        }
+    }
+    producer.flush(Duration::from_secs(10))?;
+    tracing::info!(pipeline = %name, "source stopped");
+    Ok(())
+}
+
+async fn run_postgres_source(
+    pipeline: PipelineConfig,
+    settings: PgSourceSettings,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> Result<(), TidelinkError> {
+    let name = pipeline.name.clone();
     let producer = EventProducer::new(&pipeline.kafka)?;
     metrics.set_ready(&name, "source", false);
     // The slot's retained WAL is watched even while the source cannot stream: that is when
@@ -381,38 +472,54 @@ async fn run_sink(
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
     let component = format!("sink/{}", sink.name);
-    let settings = match sink.target() {
-        Some(SinkTarget::Postgres(pg)) => PgSinkSettings {
-            dsn: pg.dsn.clone(),
-            group: sink.group_id(&name),
-            state_schema: pg.state_schema.clone(),
-            record_history: pg.record_history,
-            create_tables: pg.create_tables,
-        },
-        None => {
-            return Err(TidelinkError::permanent(format!(
-                "pipeline {name}, sink {}: no target configured",
-                sink.name
-            )))
-        }
-    };
     metrics.set_ready(&name, &component, false);
+    let ctx = WorkerContext {
+        pipeline: name.clone(),
+        sink: sink.clone(),
+        kafka: pipeline.kafka.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
     let mut attempt = 0;
     while !shutdown.is_triggered() {
-        let result = async {
-            let apply = PgSink::connect(settings.clone()).await?;
-            let offsets = PgSink::connect(settings.clone()).await?;
-            attempt = 0;
-            let ctx = WorkerContext {
-                pipeline: name.clone(),
-                sink: sink.clone(),
-                kafka: pipeline.kafka.clone(),
-                metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
-            };
-            run_worker(ctx, apply, offsets).await
-        }
-        .await;
+        let result = match sink.target() {
+            Some(SinkTarget::Postgres(pg)) => {
+                let settings = PgSinkSettings {
+                    dsn: pg.dsn.clone(),
+                    group: sink.group_id(&name),
+                    state_schema: pg.state_schema.clone(),
+                    record_history: pg.record_history,
+                    create_tables: pg.create_tables,
+                };
+                async {
+                    let apply = PgSink::connect(settings.clone()).await?;
+                    let offsets = PgSink::connect(settings.clone()).await?;
+                    attempt = 0;
+                    run_worker(ctx.clone(), apply, offsets).await
+                }
+                .await
+            }
+            Some(SinkTarget::Mysql(my)) => {
+                let settings = MysqlSinkSettings {
+                    dsn: my.dsn.clone(),
+                    group: sink.group_id(&name),
+                    state_database: my.state_database.clone(),
+                    record_history: my.record_history,
+                    create_tables: my.create_tables,
+                };
+                async {
+                    let apply = MysqlSink::connect(settings.clone()).await?;
+                    let offsets = MysqlSink::connect(settings.clone()).await?;
+                    attempt = 0;
+                    run_worker(ctx.clone(), apply, offsets).await
+                }
+                .await
+            }
+            None => Err(TidelinkError::permanent(format!(
+                "pipeline {name}, sink {}: no target configured",
+                sink.name
+            ))),
+        };
         match after_run(result, &metrics, &name, &component, &mut attempt, &shutdown).await {
             Ok(true) => {}
             Ok(false) => break,

@@ -30,6 +30,7 @@ use tidelink_kafka::{
 use tokio::sync::mpsc;
 
 /// Everything a worker needs besides its sink.
+#[derive(Clone)]
 pub struct WorkerContext {
     /// Pipeline name.
     pub pipeline: String,

@@ -34,6 +34,13 @@ pub struct PipelineStatus {
 pub enum SourceState {
     /// The slot as the server reports it.
     Slot(SlotStatus),
+    /// A MySQL-family source: the position tidelink stored, and the server's current one.
+    Binlog {
+        /// Stored position (`None`: the pipeline never ran).
+        stored_position: Option<String>,
+        /// The server's current binlog file and position.
+        current_position: Option<String>,
+    },
     /// The source could not be reached or read.
     Unavailable {
         /// Why.
@@ -83,17 +90,33 @@ pub async fn collect(config: &Config, only: Option<&str>) -> Result<Status, Tide
         .iter()
         .filter(|p| only.is_none_or(|n| n == p.name))
     {
-        let source = match pipeline.source.kind() {
-            Some(SourceKind::Postgres(pg)) => {
-                match slot_status(&pg.dsn, &pg.slot_name(&pipeline.name)).await {
-                    Ok(slot) => SourceState::Slot(slot),
-                    Err(e) => SourceState::Unavailable { error: e.message },
+        let source =
+            match pipeline.source.kind() {
+                Some(SourceKind::Postgres(pg)) => {
+                    match slot_status(&pg.dsn, &pg.slot_name(&pipeline.name)).await {
+                        Ok(slot) => SourceState::Slot(slot),
+                        Err(e) => SourceState::Unavailable { error: e.message },
+                    }
                 }
-            }
-            None => SourceState::Unavailable {
-                error: "no source configured".into(),
-            },
-        };
+                Some(SourceKind::Mysql(my)) => {
+                    let stored = crate::position_store::load_position::<
+                        tidelink_mysql::BinlogPosition,
+                    >(&pipeline.kafka, &pipeline.name)
+                    .await;
+                    match stored {
+                        Ok(stored) => SourceState::Binlog {
+                            stored_position: stored.map(|p| p.to_string()),
+                            current_position: tidelink_mysql::source::current_position(&my.dsn)
+                                .await
+                                .ok(),
+                        },
+                        Err(e) => SourceState::Unavailable { error: e.message },
+                    }
+                }
+                None => SourceState::Unavailable {
+                    error: "no source configured".into(),
+                },
+            };
         let prefix = pipeline.kafka.topic_prefix.clone();
         let table_marks = watermarks(&pipeline.kafka, move |t| is_table_topic(&prefix, t)).await;
         let mut sinks = Vec::new();
@@ -120,6 +143,10 @@ pub async fn collect(config: &Config, only: Option<&str>) -> Result<Status, Tide
             let recorded = match sink.target() {
                 Some(SinkTarget::Postgres(pg)) => {
                     recorded_offsets(&pg.dsn, &pg.state_schema, &group).await
+                }
+                Some(SinkTarget::Mysql(my)) => {
+                    tidelink_mysql::sink::recorded_offsets(&my.dsn, &my.state_database, &group)
+                        .await
                 }
                 None => Err(TidelinkError::permanent("no target configured")),
             };
@@ -194,6 +221,12 @@ impl std::fmt::Display for Status {
                     bytes(s.unconfirmed_wal_bytes),
                     bytes(s.retained_wal_bytes),
                     s.flush_lag_seconds.map(|l| format!("  flush lag {l:.1}s")).unwrap_or_default(),
+                )?,
+                SourceState::Binlog { stored_position, current_position } => writeln!(
+                    f,
+                    "  source  binlog stored {}  server at {}",
+                    stored_position.as_deref().unwrap_or("- (never ran)"),
+                    current_position.as_deref().unwrap_or("-"),
                 )?,
                 SourceState::Unavailable { error } => writeln!(f, "  source  unavailable: {error}")?,
             }

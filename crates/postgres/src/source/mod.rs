@@ -158,6 +158,7 @@ impl PgSource {
             table: table.name.clone(),
             tx_id: Some(u64::from(tx.xid)),
             lsn: Some(tx.final_lsn),
+            ..Default::default()
         }
     }
 

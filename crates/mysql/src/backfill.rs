@@ -1,0 +1,219 @@
+//! Snapshot reads for backfills of MySQL/MariaDB tables: keyset-paginated chunks in key
+//! order, each one short `SELECT` (InnoDB's consistent read, no table locks), values in the
+//! same JSON form the binlog source produces.
+//!
+//! Key positions travel between chunks (and into the resumable progress record) as the
+//! JSON text of each key value, and become SQL literals only here.
+
+use crate::connection::{classify, connect, quote_ident, quote_table};
+use crate::schema::{load_table, matching_tables, TableSchema};
+use crate::values::{json_to_literal, text_to_json};
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+use std::sync::Arc;
+use tidelink_core::{Row, TableColumns, TableId, TidelinkError};
+use tokio::sync::Mutex;
+
+/// Reads one table in key order.
+pub struct TableReader {
+    /// The table.
+    pub table: TableId,
+    schema: TableSchema,
+    conn: Mutex<Conn>,
+    /// Column definitions for sinks that create tables.
+    pub definitions: Arc<TableColumns>,
+    /// The server's row estimate (for progress and ETA).
+    pub estimated_rows: i64,
+}
+
+/// The captured tables of a source: those matching the patterns.
+pub async fn captured_tables(
+    dsn: &str,
+    patterns: &[String],
+) -> Result<Vec<TableId>, TidelinkError> {
+    let mut conn = connect(dsn, "backfill").await?;
+    matching_tables(&mut conn, patterns).await
+}
+
+impl TableReader {
+    /// Opens a reader; refuses a table without primary key.
+    pub async fn open(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
+        let mut conn = connect(dsn, "backfill").await?;
+        let schema = load_table(&mut conn, table)
+            .await?
+            .ok_or_else(|| TidelinkError::permanent(format!("table {table} does not exist")))?;
+        if schema.key.is_empty() {
+            return Err(TidelinkError::permanent(format!(
+                "table {table} has no primary key: a backfill pages through a table by its key"
+            )));
+        }
+        let estimated_rows: Option<u64> = conn
+            .exec_first(
+                "SELECT TABLE_ROWS FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                (&table.schema, &table.name),
+            )
+            .await
+            .map_err(|e| classify(&e).context(format!("estimating the rows of {table}")))?;
+        Ok(Self {
+            table: table.clone(),
+            definitions: schema.definitions.clone(),
+            schema,
+            conn: Mutex::new(conn),
+            estimated_rows: estimated_rows.unwrap_or(0) as i64,
+        })
+    }
+
+    fn key_names(&self) -> Vec<String> {
+        self.schema
+            .key
+            .iter()
+            .map(|&i| quote_ident(&self.schema.columns[i].name))
+            .collect()
+    }
+
+    fn literals(&self, key: &[String]) -> Result<Vec<String>, TidelinkError> {
+        self.schema
+            .key
+            .iter()
+            .zip(key)
+            .map(|(&i, text)| {
+                let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                    TidelinkError::permanent(format!("stored key position `{text}`: {e}"))
+                })?;
+                json_to_literal(&value, &self.schema.columns[i]).map_err(TidelinkError::permanent)
+            })
+            .collect()
+    }
+
+    /// `(k1, k2) <op> (v1, v2)` spelt out column by column, which MySQL turns into index
+    /// ranges (`>` and `<=` only).
+    fn compare(&self, op: &str, key: &[String]) -> Result<String, TidelinkError> {
+        let names = self.key_names();
+        let values = self.literals(key)?;
+        let strict = if op == "<=" { "<" } else { op };
+        let mut alternatives = Vec::new();
+        for i in 0..names.len() {
+            let mut terms: Vec<String> = (0..i)
+                .map(|j| format!("{} = {}", names[j], values[j]))
+                .collect();
+            let last = if i + 1 == names.len() { op } else { strict };
+            terms.push(format!("{} {last} {}", names[i], values[i]));
+            alternatives.push(format!("({})", terms.join(" AND ")));
+        }
+        Ok(format!("({})", alternatives.join(" OR ")))
+    }
+
+    async fn select(&self, sql: &str) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+        let rows: Vec<mysql_async::Row> = self
+            .conn
+            .lock()
+            .await
+            .query(sql)
+            .await
+            .map_err(|e| classify(&e).context(format!("reading {}", self.table)))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let values = row.unwrap();
+            let mut image = Row::new();
+            for (column, value) in self.schema.columns.iter().zip(values.iter()) {
+                let json = text_to_json(value, column)
+                    .map_err(|e| TidelinkError::permanent(format!("{}: {e}", self.table)))?;
+                image.insert(column.name.clone(), json);
+            }
+            let mut key = Row::new();
+            let mut key_text = Vec::with_capacity(self.schema.key.len());
+            for &i in &self.schema.key {
+                let name = &self.schema.columns[i].name;
+                let value = image[name].clone();
+                key_text.push(value.to_string());
+                key.insert(name.clone(), value);
+            }
+            out.push((key, image, key_text));
+        }
+        Ok(out)
+    }
+
+    /// The largest key now (`None`: empty table).
+    pub async fn max_key(&self) -> Result<Option<Vec<String>>, TidelinkError> {
+        let descending: Vec<String> = self
+            .key_names()
+            .iter()
+            .map(|k| format!("{k} DESC"))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY {} LIMIT 1",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name),
+            descending.join(", ")
+        );
+        Ok(self
+            .select(&sql)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, _, k)| k))
+    }
+
+    fn column_list(&self) -> String {
+        self.schema
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Up to `limit` rows after `after` and up to `upto`, in key order: key, image, and the
+    /// key's position text for the next call.
+    pub async fn chunk(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: usize,
+    ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(self.compare(">", after)?);
+        }
+        if let Some(upto) = upto {
+            conditions.push(self.compare("<=", upto)?);
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name),
+            self.key_names().join(", ")
+        );
+        self.select(&sql).await
+    }
+
+    /// Which of these keys (position texts) still exist.
+    pub async fn existing(&self, keys: &[Vec<String>]) -> Result<Vec<bool>, TidelinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tuples = Vec::with_capacity(keys.len());
+        for key in keys {
+            tuples.push(format!("({})", self.literals(key)?.join(", ")));
+        }
+        let names = self.key_names().join(", ");
+        let sql = format!(
+            "SELECT {} FROM {} WHERE ({names}) IN ({})",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name),
+            tuples.join(", ")
+        );
+        let found: std::collections::HashSet<Vec<String>> = self
+            .select(&sql)
+            .await?
+            .into_iter()
+            .map(|(_, _, k)| k)
+            .collect();
+        Ok(keys.iter().map(|k| found.contains(k)).collect())
+    }
+}

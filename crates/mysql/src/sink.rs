@@ -1,0 +1,640 @@
+//! The MySQL/MariaDB sink: applies a batch of changes and the Kafka offsets it consumed in
+//! one InnoDB transaction, with the same guarantees as the PostgreSQL sink.
+//!
+//! `<state_database>.offsets` holds the next offset per consumer group and partition. A
+//! batch first locks and compares those rows (`SELECT … FOR UPDATE`) against what the
+//! worker expects and moves them; a worker that lost a partition finds them changed and
+//! rolls back. Then, per table, coalesced deletes go out as `DELETE … WHERE (key) IN (…)`
+//! and upserts as multi-row `INSERT … ON DUPLICATE KEY UPDATE`, values as literals
+//! converted for each target column (see [`crate::values::json_to_literal`]).
+
+use crate::connection::{connect, describe, quote_ident, quote_table, server_code, string_literal};
+use crate::schema::{load_table, ColumnInfo};
+use crate::values::json_to_literal;
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+use std::collections::HashMap;
+use tidelink_core::coalesce::{coalesce, truncate_segments, Pending, TableBatch};
+use tidelink_core::{
+    ColumnDefinition, OffsetAdvance, Row, Sink, SinkChange, SinkError, TableColumns, TableId,
+    TidelinkError, TopicPartition, UNAVAILABLE_VALUE,
+};
+
+/// Statements are kept below this size (the server's max_allowed_packet is 16 MiB by
+/// default on MariaDB, 64 MiB on MySQL 8).
+const MAX_STATEMENT_BYTES: usize = 4 << 20;
+
+/// Options of a MySQL-family sink.
+#[derive(Debug, Clone)]
+pub struct MysqlSinkSettings {
+    /// Target connection URL.
+    pub dsn: String,
+    /// Consumer group whose offsets this sink records.
+    pub group: String,
+    /// Database of the offsets (and history) tables.
+    pub state_database: String,
+    /// Also record every applied message in `<state_database>.history`.
+    pub record_history: bool,
+    /// Create missing target tables from the source's column definitions.
+    pub create_tables: bool,
+}
+
+#[derive(Debug, Clone)]
+struct TargetTable {
+    quoted: String,
+    columns: HashMap<String, ColumnInfo>,
+}
+
+/// What one INSERT statement covers: the columns present, and whether it only inserts
+/// rows the target lacks (backfill reads).
+type StatementShape = (Vec<String>, bool);
+
+/// A MySQL or MariaDB target.
+pub struct MysqlSink {
+    settings: MysqlSinkSettings,
+    conn: Option<Conn>,
+    tables: HashMap<TableId, TargetTable>,
+}
+
+fn rejected_or_transient(error: &mysql_async::Error, what: &str) -> SinkError {
+    let message = format!("{what}: {}", describe(error));
+    match server_code(error) {
+        Some(1205 | 1213 | 1040 | 1053 | 1290 | 4031) => {
+            SinkError::Transient(message)
+        }
+        Some(_) => SinkError::Rejected(message),
+        None => SinkError::Transient(message),
+    }
+}
+
+impl MysqlSink {
+    /// Connects and creates the state tables when absent.
+    pub async fn connect(settings: MysqlSinkSettings) -> Result<Self, TidelinkError> {
+        let mut sink = Self {
+            settings,
+            conn: None,
+            tables: HashMap::new(),
+        };
+        sink.conn().await?;
+        Ok(sink)
+    }
+
+    async fn conn(&mut self) -> Result<&mut Conn, TidelinkError> {
+        if self.conn.is_none() {
+            self.tables.clear();
+            let mut conn = connect(&self.settings.dsn, "sink").await?;
+            create_state_tables(&mut conn, &self.settings.state_database).await?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    fn live(&mut self) -> Result<&mut Conn, SinkError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))
+    }
+
+    async fn run(&mut self, sql: &str, what: &str) -> Result<u64, SinkError> {
+        let conn = self.live()?;
+        match conn.query_iter(sql).await {
+            Ok(result) => {
+                let affected = result.affected_rows();
+                result
+                    .drop_result()
+                    .await
+                    .map_err(|e| rejected_or_transient(&e, what))?;
+                Ok(affected)
+            }
+            Err(e) => Err(rejected_or_transient(&e, what)),
+        }
+    }
+
+    async fn target_table(
+        &mut self,
+        table: &TableId,
+        source_columns: Option<&[u8]>,
+    ) -> Result<TargetTable, SinkError> {
+        if let Some(t) = self.tables.get(table) {
+            return Ok(t.clone());
+        }
+        let create = self.settings.create_tables;
+        let conn = self.live()?;
+        let mut schema = load_table(conn, table)
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        if schema.is_none() {
+            match (create, source_columns) {
+                (true, Some(columns)) => {
+                    let sql = create_table_sql(table, columns)?;
+                    self.run(&sql, &format!("creating target table {table}")).await?;
+                    tracing::info!(%table, "created target table");
+                    let conn = self.live()?;
+                    schema = load_table(conn, table)
+                        .await
+                        .map_err(|e| SinkError::Transient(e.message))?;
+                }
+                (true, None) => {
+                    return Err(SinkError::Rejected(format!(
+                        "target table {table} does not exist and the message carries no column definitions to create it from"
+                    )))
+                }
+                (false, _) => {
+                    return Err(SinkError::Rejected(format!(
+                        "target table {table} does not exist (create it, or set create_tables: true on the sink)"
+                    )))
+                }
+            }
+        }
+        let schema = schema
+            .ok_or_else(|| SinkError::Rejected(format!("target table {table} does not exist")))?;
+        let target = TargetTable {
+            quoted: quote_table(&table.schema, &table.name),
+            columns: schema
+                .columns
+                .into_iter()
+                .map(|c| (c.name.clone(), c))
+                .collect(),
+        };
+        self.tables.insert(table.clone(), target.clone());
+        Ok(target)
+    }
+
+    async fn advance_offsets(&mut self, offsets: &[OffsetAdvance]) -> Result<(), SinkError> {
+        let mut sorted: Vec<&OffsetAdvance> = offsets.iter().collect();
+        sorted.sort_by(|a, b| a.partition.cmp(&b.partition));
+        let table = quote_table(&self.settings.state_database, "offsets");
+        let group = self.settings.group.clone();
+        let mut fenced = Vec::new();
+        for advance in sorted {
+            let p = &advance.partition;
+            let conn = self.live()?;
+            let current: Option<i64> = conn
+                .exec_first(
+                    format!("SELECT next_offset FROM {table} WHERE consumer_group = ? AND topic = ? AND `partition` = ? FOR UPDATE"),
+                    (&group, &p.topic, p.partition),
+                )
+                .await
+                .map_err(|e| rejected_or_transient(&e, "reading offsets"))?;
+            if current != advance.expected {
+                fenced.push(p.clone());
+                continue;
+            }
+            let sql = if current.is_some() {
+                format!("UPDATE {table} SET next_offset = ?, updated_at = CURRENT_TIMESTAMP(6) WHERE consumer_group = ? AND topic = ? AND `partition` = ?")
+            } else {
+                format!("INSERT INTO {table} (next_offset, consumer_group, topic, `partition`) VALUES (?, ?, ?, ?)")
+            };
+            let conn = self.live()?;
+            conn.exec_drop(sql, (advance.next, &group, &p.topic, p.partition))
+                .await
+                .map_err(|e| match server_code(&e) {
+                    // Another worker inserted the row first.
+                    Some(1062) => SinkError::Fenced(vec![p.clone()]),
+                    _ => rejected_or_transient(&e, "recording offsets"),
+                })?;
+        }
+        if fenced.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Fenced(fenced))
+        }
+    }
+
+    async fn record_history(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
+        let table = quote_table(&self.settings.state_database, "history");
+        let group = string_literal(&self.settings.group);
+        for chunk in changes.chunks(1000) {
+            let values: Vec<String> = chunk
+                .iter()
+                .map(|c| {
+                    format!(
+                        "({group}, {}, {}, {}, {}, '{}')",
+                        string_literal(&c.origin.topic),
+                        c.origin.partition,
+                        c.origin.offset,
+                        string_literal(&c.table.to_string()),
+                        c.op.code()
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO {table} (consumer_group, topic, `partition`, kafka_offset, target_table, op) VALUES {}",
+                values.join(", ")
+            );
+            self.run(&sql, "recording history").await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_table(&mut self, batch: TableBatch<'_>) -> Result<(), SinkError> {
+        let target = self
+            .target_table(batch.table, batch.source_columns.as_deref())
+            .await?;
+        let table = batch.table;
+        let mut deletes: Vec<String> = Vec::new();
+        let mut delete_columns: Vec<String> = Vec::new();
+        // Upserts grouped by (columns present, insert-if-absent).
+        let mut upserts: Vec<(StatementShape, Vec<String>)> = Vec::new();
+        for k in &batch.order {
+            let (key, pending) = &batch.pending[k];
+            match pending {
+                Pending::Delete => {
+                    if delete_columns.is_empty() {
+                        delete_columns = key.keys().cloned().collect();
+                    }
+                    deletes.push(tuple(&target, table, key, &delete_columns)?);
+                }
+                Pending::Upsert(row) | Pending::InsertIfAbsent(row) => {
+                    let columns: Vec<String> = row
+                        .iter()
+                        .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    let shape = (columns, matches!(pending, Pending::InsertIfAbsent(_)));
+                    let values = tuple(&target, table, row, &shape.0)?;
+                    match upserts.iter_mut().find(|(s, _)| *s == shape) {
+                        Some((_, rows)) => rows.push(values),
+                        None => upserts.push((shape, vec![values])),
+                    }
+                }
+            }
+        }
+        if !deletes.is_empty() {
+            let head = format!(
+                "DELETE FROM {} WHERE ({}) IN (",
+                target.quoted,
+                quoted_list(&delete_columns)
+            );
+            for statement in statements(&head, ")", &deletes) {
+                self.run(&statement, &format!("deleting from {table}"))
+                    .await?;
+            }
+        }
+        for ((columns, if_absent), rows) in upserts {
+            let key_columns: Vec<&String> = columns
+                .iter()
+                .filter(|c| target.columns.get(*c).is_some_and(|t| t.key))
+                .collect();
+            let updates: Vec<String> = if if_absent {
+                // Insert-if-absent: a conflicting row stays as it is.
+                key_columns
+                    .iter()
+                    .take(1)
+                    .map(|c| format!("{0} = {0}", quote_ident(c)))
+                    .collect()
+            } else {
+                columns
+                    .iter()
+                    .filter(|c| !key_columns.contains(c))
+                    .map(|c| format!("{0} = VALUES({0})", quote_ident(c)))
+                    .collect()
+            };
+            let on_duplicate = if updates.is_empty() {
+                let first = quote_ident(&columns[0]);
+                format!(" ON DUPLICATE KEY UPDATE {first} = {first}")
+            } else {
+                format!(" ON DUPLICATE KEY UPDATE {}", updates.join(", "))
+            };
+            let head = format!(
+                "INSERT INTO {} ({}) VALUES ",
+                target.quoted,
+                quoted_list(&columns)
+            );
+            for statement in statements(&head, &on_duplicate, &rows) {
+                self.run(&statement, &format!("upserting into {table}"))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_in_transaction(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<(), SinkError> {
+        self.advance_offsets(offsets).await?;
+        if self.settings.record_history && !changes.is_empty() {
+            self.record_history(changes).await?;
+        }
+        for (segment, truncate) in truncate_segments(changes) {
+            for batch in coalesce(segment)? {
+                self.apply_table(batch).await?;
+            }
+            if let Some(truncate) = truncate {
+                let target = self
+                    .target_table(&truncate.table, truncate.source_columns.as_deref())
+                    .await?;
+                // TRUNCATE would commit the transaction: delete instead.
+                self.run(
+                    &format!("DELETE FROM {}", target.quoted),
+                    &format!("truncating {}", truncate.table),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `(v1, v2, …)` for the given columns of a row.
+fn tuple(
+    target: &TargetTable,
+    table: &TableId,
+    row: &Row,
+    columns: &[String],
+) -> Result<String, SinkError> {
+    let mut out = String::from("(");
+    for (i, c) in columns.iter().enumerate() {
+        let column = target.columns.get(c).ok_or_else(|| {
+            SinkError::Rejected(format!("target table {table} has no column `{c}`"))
+        })?;
+        let value = row.get(c).unwrap_or(&serde_json::Value::Null);
+        let literal = json_to_literal(value, column)
+            .map_err(|e| SinkError::Rejected(format!("{table}: {e}")))?;
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&literal);
+    }
+    out.push(')');
+    Ok(out)
+}
+
+/// Splits `head item, item, … tail` into statements below the size limit.
+fn statements(head: &str, tail: &str, items: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for item in items {
+        if !current.is_empty() && current.len() + item.len() + tail.len() > MAX_STATEMENT_BYTES {
+            current.push_str(tail);
+            out.push(std::mem::take(&mut current));
+        }
+        if current.is_empty() {
+            current.push_str(head);
+        } else {
+            current.push_str(", ");
+        }
+        current.push_str(item);
+    }
+    if !current.is_empty() {
+        current.push_str(tail);
+        out.push(current);
+    }
+    out
+}
+
+fn quoted_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|s| quote_ident(s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The MySQL type for a source column definition: MySQL-family definitions (`mysql:…`)
+/// verbatim, PostgreSQL ones mapped (see the README's cross-engine table).
+pub fn mysql_type_for(definition: &ColumnDefinition) -> Result<String, String> {
+    if let Some(native) = definition.sql_type.strip_prefix("mysql:") {
+        return Ok(native.to_string());
+    }
+    let t = definition.sql_type.to_ascii_lowercase();
+    let (base, modifier) = match t.find('(') {
+        Some(i) => (t[..i].trim(), Some(&t[i..])),
+        None => (t.trim(), None),
+    };
+    let is_key = definition.key;
+    let mapped = match base {
+        "smallint" => "smallint".to_string(),
+        "integer" | "int" => "int".to_string(),
+        "bigint" => "bigint".to_string(),
+        "real" => "float".to_string(),
+        "double precision" => "double".to_string(),
+        "numeric" | "decimal" => match modifier {
+            Some(m) => format!("decimal{m}"),
+            // Unconstrained numeric: the widest exact MySQL decimal.
+            None => "decimal(65,30)".to_string(),
+        },
+        "boolean" => "tinyint(1)".to_string(),
+        "character varying" | "varchar" => match modifier {
+            Some(m) => format!("varchar{m}"),
+            None if is_key => "varchar(255)".to_string(),
+            None => "longtext".to_string(),
+        },
+        "character" | "char" | "bpchar" => format!("char{}", modifier.unwrap_or("(1)")),
+        "text" | "citext" | "name" => if is_key { "varchar(255)" } else { "longtext" }.to_string(),
+        "bytea" => if is_key { "varbinary(255)" } else { "longblob" }.to_string(),
+        "date" => "date".to_string(),
+        "timestamp without time zone" | "timestamp" => "datetime(6)".to_string(),
+        "timestamp with time zone" | "timestamptz" => "timestamp(6) NULL".to_string(),
+        "time without time zone" | "time" => "time(6)".to_string(),
+        "uuid" => "char(36)".to_string(),
+        "json" | "jsonb" => "json".to_string(),
+        "bit" => format!("bit{}", modifier.unwrap_or("(1)")),
+        "bit varying" => match modifier {
+            Some(m) => format!("bit{m}"),
+            None => "bit(64)".to_string(),
+        },
+        _ if t.ends_with("[]") => "json".to_string(),
+        other => {
+            return Err(format!(
+                "column `{}`: no MySQL type for PostgreSQL type `{other}`; create the target table yourself",
+                definition.name
+            ))
+        }
+    };
+    Ok(mapped)
+}
+
+fn create_table_sql(table: &TableId, columns: &[u8]) -> Result<String, SinkError> {
+    let columns = TableColumns::decode(columns).map_err(SinkError::Rejected)?;
+    if columns.is_empty() {
+        return Err(SinkError::Rejected(format!(
+            "no column definitions for {table}"
+        )));
+    }
+    let mut definitions = Vec::new();
+    for c in &columns {
+        let sql_type =
+            mysql_type_for(c).map_err(|e| SinkError::Rejected(format!("{table}: {e}")))?;
+        definitions.push(format!(
+            "{} {sql_type}{}",
+            quote_ident(&c.name),
+            if c.not_null && !sql_type.ends_with("NULL") {
+                " NOT NULL"
+            } else {
+                ""
+            }
+        ));
+    }
+    let keys: Vec<String> = columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| c.name.clone())
+        .collect();
+    if !keys.is_empty() {
+        definitions.push(format!("PRIMARY KEY ({})", quoted_list(&keys)));
+    }
+    Ok(format!(
+        "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        quote_table(&table.schema, &table.name),
+        definitions.join(", ")
+    ))
+}
+
+async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), TidelinkError> {
+    let db = quote_ident(database);
+    for sql in [
+        format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.offsets (
+                 consumer_group varchar(255) NOT NULL,
+                 topic varchar(255) NOT NULL,
+                 `partition` int NOT NULL,
+                 next_offset bigint NOT NULL,
+                 updated_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+                 PRIMARY KEY (consumer_group, topic, `partition`)) ENGINE=InnoDB"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.history (
+                 id bigint NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                 consumer_group varchar(255) NOT NULL,
+                 topic varchar(255) NOT NULL,
+                 `partition` int NOT NULL,
+                 kafka_offset bigint NOT NULL,
+                 target_table varchar(255) NOT NULL,
+                 op char(1) NOT NULL,
+                 applied_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB"
+        ),
+    ] {
+        conn.query_drop(&sql).await.map_err(|e| {
+            crate::connection::classify(&e).context(format!(
+                "creating the tidelink state tables in database {database}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+impl Sink for MysqlSink {
+    async fn stored_offsets(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<i64>>, TidelinkError> {
+        let table = quote_table(&self.settings.state_database, "offsets");
+        let group = self.settings.group.clone();
+        let conn = self.conn().await?;
+        let rows: Vec<(String, i32, i64)> = conn
+            .exec(
+                format!(
+                    "SELECT topic, `partition`, next_offset FROM {table} WHERE consumer_group = ?"
+                ),
+                (&group,),
+            )
+            .await
+            .map_err(|e| crate::connection::classify(&e).context("reading stored offsets"))?;
+        let stored: HashMap<(String, i32), i64> =
+            rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        Ok(partitions
+            .iter()
+            .map(|p| stored.get(&(p.topic.clone(), p.partition)).copied())
+            .collect())
+    }
+
+    async fn apply(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<(), SinkError> {
+        self.conn()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        self.run("START TRANSACTION", "starting a transaction")
+            .await?;
+        match self.apply_in_transaction(changes, offsets).await {
+            Ok(()) => {
+                self.run("COMMIT", "committing").await?;
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(conn) = self.conn.as_mut() {
+                    if let Err(rollback) = conn.query_drop("ROLLBACK").await {
+                        tracing::debug!(error = %rollback, "rollback failed; reconnecting");
+                        self.conn = None;
+                    }
+                }
+                if matches!(e, SinkError::Transient(_)) {
+                    self.conn = None;
+                }
+                if matches!(e, SinkError::Rejected(_)) {
+                    self.tables.clear();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Offsets a consumer group recorded in a MySQL target, for `tidelink status`:
+/// (topic, partition, next offset, when it was recorded as RFC 3339 text).
+pub async fn recorded_offsets(
+    dsn: &str,
+    state_database: &str,
+    group: &str,
+) -> Result<Vec<(String, i32, i64, String)>, TidelinkError> {
+    let mut conn = connect(dsn, "status").await?;
+    let sql = format!(
+        "SELECT topic, `partition`, next_offset, DATE_FORMAT(updated_at, '%Y-%m-%dT%H:%i:%sZ') \
+         FROM {} WHERE consumer_group = ? ORDER BY 1, 2",
+        quote_table(state_database, "offsets")
+    );
+    match conn.exec(sql, (group,)).await {
+        Ok(rows) => Ok(rows),
+        // No batch applied yet: the state tables do not exist.
+        Err(e) if server_code(&e) == Some(1146) => Ok(Vec::new()),
+        Err(e) => Err(crate::connection::classify(&e).context("reading recorded offsets")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(sql_type: &str, key: bool) -> ColumnDefinition {
+        ColumnDefinition {
+            name: "c".into(),
+            sql_type: sql_type.into(),
+            key,
+            not_null: key,
+        }
+    }
+
+    #[test]
+    fn postgres_types_map_to_mysql() {
+        assert_eq!(
+            mysql_type_for(&def("numeric(12,2)", false)).unwrap(),
+            "decimal(12,2)"
+        );
+        assert_eq!(mysql_type_for(&def("text", true)).unwrap(), "varchar(255)");
+        assert_eq!(
+            mysql_type_for(&def("timestamp with time zone", false)).unwrap(),
+            "timestamp(6) NULL"
+        );
+        assert_eq!(mysql_type_for(&def("integer[]", false)).unwrap(), "json");
+        assert_eq!(
+            mysql_type_for(&def("mysql:int(10) unsigned", false)).unwrap(),
+            "int(10) unsigned"
+        );
+        assert!(mysql_type_for(&def("tsvector", false)).is_err());
+    }
+
+    #[test]
+    fn statements_split_by_size() {
+        let items = vec!["(1)".to_string(), "(2)".to_string()];
+        assert_eq!(
+            statements("INSERT x VALUES ", ";", &items),
+            vec!["INSERT x VALUES (1), (2);"]
+        );
+    }
+}
