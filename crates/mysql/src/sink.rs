@@ -59,9 +59,7 @@ pub struct MysqlSink {
 fn rejected_or_transient(error: &mysql_async::Error, what: &str) -> SinkError {
     let message = format!("{what}: {}", describe(error));
     match server_code(error) {
-        Some(1205 | 1213 | 1040 | 1053 | 1290 | 4031) => {
-            SinkError::Transient(message)
-        }
+        Some(1205 | 1213 | 1040 | 1053 | 1290 | 4031) => SinkError::Transient(message),
         Some(_) => SinkError::Rejected(message),
         None => SinkError::Transient(message),
     }
@@ -126,7 +124,14 @@ impl MysqlSink {
         if schema.is_none() {
             match (create, source_columns) {
                 (true, Some(columns)) => {
+                    // DDL commits implicitly in MySQL: `apply` creates tables before it
+                    // opens the batch's transaction.
                     let sql = create_table_sql(table, columns)?;
+                    self.run(
+                        &format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(&table.schema)),
+                        &format!("creating database {}", table.schema),
+                    )
+                    .await?;
                     self.run(&sql, &format!("creating target table {table}")).await?;
                     tracing::info!(%table, "created target table");
                     let conn = self.live()?;
@@ -405,6 +410,9 @@ pub fn mysql_type_for(definition: &ColumnDefinition) -> Result<String, String> {
         None => (t.trim(), None),
     };
     let is_key = definition.key;
+    if t.starts_with("timestamp") && t.contains("with time zone") && !t.contains("without") {
+        return Ok("timestamp(6) NULL".to_string());
+    }
     let mapped = match base {
         "smallint" => "smallint".to_string(),
         "integer" | "int" => "int".to_string(),

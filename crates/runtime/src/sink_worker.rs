@@ -284,13 +284,12 @@ impl<S: Sink> Worker<S> {
         &mut self,
         messages: &[OwnedMessage],
     ) -> Result<(), TidelinkError> {
-        if !self
-            .ctx
-            .sink
-            .postgres
-            .as_ref()
-            .is_some_and(|pg| pg.create_tables)
-        {
+        let create_tables = match self.ctx.sink.target() {
+            Some(tidelink_config::SinkTarget::Postgres(pg)) => pg.create_tables,
+            Some(tidelink_config::SinkTarget::Mysql(my)) => my.create_tables,
+            None => false,
+        };
+        if !create_tables {
             return Ok(());
         }
         let prefix = format!("{}.", self.ctx.kafka.topic_prefix);
