@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build deps test unit-test integration-test lint demo clean-test-logs
+.PHONY: all build deps test unit-test integration-test lint demo demo-mysql clean-test-logs
 
 all: build
 
@@ -25,6 +25,10 @@ lint:
 
 demo: deps
 	scripts/demo.sh
+
+# MariaDB → Kafka → PostgreSQL (configs/mysql-to-pg.yaml).
+demo-mysql: deps
+	scripts/demo-mysql.sh
 
 clean-test-logs:
 	rm -rf target/test-logs

@@ -58,3 +58,30 @@ stop_broker() {
   local dir="$1"
   [ -f "$dir/tansu.pid" ] && kill "$(cat "$dir/tansu.pid")" 2>/dev/null || true
 }
+
+# start_mariadb DIR PORT [SERVER_ID]: a throwaway MariaDB with the row binlog a CDC source
+# needs; root connects over TCP without a password. pid in DIR/mariadb.pid
+start_mariadb() {
+  local dir="$1" port="$2" server_id="${3:-1}"
+  mkdir -p "$dir"
+  [ "$(id -u)" = 0 ] && chown mysql: "$dir"
+  mariadb-install-db --user=mysql --datadir="$dir/data" --auth-root-authentication-method=normal \
+    --skip-test-db >"$dir/install.log" 2>&1 || { cat "$dir/install.log" >&2; return 1; }
+  mariadbd --no-defaults --user=mysql --datadir="$dir/data" --port="$port" --bind-address=127.0.0.1 \
+    --socket="$dir/sock" --pid-file="$dir/mariadb.pid" --log-bin="$dir/data/binlog" \
+    --binlog-format=ROW --binlog-row-image=FULL --server-id="$server_id" \
+    --character-set-server=utf8mb4 --collation-server=utf8mb4_bin --skip-name-resolve \
+    --innodb-buffer-pool-size=64M >"$dir/server.log" 2>&1 &
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "mariadbd did not start; see $dir/server.log" >&2
+  return 1
+}
+
+# stop_mariadb DIR
+stop_mariadb() {
+  local dir="$1"
+  [ -f "$dir/mariadb.pid" ] && kill "$(cat "$dir/mariadb.pid")" 2>/dev/null || true
+}

@@ -16,7 +16,12 @@ pub fn producer(kafka: &KafkaConfig) -> Result<ClientConfig, TidelinkError> {
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "0");
-    apply_overrides(&mut config, kafka, &["enable.idempotence", "acks"])?;
+    apply_overrides(
+        &mut config,
+        kafka,
+        Role::Producer,
+        &["enable.idempotence", "acks"],
+    )?;
     Ok(config)
 }
 
@@ -35,6 +40,7 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
     apply_overrides(
         &mut config,
         kafka,
+        Role::Consumer,
         &["group.id", "enable.auto.commit", "enable.auto.offset.store"],
     )?;
     Ok(config)
@@ -43,7 +49,7 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
 /// Admin client settings.
 pub fn admin(kafka: &KafkaConfig) -> Result<ClientConfig, TidelinkError> {
     let mut config = base(kafka);
-    apply_overrides(&mut config, kafka, &[])?;
+    apply_overrides(&mut config, kafka, Role::Admin, &[])?;
     Ok(config)
 }
 
@@ -55,12 +61,51 @@ fn base(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
+/// Which client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Producer,
+    Consumer,
+    Admin,
+}
+
+/// Properties only a producer understands.
+const PRODUCER_ONLY: &[&str] = &[
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "batch.num.messages",
+    "batch.size",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "request.required.acks",
+    "acks",
+    "enable.idempotence",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "retries",
+    "message.send.max.retries",
+    "retry.backoff.ms",
+    "sticky.partitioning.linger.ms",
+    "partitioner",
+];
+
 fn apply_overrides(
     config: &mut ClientConfig,
     kafka: &KafkaConfig,
+    role: Role,
     protected: &[&str],
 ) -> Result<(), TidelinkError> {
     for (key, value) in &kafka.properties {
+        if role != Role::Producer && PRODUCER_ONLY.contains(&key.as_str()) {
+            // One `properties` block serves every client; producer tuning means nothing
+            // to consumers and admin clients (librdkafka would warn about it).
+            continue;
+        }
         if protected.contains(&key.as_str()) {
             return Err(TidelinkError::permanent(format!(
                 "kafka.properties.{key}: tidelink sets this itself to keep its delivery guarantees; remove it"

@@ -200,7 +200,9 @@ fn main() -> ExitCode {
                     }
                 },
                 Ok(status) => {
-                    print!("{status}");
+                    // A closed pipe (`tidelink status | head`) is not an error.
+                    use std::io::Write;
+                    let _ = write!(std::io::stdout(), "{status}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
