@@ -234,3 +234,53 @@ fn mutated_configuration_text_never_panics() {
         let _ = redact_dsn(&text);
     }
 }
+
+#[test]
+fn the_shipped_example_configurations_validate() {
+    let vars = |var: &str| match var {
+        "SOURCE_DSN" => Some("mysql://root@127.0.0.1:3306/store".to_string()),
+        "TARGET_DSN" => Some("postgres://postgres@127.0.0.1:5432/replica".to_string()),
+        _ => None,
+    };
+    for file in ["pg-to-pg.yaml", "mysql-to-pg.yaml"] {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/");
+        let text = std::fs::read_to_string(format!("{path}{file}")).expect("example config");
+        let text = if file == "pg-to-pg.yaml" {
+            text.replace("${SOURCE_DSN}", "postgres://postgres@127.0.0.1:5432/shop")
+        } else {
+            text
+        };
+        load_str(&text, file, &vars).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
+
+#[test]
+fn mysql_blocks_are_validated_with_their_paths() {
+    let text = r#"
+pipelines:
+  - name: store
+    source:
+      mysql:
+        dsn: postgres://wrong@host/db
+        tables: [nodot]
+        server_id: 0
+    kafka:
+      brokers: 127.0.0.1:9092
+      topic_prefix: store
+    sinks:
+      - name: mirror
+        mysql:
+          dsn: mysql://root@127.0.0.1:3306/x
+        postgres:
+          dsn: postgres://root@127.0.0.1:5432/x
+"#;
+    let error = load_str(text, "my.yaml", &env).expect_err("invalid").to_string();
+    for expected in [
+        "pipelines[0].source.mysql.dsn",
+        "pipelines[0].source.mysql.tables[0]",
+        "pipelines[0].source.mysql.server_id",
+        "exactly one target",
+    ] {
+        assert!(error.contains(expected), "`{expected}` missing from:\n{error}");
+    }
+}
