@@ -63,11 +63,12 @@ stop_broker() {
 # needs; root connects over TCP without a password. pid in DIR/mariadb.pid
 start_mariadb() {
   local dir="$1" port="$2" server_id="${3:-1}"
-  mkdir -p "$dir"
-  [ "$(id -u)" = 0 ] && chown mysql: "$dir"
-  mariadb-install-db --user=mysql --datadir="$dir/data" --auth-root-authentication-method=normal \
+  mkdir -p "$dir/tmp"
+  [ "$(id -u)" = 0 ] && chown -R mysql: "$dir"
+  mariadb-install-db --no-defaults --user=mysql --datadir="$dir/data" --tmpdir="$dir/tmp" \
+    --auth-root-authentication-method=normal \
     --skip-test-db >"$dir/install.log" 2>&1 || { cat "$dir/install.log" >&2; return 1; }
-  mariadbd --no-defaults --user=mysql --datadir="$dir/data" --port="$port" --bind-address=127.0.0.1 \
+  mariadbd --no-defaults --user=mysql --datadir="$dir/data" --tmpdir="$dir/tmp" --port="$port" --bind-address=127.0.0.1 \
     --socket="$dir/sock" --pid-file="$dir/mariadb.pid" --log-bin="$dir/data/binlog" \
     --binlog-format=ROW --binlog-row-image=FULL --server-id="$server_id" \
     --character-set-server=utf8mb4 --collation-server=utf8mb4_bin --skip-name-resolve \

@@ -39,10 +39,21 @@ impl MariaDb {
                 .status();
         }
         let data = dir.path().join("data");
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).expect("tmp dir");
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["mysql:", &tmp.display().to_string()])
+                .status();
+        }
+        // --no-defaults and a private tmpdir: with the machine's my.cnf, installs running
+        // at the same time collide on temporary tables in /tmp.
         let out = Command::new("mariadb-install-db")
             .args([
+                "--no-defaults",
                 "--user=mysql",
                 &format!("--datadir={}", data.display()),
+                &format!("--tmpdir={}", tmp.display()),
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
             ])
@@ -52,7 +63,8 @@ impl MariaDb {
             );
         assert!(
             out.status.success(),
-            "mariadb-install-db failed: {}",
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         let mut server = Self {
@@ -73,6 +85,7 @@ impl MariaDb {
             .arg("--no-defaults")
             .arg("--user=mysql")
             .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.join("sock").display()))

@@ -136,3 +136,124 @@ async fn the_initial_snapshot_copies_existing_rows_while_streaming() {
         daemon.output()
     );
 }
+
+/// `--direct`: the first load goes straight into the target with COPY while only the
+/// source runs (changes wait in Kafka); a killed load resumes after its last chunk; then the
+/// sink starts and applies the buffered changes on top. The target ends equal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_backfill_loads_with_copy_and_the_stream_applies_on_top() {
+    let p = preloaded().await;
+    let config = p.write_config_without_snapshot("direct.yaml", "");
+    let _source = p.run(&config, &["--role", "source"], "source.log");
+    p.wait_source_streaming().await;
+    let direct = |log: &str| {
+        let config = config.display().to_string();
+        Daemon::start(
+            &[
+                "backfill",
+                "-c",
+                &config,
+                "--pipeline",
+                "it",
+                "--chunk-size",
+                "500",
+                "--direct",
+                "replica",
+            ],
+            &p.work.path().join(log),
+        )
+    };
+    let first = direct("direct-1.log");
+    tidelink_integration_tests::wait_until(
+        Duration::from_secs(60),
+        "some chunks are loaded",
+        || async {
+            p.target
+                .client("replica")
+                .await
+                .query_one("SELECT count(*) FROM accounts", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) >= 2_000)
+        },
+    )
+    .await;
+    first.kill9();
+    churn(&p, 20).await;
+    let mut second = direct("direct-2.log");
+    let status = second
+        .wait(Duration::from_secs(120))
+        .expect("direct load finishes");
+    assert!(status.success(), "{}", second.output());
+    assert!(
+        second
+            .output()
+            .contains("resuming after the last loaded chunk"),
+        "{}",
+        second.output()
+    );
+    // A second process: its own config without the metrics endpoint the source holds.
+    let sink_config = p.work.path().join("direct-sink.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &sink_config,
+        text.replace("metrics:\n", "metrics:\n  enabled: false\n"),
+    )
+    .expect("sink config");
+    let _sink = p.run(&sink_config, &["--role", "sink"], "sink.log");
+    p.wait_in_sync(&[("accounts", "id")], Duration::from_secs(180))
+        .await;
+}
+
+/// A 1M-row table backfilled through Kafka (four chunks in flight) while a workload
+/// updates, deletes and inserts random rows: the target ends equal to the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_row_table_is_backfilled_while_it_changes() {
+    const MILLION: i64 = 1_000_000;
+    let p = PgPipeline::start(SCHEMA).await;
+    p.source
+        .client("app")
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO accounts SELECT g, 'owner ' || g, g % 1000, NULL FROM generate_series(1, {MILLION}) g"
+        ))
+        .await
+        .expect("preload");
+    let config = p.write_config_without_snapshot("million.yaml", "");
+    let _daemon = p.run_ready(&config, "daemon.log").await;
+    let config_text = config.display().to_string();
+    let mut copier = Daemon::start(
+        &[
+            "backfill",
+            "-c",
+            &config_text,
+            "--pipeline",
+            "it",
+            "--chunk-size",
+            "10000",
+            "--parallel",
+            "4",
+        ],
+        &p.work.path().join("backfill.log"),
+    );
+    let source = p.source.client("app").await;
+    for round in 0..40 {
+        source
+            .batch_execute(&format!(
+                "BEGIN;
+                 UPDATE accounts SET balance = balance + 1, note = 'round {round}'
+                   WHERE id IN (SELECT (random() * {MILLION})::bigint + 1 FROM generate_series(1, 500));
+                 DELETE FROM accounts WHERE id IN (SELECT (random() * {MILLION})::bigint + 1 FROM generate_series(1, 100));
+                 INSERT INTO accounts SELECT 2000000 + {round} * 100 + g, 'new', 0, NULL FROM generate_series(1, 50) g;
+                 COMMIT;"
+            ))
+            .await
+            .expect("churn");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let status = copier
+        .wait(Duration::from_secs(600))
+        .expect("backfill finishes");
+    assert!(status.success(), "{}", copier.output());
+    p.wait_in_sync(&[("accounts", "id")], Duration::from_secs(600))
+        .await;
+}

@@ -274,13 +274,18 @@ pipelines:
         postgres:
           dsn: postgres://root@127.0.0.1:5432/x
 "#;
-    let error = load_str(text, "my.yaml", &env).expect_err("invalid").to_string();
+    let error = load_str(text, "my.yaml", &env)
+        .expect_err("invalid")
+        .to_string();
     for expected in [
         "pipelines[0].source.mysql.dsn",
         "pipelines[0].source.mysql.tables[0]",
         "pipelines[0].source.mysql.server_id",
         "exactly one target",
     ] {
-        assert!(error.contains(expected), "`{expected}` missing from:\n{error}");
+        assert!(
+            error.contains(expected),
+            "`{expected}` missing from:\n{error}"
+        );
     }
 }

@@ -151,3 +151,15 @@ pub trait Sink: Send {
         offsets: &[OffsetAdvance],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
+
+/// Progress of a direct backfill of one table, as a target records it in the same
+/// transaction as the rows it loaded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DirectProgress {
+    /// Key (position text) of the last row loaded.
+    pub after: Option<Vec<String>>,
+    /// Rows loaded so far.
+    pub rows: u64,
+    /// Finished.
+    pub done: bool,
+}

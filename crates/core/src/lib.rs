@@ -12,8 +12,8 @@ pub mod fuzz;
 pub mod position;
 
 pub use contract::{
-    MessageOrigin, OffsetAdvance, Sink, SinkChange, SinkError, Source, SourceMessage,
-    TopicPartition,
+    DirectProgress, MessageOrigin, OffsetAdvance, Sink, SinkChange, SinkError, Source,
+    SourceMessage, TopicPartition,
 };
 pub use error::{ErrorKind, TidelinkError};
 pub use event::{

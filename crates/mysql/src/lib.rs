@@ -3,6 +3,7 @@
 
 pub mod backfill;
 pub mod connection;
+pub mod direct;
 pub mod schema;
 pub mod sink;
 pub mod source;

@@ -40,9 +40,9 @@ pub struct MysqlSinkSettings {
 }
 
 #[derive(Debug, Clone)]
-struct TargetTable {
-    quoted: String,
-    columns: HashMap<String, ColumnInfo>,
+pub(crate) struct TargetTable {
+    pub(crate) quoted: String,
+    pub(crate) columns: HashMap<String, ColumnInfo>,
 }
 
 /// What one INSERT statement covers: the columns present, and whether it only inserts
@@ -344,7 +344,7 @@ impl MysqlSink {
 }
 
 /// `(v1, v2, …)` for the given columns of a row.
-fn tuple(
+pub(crate) fn tuple(
     target: &TargetTable,
     table: &TableId,
     row: &Row,
@@ -368,7 +368,7 @@ fn tuple(
 }
 
 /// Splits `head item, item, … tail` into statements below the size limit.
-fn statements(head: &str, tail: &str, items: &[String]) -> Vec<String> {
+pub(crate) fn statements(head: &str, tail: &str, items: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::new();
     for item in items {
@@ -390,7 +390,7 @@ fn statements(head: &str, tail: &str, items: &[String]) -> Vec<String> {
     out
 }
 
-fn quoted_list(items: &[String]) -> String {
+pub(crate) fn quoted_list(items: &[String]) -> String {
     items
         .iter()
         .map(|s| quote_ident(s))

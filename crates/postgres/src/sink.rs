@@ -43,10 +43,11 @@ pub struct PgSinkSettings {
     pub create_tables: bool,
 }
 
+/// A target column: the type values are cast to, and how JSON becomes its text.
 #[derive(Debug, Clone)]
-struct TargetColumn {
-    sql_type: String,
-    kind: TargetKind,
+pub(crate) struct TargetColumn {
+    pub(crate) sql_type: String,
+    pub(crate) kind: TargetKind,
 }
 
 #[derive(Debug, Clone)]
@@ -131,41 +132,11 @@ impl PgSink {
                 }
             }
         }
-        let rows = client
-            // Values are cast to the column's type *without* its modifier: an explicit cast
-            // to varchar(3) or char(3) would silently truncate, while the assignment into
-            // the column checks the length and fails loudly. char(n) and bit(n) are cast
-            // through bpchar and varbit (a bare `character` or `bit` means length 1).
-            .query(
-                "SELECT a.attname::text, a.atttypid, \
-                        CASE a.atttypid WHEN 1560 THEN 'varbit' WHEN 1561 THEN 'varbit[]' \
-                                        WHEN 1042 THEN 'bpchar' WHEN 1014 THEN 'bpchar[]' \
-                                        ELSE format_type(a.atttypid, NULL) END \
-                 FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
-                 AND NOT a.attisdropped ORDER BY a.attnum",
-                &[&quoted],
-            )
-            .await
-            .map_err(|e| sink_error(&e, &format!("reading the columns of target table {table}")))?;
-        let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
-        self.types
-            .load(client, &oids)
-            .await
-            .map_err(|e| SinkError::Transient(e.message))?;
-        let columns = rows
-            .iter()
-            .map(|r| {
-                let oid: u32 = r.get(1);
-                (
-                    r.get::<_, String>(0),
-                    TargetColumn {
-                        sql_type: r.get(2),
-                        kind: target_kind(oid, &|o| self.types.get(o)),
-                    },
-                )
-            })
-            .collect();
-        let target = TargetTable { quoted, columns };
+        let columns = load_target_columns(client, &mut self.types, &quoted).await?;
+        let target = TargetTable {
+            quoted,
+            columns: columns.into_iter().collect(),
+        };
         self.tables.insert(table.clone(), target.clone());
         Ok(target)
     }
@@ -567,6 +538,49 @@ async fn create_table(client: &Client, table: &TableId, columns: &[u8]) -> Resul
         })?;
     tracing::info!(%table, columns = columns.len(), "created target table");
     Ok(())
+}
+
+/// A target table's columns in order, each with the type values are cast to and the kind
+/// that says how JSON values become text.
+pub(crate) async fn load_target_columns(
+    client: &Client,
+    types: &mut TypeCache,
+    quoted: &str,
+) -> Result<Vec<(String, TargetColumn)>, SinkError> {
+    let rows = client
+        // Values are cast to the column's type *without* its modifier: an explicit cast
+        // to varchar(3) or char(3) would silently truncate, while the assignment into
+        // the column checks the length and fails loudly. char(n) and bit(n) are cast
+        // through bpchar and varbit (a bare `character` or `bit` means length 1).
+        .query(
+            "SELECT a.attname::text, a.atttypid, \
+                    CASE a.atttypid WHEN 1560 THEN 'varbit' WHEN 1561 THEN 'varbit[]' \
+                                    WHEN 1042 THEN 'bpchar' WHEN 1014 THEN 'bpchar[]' \
+                                    ELSE format_type(a.atttypid, NULL) END \
+             FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
+             AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&quoted],
+        )
+        .await
+        .map_err(|e| sink_error(&e, &format!("reading the columns of target table {quoted}")))?;
+    let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
+    types
+        .load(client, &oids)
+        .await
+        .map_err(|e| SinkError::Transient(e.message))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let oid: u32 = r.get(1);
+            (
+                r.get::<_, String>(0),
+                TargetColumn {
+                    sql_type: r.get(2),
+                    kind: target_kind(oid, &|o| types.get(o)),
+                },
+            )
+        })
+        .collect())
 }
 
 /// The PostgreSQL type for a source column definition: PostgreSQL definitions verbatim,

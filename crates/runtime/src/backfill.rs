@@ -24,11 +24,11 @@
 use crate::publisher::{now_ms, publish_definitions};
 use crate::{Metrics, Shutdown};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use tidelink_config::{PipelineConfig, SourceKind};
+use tidelink_config::{PipelineConfig, SinkTarget, SourceKind};
 use tidelink_core::{ChangeEvent, Op, SourceInfo, TableId, TidelinkError};
-use tidelink_core::{Row, TableColumns};
+use tidelink_core::{DirectProgress, Row, TableColumns};
 use tidelink_kafka::topics::table_topic;
 use tidelink_kafka::{admin, encode_change, EventProducer};
 
@@ -128,6 +128,11 @@ pub struct BackfillOptions {
     pub restart: bool,
     /// Draw a progress bar (stderr is a terminal) instead of periodic log lines.
     pub progress_bar: bool,
+    /// Chunks in flight at once: the next chunks are read while earlier ones are being
+    /// delivered (or, with `direct`, written).
+    pub parallel: usize,
+    /// Copy straight into this sink's target instead of through Kafka.
+    pub direct: Option<String>,
 }
 
 /// Progress of one table, as recorded after each chunk.
@@ -190,6 +195,9 @@ pub async fn backfill(
             })
             .collect::<Result<_, _>>()?
     };
+    if let Some(sink) = &options.direct {
+        return backfill_direct(pipeline, &side, tables, sink, options, shutdown).await;
+    }
     let kafka = &pipeline.kafka;
     let producer = EventProducer::new(kafka)?;
     let progress_topic = progress_topic(&kafka.topic_prefix);
@@ -250,21 +258,38 @@ pub async fn backfill(
         let mut last_report = Instant::now();
         let table_label = table.to_string();
         let labels = [pipeline.name.as_str(), table_label.as_str()];
+        // Chunks in flight: sent to Kafka, not yet acknowledged. Reading the next chunk
+        // overlaps with waiting for the earlier ones; progress is recorded in order.
+        let mut in_flight: VecDeque<SentChunk> = VecDeque::new();
+        let mut cursor = progress.after.clone();
+        let mut finished = false;
         loop {
-            if shutdown.is_triggered() {
-                tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
-                return Ok(report);
-            }
-            // An empty table has nothing to copy: every row it gets is streamed.
-            let chunk = match &upto {
-                None => Vec::new(),
-                Some(upto) => {
-                    reader
-                        .chunk(progress.after.as_deref(), Some(upto), options.chunk_size)
-                        .await?
+            if shutdown.is_triggered() || finished {
+                while let Some(sent) = in_flight.pop_front() {
+                    let rows = sent.chunk.len() as u64;
+                    complete_chunk(
+                        sent,
+                        &reader,
+                        &producer,
+                        &topic,
+                        &table,
+                        &source,
+                        &mut progress,
+                    )
+                    .await?;
+                    record(&producer, &progress_topic, &table, &progress).await?;
+                    count_chunk(
+                        metrics,
+                        &labels,
+                        rows,
+                        progress.rows,
+                        reader.estimated_rows(),
+                    );
                 }
-            };
-            if chunk.is_empty() {
+                if !finished {
+                    tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
+                    return Ok(report);
+                }
                 progress.done = true;
                 record(&producer, &progress_topic, &table, &progress).await?;
                 if let Some(metrics) = metrics {
@@ -287,6 +312,20 @@ pub async fn backfill(
                 tracing::info!(%table, rows = progress.rows, seconds = started.elapsed().as_secs_f64(), "backfill of the table finished");
                 break;
             }
+            // An empty table has nothing to copy: every row it gets is streamed.
+            let chunk = match &upto {
+                None => Vec::new(),
+                Some(upto) => {
+                    reader
+                        .chunk(cursor.as_deref(), Some(upto), options.chunk_size)
+                        .await?
+                }
+            };
+            if chunk.is_empty() {
+                finished = true;
+                continue;
+            }
+            cursor = chunk.last().map(|(_, _, k)| k.clone());
             let now = now_ms();
             let mut deliveries = Vec::with_capacity(chunk.len());
             for (key, image, _) in &chunk {
@@ -306,46 +345,28 @@ pub async fn backfill(
                         .await?,
                 );
             }
-            for delivery in deliveries {
-                delivery.acknowledged().await?;
-            }
-            // Rows deleted since the chunk was read get a delete after their snapshot.
-            let keys: Vec<Vec<String>> = chunk.iter().map(|(_, _, k)| k.clone()).collect();
-            let existing = reader.existing(&keys).await?;
-            for ((key, _, _), exists) in chunk.iter().zip(existing) {
-                if !exists {
-                    let event = ChangeEvent {
-                        table: table.clone(),
-                        op: Op::Delete,
-                        key: key.clone(),
-                        before: Some(key.clone()),
-                        after: None,
-                        source: source(now_ms()),
-                        columns: None,
-                    };
-                    let (key, value) = encode_change(&event, now_ms());
-                    producer
-                        .send(&topic, key.as_deref(), &value, None, None)
-                        .await?
-                        .acknowledged()
-                        .await?;
-                }
-            }
-            progress.rows += chunk.len() as u64;
-            progress.after = chunk.last().map(|(_, _, k)| k.clone());
-            record(&producer, &progress_topic, &table, &progress).await?;
-            if let Some(metrics) = metrics {
-                metrics
-                    .backfill_rows
-                    .with_label_values(&labels)
-                    .inc_by(chunk.len() as u64);
-                metrics.backfill_chunks.with_label_values(&labels).inc();
-                let remaining =
-                    (reader.estimated_rows().max(0) as u64).saturating_sub(progress.rows);
-                metrics
-                    .backfill_remaining
-                    .with_label_values(&labels)
-                    .set(remaining as f64);
+            in_flight.push_back(SentChunk { chunk, deliveries });
+            while in_flight.len() >= options.parallel.max(1) {
+                let sent = in_flight.pop_front().expect("not empty");
+                let rows = sent.chunk.len() as u64;
+                complete_chunk(
+                    sent,
+                    &reader,
+                    &producer,
+                    &topic,
+                    &table,
+                    &source,
+                    &mut progress,
+                )
+                .await?;
+                record(&producer, &progress_topic, &table, &progress).await?;
+                count_chunk(
+                    metrics,
+                    &labels,
+                    rows,
+                    progress.rows,
+                    reader.estimated_rows(),
+                );
             }
             let every = if options.progress_bar {
                 Duration::from_millis(200)
@@ -367,6 +388,255 @@ pub async fn backfill(
         report.push((table, progress.rows));
     }
     Ok(report)
+}
+
+fn count_chunk(
+    metrics: Option<&Metrics>,
+    labels: &[&str; 2],
+    rows: u64,
+    done: u64,
+    estimated: i64,
+) {
+    if let Some(metrics) = metrics {
+        metrics.backfill_rows.with_label_values(labels).inc_by(rows);
+        metrics.backfill_chunks.with_label_values(labels).inc();
+        let remaining = (estimated.max(0) as u64).saturating_sub(done);
+        metrics
+            .backfill_remaining
+            .with_label_values(labels)
+            .set(remaining as f64);
+    }
+}
+
+/// A direct-backfill writer of either target engine.
+enum Loader {
+    Postgres(tidelink_postgres::direct::PgDirectLoader),
+    Mysql(tidelink_mysql::direct::MysqlDirectLoader),
+}
+
+impl Loader {
+    async fn progress(&mut self, table: &TableId) -> Result<DirectProgress, TidelinkError> {
+        match self {
+            Loader::Postgres(l) => l.progress(table).await,
+            Loader::Mysql(l) => l.progress(table).await,
+        }
+    }
+
+    async fn reset(&mut self, table: &TableId) -> Result<(), TidelinkError> {
+        match self {
+            Loader::Postgres(l) => l.reset(table).await,
+            Loader::Mysql(l) => l.reset(table).await,
+        }
+    }
+
+    async fn load(
+        &mut self,
+        table: &TableId,
+        rows: &[Row],
+        progress: &DirectProgress,
+    ) -> Result<(), TidelinkError> {
+        match self {
+            Loader::Postgres(l) => l.load(table, rows, progress).await,
+            Loader::Mysql(l) => l.load(table, rows, progress).await,
+        }
+    }
+}
+
+/// `--direct SINK`: copies each table straight into one sink's target with its bulk path
+/// (COPY for PostgreSQL, multi-row INSERT for MySQL), honouring the sink's table filter
+/// and renames. Progress is recorded in the target with each chunk, so a rerun continues
+/// after the last loaded chunk. Meant for the first load, before that sink starts: the
+/// stream's changes since then are applied on top when it does.
+async fn backfill_direct(
+    pipeline: &PipelineConfig,
+    side: &SourceSide<'_>,
+    tables: Vec<TableId>,
+    sink_name: &str,
+    options: &BackfillOptions,
+    shutdown: &Shutdown,
+) -> Result<Vec<(TableId, u64)>, TidelinkError> {
+    let Some(sink) = pipeline.sinks.iter().find(|s| s.name == sink_name) else {
+        let names: Vec<&str> = pipeline.sinks.iter().map(|s| s.name.as_str()).collect();
+        return Err(TidelinkError::permanent(format!(
+            "--direct {sink_name}: pipeline {} has no such sink (its sinks: {})",
+            pipeline.name,
+            names.join(", ")
+        )));
+    };
+    let mut loader = match sink.target() {
+        Some(SinkTarget::Postgres(pg)) => Loader::Postgres(
+            tidelink_postgres::direct::PgDirectLoader::connect(&pg.dsn, &pg.state_schema).await?,
+        ),
+        Some(SinkTarget::Mysql(my)) => Loader::Mysql(
+            tidelink_mysql::direct::MysqlDirectLoader::connect(&my.dsn, &my.state_database).await?,
+        ),
+        None => {
+            return Err(TidelinkError::permanent(format!(
+                "sink {sink_name}: no target configured"
+            )))
+        }
+    };
+    let mut report = Vec::new();
+    for table in tables {
+        if !sink.tables.is_empty()
+            && !tidelink_config::matches_any(&sink.tables, &table.schema, &table.name)
+        {
+            tracing::info!(%table, sink = sink_name, "not replayed by this sink; skipping");
+            continue;
+        }
+        let target = match sink.table_map.get(&table.to_string()) {
+            Some(mapped) => match mapped.split_once('.') {
+                Some((schema, name)) => TableId::new(schema, name),
+                None => table.clone(),
+            },
+            None => table.clone(),
+        };
+        if options.restart {
+            loader.reset(&target).await?;
+        }
+        let mut progress = loader.progress(&target).await?;
+        if progress.done {
+            tracing::info!(%table, %target, rows = progress.rows, "already loaded by an earlier run; skipping (--restart loads it again)");
+            report.push((table, progress.rows));
+            continue;
+        }
+        if progress.rows > 0 {
+            tracing::info!(%table, %target, rows_done = progress.rows, "resuming after the last loaded chunk");
+        }
+        let reader = side.open(&table).await?;
+        let estimated = reader.estimated_rows();
+        let upto = reader.max_key().await?;
+        // The reader runs ahead of the writer by up to `parallel` chunks.
+        let (chunks, mut received) =
+            tokio::sync::mpsc::channel::<Result<Chunk, TidelinkError>>(options.parallel.max(1));
+        let chunk_size = options.chunk_size;
+        let mut after = progress.after.clone();
+        let reading = tokio::spawn(async move {
+            let Some(upto) = upto else { return };
+            loop {
+                let chunk = reader
+                    .chunk(after.as_deref(), Some(&upto), chunk_size)
+                    .await;
+                let last = match &chunk {
+                    Ok(c) if c.is_empty() => return,
+                    Ok(c) => c.last().map(|(_, _, k)| k.clone()),
+                    Err(_) => None,
+                };
+                let failed = chunk.is_err();
+                if chunks.send(chunk).await.is_err() || failed {
+                    return;
+                }
+                after = last;
+            }
+        });
+        let started = Instant::now();
+        let rows_at_start = progress.rows;
+        let mut last_report = Instant::now();
+        while let Some(chunk) = received.recv().await {
+            let chunk = chunk?;
+            progress.rows += chunk.len() as u64;
+            progress.after = chunk.last().map(|(_, _, k)| k.clone());
+            let rows: Vec<Row> = chunk.into_iter().map(|(_, image, _)| image).collect();
+            loader.load(&target, &rows, &progress).await?;
+            if shutdown.is_triggered() {
+                reading.abort();
+                tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
+                return Ok(report);
+            }
+            let every = if options.progress_bar {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(2)
+            };
+            if last_report.elapsed() >= every {
+                last_report = Instant::now();
+                let shown = TableProgress {
+                    after: None,
+                    rows: progress.rows,
+                    done: false,
+                };
+                report_progress(
+                    &table,
+                    &shown,
+                    estimated,
+                    rows_at_start,
+                    started,
+                    options.progress_bar,
+                );
+            }
+        }
+        reading
+            .await
+            .map_err(|e| TidelinkError::permanent(format!("reading {table} failed: {e}")))?;
+        progress.done = true;
+        loader.load(&target, &[], &progress).await?;
+        if options.progress_bar {
+            let shown = TableProgress {
+                after: None,
+                rows: progress.rows,
+                done: true,
+            };
+            report_progress(
+                &table,
+                &shown,
+                progress.rows as i64,
+                rows_at_start,
+                started,
+                true,
+            );
+            eprintln!();
+        }
+        tracing::info!(%table, %target, rows = progress.rows, seconds = started.elapsed().as_secs_f64(), "direct backfill of the table finished");
+        report.push((table, progress.rows));
+    }
+    Ok(report)
+}
+
+/// A chunk whose read events were sent to Kafka.
+struct SentChunk {
+    chunk: Chunk,
+    deliveries: Vec<tidelink_kafka::producer::PendingDelivery>,
+}
+
+/// Waits for a chunk's acknowledgements, sends deletes for keys gone since the chunk was
+/// read, and moves `progress` past it (the caller records it).
+async fn complete_chunk(
+    sent: SentChunk,
+    reader: &Reader,
+    producer: &EventProducer,
+    topic: &str,
+    table: &TableId,
+    source: &impl Fn(i64) -> SourceInfo,
+    progress: &mut TableProgress,
+) -> Result<(), TidelinkError> {
+    for delivery in sent.deliveries {
+        delivery.acknowledged().await?;
+    }
+    // Rows deleted since the chunk was read get a delete after their snapshot.
+    let keys: Vec<Vec<String>> = sent.chunk.iter().map(|(_, _, k)| k.clone()).collect();
+    let existing = reader.existing(&keys).await?;
+    for ((key, _, _), exists) in sent.chunk.iter().zip(existing) {
+        if !exists {
+            let event = ChangeEvent {
+                table: table.clone(),
+                op: Op::Delete,
+                key: key.clone(),
+                before: Some(key.clone()),
+                after: None,
+                source: source(now_ms()),
+                columns: None,
+            };
+            let (key, value) = encode_change(&event, now_ms());
+            producer
+                .send(topic, key.as_deref(), &value, None, None)
+                .await?
+                .acknowledged()
+                .await?;
+        }
+    }
+    progress.rows += sent.chunk.len() as u64;
+    progress.after = sent.chunk.last().map(|(_, _, k)| k.clone());
+    Ok(())
 }
 
 async fn record(

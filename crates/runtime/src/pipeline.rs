@@ -371,6 +371,8 @@ fn start_snapshot(
             chunk_size: 5000,
             restart,
             progress_bar: false,
+            parallel: 4,
+            direct: None,
         };
         let mut attempt = 0;
         loop {

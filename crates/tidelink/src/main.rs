@@ -55,6 +55,14 @@ enum Command {
         /// Copy tables again that an earlier run finished.
         #[arg(long)]
         restart: bool,
+        /// Chunks in flight at once (reads overlap with delivery or writes).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Copy straight into this sink's target with its bulk path (COPY for PostgreSQL,
+        /// multi-row INSERT for MySQL) instead of through Kafka; for a first load, before
+        /// that sink runs.
+        #[arg(long, value_name = "SINK")]
+        direct: Option<String>,
     },
     /// Show where each pipeline stands: slot position and retained WAL, per-partition
     /// consumer lag, last apply, dead letters.
@@ -129,6 +137,8 @@ fn main() -> ExitCode {
             tables,
             chunk_size,
             restart,
+            parallel,
+            direct,
         } => {
             let parsed = match load_config(&config) {
                 Ok(parsed) => parsed,
@@ -150,6 +160,8 @@ fn main() -> ExitCode {
                 chunk_size: chunk_size.max(1),
                 restart,
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                parallel: parallel.max(1),
+                direct,
             };
             let result = runtime.block_on(async {
                 let shutdown = Shutdown::new();
