@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build deps test unit-test integration-test lint demo demo-mysql clean-test-logs
+.PHONY: all build deps test unit-test integration-test lint demo demo-mysql bench bench-quick clean-test-logs
 
 all: build
 
@@ -32,3 +32,17 @@ demo-mysql: deps
 
 clean-test-logs:
 	rm -rf target/test-logs
+
+# Benchmarks (not tests): release builds, throwaway servers, ratios measured in the same run.
+# `bench` uses 1M rows and writes docs/benchmarks.md; `bench-quick` (50k rows, a few
+# minutes) exercises the same harness and prints the same table.
+BENCH_BUILD = $(CARGO) build --release -p tidelink -p tidelink-integration-tests --bins
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+
+bench: deps
+	$(BENCH_BUILD)
+	TIDELINK_BIN=$(TARGET_DIR)/release/tidelink $(TARGET_DIR)/release/bench --rows 1000000 --out docs/benchmarks.md
+
+bench-quick: deps
+	$(BENCH_BUILD)
+	TIDELINK_BIN=$(TARGET_DIR)/release/tidelink $(TARGET_DIR)/release/bench --rows 50000 --out $(TARGET_DIR)/bench-quick.md

@@ -268,6 +268,9 @@ fn wait_for_port(port: u16, timeout: Duration) {
 
 /// The `tidelink` binary, built by `make test` (or `cargo build`) before the tests run.
 pub fn tidelink_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TIDELINK_BIN") {
+        return PathBuf::from(path);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
@@ -316,6 +319,11 @@ impl Daemon {
             child,
             log: log.to_path_buf(),
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// kill -9.

@@ -14,7 +14,11 @@
 //!
 //! Each table is copied up to the largest key it holds when its copy starts: rows inserted
 //! later commit after the pipeline's slot exists (the publication a backfill reads is
-//! created together with it), so the stream delivers them.
+//! created together with it) or after the binlog position a MySQL-family source stored on
+//! its first start, so the stream delivers them.
+//!
+//! `--direct` ([`BackfillOptions::direct`]) writes into one sink's target instead; see
+//! `backfill_direct`.
 //!
 //! # Resuming
 //! After each chunk the last key is recorded in the compacted topic `<prefix>.backfill`

@@ -26,7 +26,7 @@ use crate::connection::{classify, connect, describe, parse_dsn};
 use crate::schema::{load_table, TableSchema};
 use crate::values::binlog_to_json;
 use futures::StreamExt;
-use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
+use mysql_async::binlog::events::{EventData, OptionalMetadataField, RowsEventData, TableMapEvent};
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::EventType;
 use mysql_async::prelude::Queryable;
@@ -178,9 +178,16 @@ impl MysqlSource {
         &mut self,
         table: &TableId,
         columns: usize,
+        binlog_names: Option<&[String]>,
     ) -> Result<Option<Arc<TableSchema>>, TidelinkError> {
+        let matches = |schema: &TableSchema| {
+            schema.columns.len() == columns
+                && binlog_names.is_none_or(|names| {
+                    names.iter().zip(&schema.columns).all(|(n, c)| *n == c.name)
+                })
+        };
         if let Some(schema) = self.schemas.get(table) {
-            if schema.columns.len() == columns {
+            if matches(schema) {
                 return Ok(Some(schema.clone()));
             }
         }
@@ -194,7 +201,29 @@ impl MysqlSource {
                 "table {table} has no primary key: tidelink keys every change by primary key (add one, or leave the table out of `tables`)"
             )));
         }
-        if schema.columns.len() != columns {
+        if let (Some(names), false) = (binlog_names, matches(&schema)) {
+            // The server sends column names (binlog_row_metadata=FULL): read the rows by
+            // them, exactly as they were written before a later ALTER.
+            let mut by_name = Vec::with_capacity(names.len());
+            for name in names {
+                let column = schema.columns.iter().find(|c| &c.name == name).ok_or_else(|| {
+                    TidelinkError::permanent(format!(
+                        "{table}: the binlog rows have column `{name}`, which the table no longer has; its type is unknown"
+                    ))
+                })?;
+                by_name.push(column.clone());
+            }
+            let key_names: Vec<String> = schema
+                .key
+                .iter()
+                .map(|&k| schema.columns[k].name.clone())
+                .collect();
+            schema.key = key_names
+                .iter()
+                .filter_map(|k| by_name.iter().position(|c| &c.name == k))
+                .collect();
+            schema.columns = by_name;
+        } else if schema.columns.len() != columns {
             // The table changed again after these rows were written (we are behind).
             // Columns added at the end are the common case: read the first ones.
             if columns < schema.columns.len() {
@@ -237,7 +266,21 @@ impl MysqlSource {
         }
         let tme = tme.clone();
         let columns = tme.columns_count() as usize;
-        let Some(schema) = self.schema(&table, columns).await? else {
+        let binlog_names: Option<Vec<String>> =
+            tme.iter_optional_meta().find_map(|field| match field {
+                Ok(OptionalMetadataField::ColumnName(names)) => Some(
+                    names
+                        .iter_names()
+                        .filter_map(Result::ok)
+                        .map(|n| n.name().to_string())
+                        .collect(),
+                ),
+                _ => None,
+            });
+        let Some(schema) = self
+            .schema(&table, columns, binlog_names.as_deref())
+            .await?
+        else {
             return Ok(());
         };
         let gtid = self.tx.as_ref().and_then(|t| t.gtid.clone());
