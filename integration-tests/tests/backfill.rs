@@ -257,3 +257,56 @@ async fn a_million_row_table_is_backfilled_while_it_changes() {
     p.wait_in_sync(&[("accounts", "id")], Duration::from_secs(600))
         .await;
 }
+
+/// A table without a primary key is refused with a message naming `--key-columns`, and
+/// backfilled when the user names the columns of its unique NOT NULL index.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_primary_key_is_backfilled_by_named_unique_columns() {
+    let schema = "CREATE TABLE codes (code text NOT NULL, region integer NOT NULL, label text);
+                  CREATE UNIQUE INDEX codes_key ON codes (code, region);
+                  ALTER TABLE codes REPLICA IDENTITY USING INDEX codes_key;";
+    let p = PgPipeline::start(schema).await;
+    p.source
+        .client("app")
+        .await
+        .batch_execute(
+            "INSERT INTO codes SELECT 'c' || (g % 700), g / 700, 'label ' || g FROM generate_series(1, 5000) g",
+        )
+        .await
+        .expect("preload");
+    let config = p.write_config_without_snapshot("codes.yaml", "");
+    let _daemon = p.run_ready(&config, "daemon.log").await;
+    let run = |extra: &[&str], log: &str| {
+        let config = config.display().to_string();
+        let mut args = vec![
+            "backfill",
+            "-c",
+            config.as_str(),
+            "--pipeline",
+            "it",
+            "--chunk-size",
+            "300",
+        ];
+        args.extend_from_slice(extra);
+        let mut daemon = Daemon::start(&args, &p.work.path().join(log));
+        let status = daemon
+            .wait(Duration::from_secs(120))
+            .expect("backfill ends");
+        (status, daemon.output())
+    };
+    let (status, output) = run(&["--key-columns", "label"], "wrong.log");
+    assert!(
+        !status.success() && output.contains("no unique index on exactly these columns"),
+        "{output}"
+    );
+    let (status, output) = run(&["--key-columns", "region,code"], "right.log");
+    assert!(status.success(), "{output}");
+    p.source
+        .client("app")
+        .await
+        .batch_execute("UPDATE codes SET label = 'changed' WHERE region = 3")
+        .await
+        .expect("update");
+    p.wait_in_sync(&[("codes", "code, region")], Duration::from_secs(120))
+        .await;
+}

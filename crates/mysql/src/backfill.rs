@@ -36,15 +36,60 @@ pub async fn captured_tables(
 }
 
 impl TableReader {
-    /// Opens a reader; refuses a table without primary key.
-    pub async fn open(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
+    /// Opens a reader. Rows are paged by `key_columns` when given (exactly the columns of
+    /// a unique index, all NOT NULL), else by the primary key; a table with neither is
+    /// refused.
+    pub async fn open(
+        dsn: &str,
+        table: &TableId,
+        key_columns: &[String],
+    ) -> Result<Self, TidelinkError> {
         let mut conn = connect(dsn, "backfill").await?;
-        let schema = load_table(&mut conn, table)
+        let mut schema = load_table(&mut conn, table)
             .await?
             .ok_or_else(|| TidelinkError::permanent(format!("table {table} does not exist")))?;
+        if !key_columns.is_empty() {
+            let indexes: Vec<(String, String)> = conn
+                .exec(
+                    "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY COLUMN_NAME SEPARATOR ',') \
+                     FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
+                     AND NON_UNIQUE = 0 GROUP BY INDEX_NAME",
+                    (&table.schema, &table.name),
+                )
+                .await
+                .map_err(|e| classify(&e).context(format!("reading the unique indexes of {table}")))?;
+            let mut wanted = key_columns.to_vec();
+            wanted.sort();
+            let wanted = wanted.join(",");
+            if !indexes.iter().any(|(_, columns)| *columns == wanted) {
+                return Err(TidelinkError::permanent(format!(
+                    "--key-columns {}: {table} has no unique index on exactly these columns",
+                    key_columns.join(",")
+                )));
+            }
+            let mut key = Vec::new();
+            for name in key_columns {
+                let i = schema
+                    .columns
+                    .iter()
+                    .position(|c| &c.name == name)
+                    .ok_or_else(|| {
+                        TidelinkError::permanent(format!(
+                            "--key-columns: {table} has no column `{name}`"
+                        ))
+                    })?;
+                if !schema.columns[i].not_null {
+                    return Err(TidelinkError::permanent(format!(
+                        "--key-columns: {table}.{name} allows NULLs, which would let rows share a key; make it NOT NULL"
+                    )));
+                }
+                key.push(i);
+            }
+            schema.key = key;
+        }
         if schema.key.is_empty() {
             return Err(TidelinkError::permanent(format!(
-                "table {table} has no primary key: a backfill pages through a table by its key"
+                "table {table} has no primary key: a backfill pages through a table by its key. Add one, or name the columns of a unique NOT NULL index with --key-columns"
             )));
         }
         let estimated_rows: Option<u64> = conn

@@ -510,3 +510,77 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod never_panic {
+    use super::*;
+    use tidelink_core::fuzz::Mutator;
+
+    /// Arbitrary bytes for every column type through both decoders, and arbitrary JSON
+    /// text through the literal encoder: errors are fine, panics are not.
+    #[test]
+    fn mutated_values_never_panic() {
+        let types = [
+            "tinyint",
+            "smallint",
+            "mediumint",
+            "int",
+            "bigint",
+            "year",
+            "float",
+            "double",
+            "decimal",
+            "bit",
+            "enum",
+            "set",
+            "timestamp",
+            "date",
+            "datetime",
+            "time",
+            "binary",
+            "varbinary",
+            "blob",
+            "char",
+            "varchar",
+            "text",
+            "json",
+            "geometry",
+        ];
+        let seeds: [&[u8]; 6] = [
+            b"1700000000.123456",
+            b"2024-02-29 23:59:59.5",
+            b"\x80\xff\x00",
+            b"-838:59:59",
+            b"{\"a\":1}",
+            b"18446744073709551615",
+        ];
+        let mut mutator = Mutator::new(0xb1b1);
+        for i in 0..30_000 {
+            let data_type = types[i % types.len()];
+            let mut column = ColumnInfo {
+                name: "c".into(),
+                data_type: data_type.into(),
+                column_type: format!("{data_type}({})", mutator.below(70)),
+                unsigned: mutator.below(2) == 0,
+                charset: Some(["utf8mb4", "latin1", "binary", "ucs2"][mutator.below(4)].into()),
+                labels: vec!["a".into(), "b".into()],
+                bits: mutator.below(70) as u32,
+                key: false,
+                not_null: false,
+            };
+            let bytes = mutator.input(&seeds);
+            let _ = bytes_to_json(&bytes, &column, false);
+            let _ = bytes_to_json(&bytes, &column, true);
+            let _ = value_to_json(&MyValue::Int(mutator.next_u64() as i64), &column, false);
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            let _ = json_to_literal(&Value::String(text.clone()), &column);
+            if let Ok(json) = serde_json::from_str::<Value>(&text) {
+                let _ = json_to_literal(&json, &column);
+            }
+            column.labels.clear();
+            let _ = value_to_json(&MyValue::Int(mutator.below(5) as i64), &column, false);
+            let _ = crate::schema::parse_labels(&text);
+            let _ = crate::source::GtidState::parse(&text);
+        }
+    }
+}

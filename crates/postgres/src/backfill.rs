@@ -58,8 +58,14 @@ pub async fn published_tables(dsn: &str, publication: &str) -> Result<Vec<TableI
 }
 
 impl TableReader {
-    /// Describes the table; refuses one without a primary key.
-    pub async fn open(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
+    /// Describes the table. Rows are paged by `key_columns` when given (they must be
+    /// exactly the columns of a unique index, all NOT NULL), else by the primary key, else
+    /// by the replica identity index; a table with none of these is refused.
+    pub async fn open(
+        dsn: &str,
+        table: &TableId,
+        key_columns: &[String],
+    ) -> Result<Self, TidelinkError> {
         let client = connect_with_options(dsn, "backfill", VALUE_FORMAT_OPTIONS).await?;
         let oid: Option<u32> = client
             .query_one(
@@ -87,10 +93,19 @@ impl TableReader {
             .iter()
             .map(|r| (r.get::<_, String>(0), types.classify(r.get(1))))
             .collect();
-        let primary_key = primary_key(&client, oid).await?;
+        let primary_key = if key_columns.is_empty() {
+            let mut key = primary_key(&client, oid).await?;
+            if key.is_empty() {
+                key = crate::catalog::replica_identity_index(&client, oid).await?;
+            }
+            key
+        } else {
+            crate::catalog::check_unique_key(&client, oid, table, key_columns).await?;
+            key_columns.to_vec()
+        };
         if primary_key.is_empty() {
             return Err(TidelinkError::permanent(format!(
-                "table {table} has no primary key: a backfill pages through rows by key, so it needs one"
+                "table {table} has no primary key: a backfill pages through rows by key. Add one, or name the columns of a unique NOT NULL index with --key-columns"
             )));
         }
         let key: Vec<usize> = primary_key

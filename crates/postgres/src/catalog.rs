@@ -120,6 +120,65 @@ fn first_char(s: String) -> char {
 }
 
 /// Primary-key column names of a relation, in key order.
+/// The columns of the table's replica identity index (`REPLICA IDENTITY USING INDEX`).
+pub(crate) async fn replica_identity_index(
+    client: &tokio_postgres::Client,
+    relation: u32,
+) -> Result<Vec<String>, TidelinkError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisreplident ORDER BY k.n",
+            &[&relation],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading the replica identity index"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Checks that `columns` are exactly the columns of a unique index and all NOT NULL, so
+/// they identify rows the way a primary key would.
+pub(crate) async fn check_unique_key(
+    client: &tokio_postgres::Client,
+    relation: u32,
+    table: &tidelink_core::TableId,
+    columns: &[String],
+) -> Result<(), TidelinkError> {
+    let rows = client
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname), bool_and(a.attnotnull) FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) AS k(attnum) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+             GROUP BY i.indexrelid",
+            &[&relation],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading unique indexes"))?;
+    let mut wanted = columns.to_vec();
+    wanted.sort();
+    for row in rows {
+        let names: Vec<String> = row.get(0);
+        let not_null: bool = row.get(1);
+        if names == wanted {
+            return if not_null {
+                Ok(())
+            } else {
+                Err(TidelinkError::permanent(format!(
+                    "--key-columns {}: the unique index on {table} allows NULLs, which would let rows share a key; make the columns NOT NULL",
+                    columns.join(",")
+                )))
+            };
+        }
+    }
+    Err(TidelinkError::permanent(format!(
+        "--key-columns {}: {table} has no unique index on exactly these columns",
+        columns.join(",")
+    )))
+}
+
 pub(crate) async fn primary_key(
     client: &tokio_postgres::Client,
     relation: u32,

@@ -109,14 +109,14 @@ impl SourceSide<'_> {
         }
     }
 
-    async fn open(&self, table: &TableId) -> Result<Reader, TidelinkError> {
+    async fn open(&self, table: &TableId, key_columns: &[String]) -> Result<Reader, TidelinkError> {
         Ok(match self.kind {
             SourceKind::Postgres(pg) => Reader::Postgres(
-                tidelink_postgres::backfill::TableReader::open(&pg.dsn, table).await?,
+                tidelink_postgres::backfill::TableReader::open(&pg.dsn, table, key_columns).await?,
             ),
-            SourceKind::Mysql(my) => {
-                Reader::Mysql(tidelink_mysql::backfill::TableReader::open(&my.dsn, table).await?)
-            }
+            SourceKind::Mysql(my) => Reader::Mysql(
+                tidelink_mysql::backfill::TableReader::open(&my.dsn, table, key_columns).await?,
+            ),
         })
     }
 }
@@ -137,6 +137,8 @@ pub struct BackfillOptions {
     pub parallel: usize,
     /// Copy straight into this sink's target instead of through Kafka.
     pub direct: Option<String>,
+    /// Page by these columns (a unique NOT NULL index) instead of the primary key.
+    pub key_columns: Vec<String>,
 }
 
 /// Progress of one table, as recorded after each chunk.
@@ -226,7 +228,7 @@ pub async fn backfill(
         if progress.rows > 0 {
             tracing::info!(%table, rows_done = progress.rows, "resuming after the last completed chunk");
         }
-        let reader = side.open(&table).await?;
+        let reader = side.open(&table, &options.key_columns).await?;
         let topic = table_topic(&kafka.topic_prefix, &table.schema, &table.name);
         admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
         publish_definitions(
@@ -507,7 +509,7 @@ async fn backfill_direct(
         if progress.rows > 0 {
             tracing::info!(%table, %target, rows_done = progress.rows, "resuming after the last loaded chunk");
         }
-        let reader = side.open(&table).await?;
+        let reader = side.open(&table, &options.key_columns).await?;
         let estimated = reader.estimated_rows();
         let upto = reader.max_key().await?;
         // The reader runs ahead of the writer by up to `parallel` chunks.

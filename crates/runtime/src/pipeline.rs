@@ -373,6 +373,7 @@ fn start_snapshot(
             progress_bar: false,
             parallel: 4,
             direct: None,
+            key_columns: Vec::new(),
         };
         let mut attempt = 0;
         loop {

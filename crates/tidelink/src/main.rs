@@ -63,6 +63,10 @@ enum Command {
         /// that sink runs.
         #[arg(long, value_name = "SINK")]
         direct: Option<String>,
+        /// Page through the tables by these columns (comma-separated; the columns of a
+        /// unique NOT NULL index) instead of the primary key, for tables without one.
+        #[arg(long, value_delimiter = ',')]
+        key_columns: Vec<String>,
     },
     /// Show where each pipeline stands: slot position and retained WAL, per-partition
     /// consumer lag, last apply, dead letters.
@@ -139,6 +143,7 @@ fn main() -> ExitCode {
             restart,
             parallel,
             direct,
+            key_columns,
         } => {
             let parsed = match load_config(&config) {
                 Ok(parsed) => parsed,
@@ -162,6 +167,7 @@ fn main() -> ExitCode {
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 parallel: parallel.max(1),
                 direct,
+                key_columns,
             };
             let result = runtime.block_on(async {
                 let shutdown = Shutdown::new();
