@@ -667,3 +667,36 @@ async fn full_row_metadata_reads_rows_from_before_a_reshaping_alter() {
         setup.logs()
     );
 }
+
+/// A source user without replication grants is refused with the missing grant named, and
+/// its password appears nowhere in the output.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_replication_grants_are_named_and_the_password_is_not_logged() {
+    let setup = Setup::start();
+    setup
+        .source
+        .execute(
+            "mysql",
+            "CREATE DATABASE shop;\nCREATE TABLE shop.t (id int PRIMARY KEY);\nCREATE USER 'weak'@'%' IDENTIFIED BY 'S3cretPw-91';\nGRANT SELECT ON shop.* TO 'weak'@'%'",
+        )
+        .await;
+    let target = PgCluster::start();
+    let sink = format!(
+        "        postgres:\n          dsn: {}\n",
+        target.dsn("postgres")
+    );
+    let source = format!(
+        "      mysql:\n        dsn: mysql://weak:S3cretPw-91@127.0.0.1:{}/shop\n        tables: [shop.*]\n",
+        setup.source.port
+    );
+    let config = setup.config(&source, &sink, "");
+    let mut daemon = setup.run(&config, "run.log");
+    let status = daemon.wait(Duration::from_secs(60));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", setup.logs());
+    let output = daemon.output();
+    assert!(output.contains("GRANT REPLICATION CLIENT"), "{output}");
+    assert!(
+        !output.contains("S3cretPw-91"),
+        "the password leaked:\n{output}"
+    );
+}
