@@ -170,7 +170,41 @@ async fn mariadb_to_postgres_types_round_trip() {
         ],
         "{}",
         setup.logs()
+    ); // `tidelink verify` agrees across engines, then finds each kind of difference.
+    let verify = |log: &str| {
+        let mut daemon = Daemon::start(
+            &[
+                "verify",
+                "-c",
+                &config.display().to_string(),
+                "--pipeline",
+                "my",
+            ],
+            &setup.work.path().join(log),
+        );
+        let status = daemon.wait(Duration::from_secs(60)).expect("verify ends");
+        (status.code(), daemon.output())
+    };
+    let (code, output) = verify("verify-1.log");
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("equal      shop.types → shop.types (target): 3 rows"),
+        "{output}"
     );
+    client
+        .batch_execute(
+            "UPDATE shop.types SET t_varchar = 'drift' WHERE id = 1; DELETE FROM shop.types WHERE id = 2; \
+             INSERT INTO shop.types (id) VALUES (99)",
+        )
+        .await
+        .expect("drift");
+    let (code, output) = verify("verify-2.log");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("1 missing, 1 extra, 1 different"),
+        "{output}"
+    );
+    assert!(output.contains("column t_varchar"), "{output}");
 }
 
 /// A small deterministic random generator for workloads.

@@ -237,6 +237,37 @@ impl TableReader {
         self.select(&sql).await
     }
 
+    /// The rows with these keys (JSON values, as images carry them), for comparisons.
+    pub async fn rows_for(
+        &self,
+        keys: &[Row],
+    ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tuples = Vec::with_capacity(keys.len());
+        for key in keys {
+            let mut literals = Vec::with_capacity(self.schema.key.len());
+            for &i in &self.schema.key {
+                let column = &self.schema.columns[i];
+                let value = key
+                    .get(&column.name)
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null);
+                literals.push(json_to_literal(&value, column).map_err(TidelinkError::permanent)?);
+            }
+            tuples.push(format!("({})", literals.join(", ")));
+        }
+        let sql = format!(
+            "SELECT {} FROM {} WHERE ({}) IN ({})",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name),
+            self.key_names().join(", "),
+            tuples.join(", ")
+        );
+        self.select(&sql).await
+    }
+
     /// Which of these keys (position texts) still exist.
     pub async fn existing(&self, keys: &[Vec<String>]) -> Result<Vec<bool>, TidelinkError> {
         if keys.is_empty() {

@@ -218,11 +218,53 @@ impl TableReader {
             "SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}",
             quote_table(&self.table.schema, &self.table.name)
         );
+        self.rows(&sql).await
+    }
+
+    /// The rows with these keys (JSON values, as images carry them), for comparisons.
+    pub async fn rows_for(
+        &self,
+        keys: &[Row],
+    ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&String> = self.key.iter().map(|&i| &self.columns[i].0).collect();
+        let list = keys
+            .iter()
+            .map(|key| {
+                let texts: Vec<String> = names
+                    .iter()
+                    .map(|n| match key.get(*n) {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(other) => other.to_string(),
+                        None => String::new(),
+                    })
+                    .collect();
+                format!("({})", self.key_literal(&texts))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let columns = self
+            .columns
+            .iter()
+            .map(|(name, _)| quote_ident(name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns} FROM {} WHERE ({}) IN ({list})",
+            quote_table(&self.table.schema, &self.table.name),
+            self.key_list()
+        );
+        self.rows(&sql).await
+    }
+
+    async fn rows(&self, sql: &str) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
         let messages = self
             .client
-            .simple_query(&sql)
+            .simple_query(sql)
             .await
-            .map_err(|e| classify(&e).context(format!("reading a chunk of {}", self.table)))?;
+            .map_err(|e| classify(&e).context(format!("reading {}", self.table)))?;
         let mut out = Vec::new();
         for message in messages {
             if let SimpleQueryMessage::Row(row) = message {

@@ -36,8 +36,8 @@ use tidelink_core::{DirectProgress, Row, TableColumns};
 use tidelink_kafka::topics::table_topic;
 use tidelink_kafka::{admin, encode_change, EventProducer};
 
-/// A table reader of either source engine.
-enum Reader {
+/// A table reader of either engine.
+pub(crate) enum Reader {
     Postgres(tidelink_postgres::backfill::TableReader),
     Mysql(tidelink_mysql::backfill::TableReader),
 }
@@ -52,7 +52,7 @@ impl Reader {
         }
     }
 
-    fn estimated_rows(&self) -> i64 {
+    pub(crate) fn estimated_rows(&self) -> i64 {
         match self {
             Reader::Postgres(r) => r.estimated_rows,
             Reader::Mysql(r) => r.estimated_rows,
@@ -66,7 +66,7 @@ impl Reader {
         }
     }
 
-    async fn chunk(
+    pub(crate) async fn chunk(
         &self,
         after: Option<&[String]>,
         upto: Option<&[String]>,
@@ -84,17 +84,62 @@ impl Reader {
             Reader::Mysql(r) => r.existing(keys).await,
         }
     }
+
+    pub(crate) async fn rows_for(&self, keys: &[Row]) -> Result<Chunk, TidelinkError> {
+        match self {
+            Reader::Postgres(r) => r.rows_for(keys).await,
+            Reader::Mysql(r) => r.rows_for(keys).await,
+        }
+    }
+}
+
+/// Opens a reader on any table of either engine: `(is PostgreSQL, DSN)`.
+pub(crate) async fn open_reader(
+    (postgres, dsn): (bool, String),
+    table: &TableId,
+) -> Result<Reader, TidelinkError> {
+    Ok(if postgres {
+        Reader::Postgres(tidelink_postgres::backfill::TableReader::open(&dsn, table, &[]).await?)
+    } else {
+        Reader::Mysql(tidelink_mysql::backfill::TableReader::open(&dsn, table, &[]).await?)
+    })
+}
+
+/// The pipeline's source as backfills and verification read it.
+pub(crate) fn source_side(pipeline: &PipelineConfig) -> Result<SourceSide<'_>, TidelinkError> {
+    match pipeline.source.kind() {
+        Some(kind @ SourceKind::Postgres(pg)) => Ok(SourceSide {
+            connector: "postgresql",
+            database: tidelink_postgres::connection::parse_dsn(&pg.dsn)?
+                .get_dbname()
+                .unwrap_or("postgres")
+                .to_string(),
+            kind,
+        }),
+        Some(kind @ SourceKind::Mysql(_)) => Ok(SourceSide {
+            connector: "mysql",
+            database: String::new(),
+            kind,
+        }),
+        None => Err(TidelinkError::permanent(format!(
+            "pipeline {}: no source configured",
+            pipeline.name
+        ))),
+    }
 }
 
 /// What a backfill needs to know of the pipeline's source.
-struct SourceSide<'a> {
+pub(crate) struct SourceSide<'a> {
     connector: &'static str,
     database: String,
     kind: SourceKind<'a>,
 }
 
 impl SourceSide<'_> {
-    async fn tables(&self, pipeline: &PipelineConfig) -> Result<Vec<TableId>, TidelinkError> {
+    pub(crate) async fn tables(
+        &self,
+        pipeline: &PipelineConfig,
+    ) -> Result<Vec<TableId>, TidelinkError> {
         match self.kind {
             SourceKind::Postgres(pg) => {
                 tidelink_postgres::backfill::published_tables(
@@ -109,7 +154,11 @@ impl SourceSide<'_> {
         }
     }
 
-    async fn open(&self, table: &TableId, key_columns: &[String]) -> Result<Reader, TidelinkError> {
+    pub(crate) async fn open(
+        &self,
+        table: &TableId,
+        key_columns: &[String],
+    ) -> Result<Reader, TidelinkError> {
         Ok(match self.kind {
             SourceKind::Postgres(pg) => Reader::Postgres(
                 tidelink_postgres::backfill::TableReader::open(&pg.dsn, table, key_columns).await?,
@@ -164,27 +213,7 @@ pub async fn backfill(
     metrics: Option<&Metrics>,
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, u64)>, TidelinkError> {
-    let side = match pipeline.source.kind() {
-        Some(kind @ SourceKind::Postgres(pg)) => SourceSide {
-            connector: "postgresql",
-            database: tidelink_postgres::connection::parse_dsn(&pg.dsn)?
-                .get_dbname()
-                .unwrap_or("postgres")
-                .to_string(),
-            kind,
-        },
-        Some(kind @ SourceKind::Mysql(_)) => SourceSide {
-            connector: "mysql",
-            database: String::new(),
-            kind,
-        },
-        None => {
-            return Err(TidelinkError::permanent(format!(
-                "pipeline {}: no source configured",
-                pipeline.name
-            )))
-        }
-    };
+    let side = source_side(pipeline)?;
     let tables = if options.tables.is_empty() {
         side.tables(pipeline).await?
     } else {

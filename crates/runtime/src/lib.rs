@@ -10,6 +10,7 @@ pub mod publisher;
 pub mod shutdown;
 pub mod sink_worker;
 pub mod status;
+pub mod verify;
 
 pub use metrics::Metrics;
 pub use pipeline::{run_pipelines, Role};

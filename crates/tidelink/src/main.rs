@@ -68,6 +68,31 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         key_columns: Vec<String>,
     },
+    /// Compare every captured table with its copy in each sink's target, row by row; exit
+    /// 1 when any row is missing, extra or different.
+    Verify {
+        /// Pipeline configuration: a YAML file, or a directory of them.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The pipeline to verify.
+        #[arg(long)]
+        pipeline: String,
+        /// Only this sink.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only these source tables (schema.table; repeat the flag).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Re-read differing rows for up to 30 s before reporting them (while streaming).
+        #[arg(long)]
+        lag_tolerant: bool,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 5000)]
+        chunk_size: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show where each pipeline stands: slot position and retained WAL, per-partition
     /// consumer lag, last apply, dead letters.
     Status {
@@ -187,6 +212,86 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Verify {
+            config,
+            pipeline,
+            sink,
+            tables,
+            lag_tolerant,
+            chunk_size,
+            json,
+        } => {
+            let parsed = match load_config(&config) {
+                Ok(parsed) => parsed,
+                Err(code) => return code,
+            };
+            let Some(pipeline) = parsed.pipelines.iter().find(|p| p.name == pipeline) else {
+                eprintln!(
+                    "error: no pipeline named `{pipeline}` in {}",
+                    config.display()
+                );
+                return ExitCode::from(2);
+            };
+            let runtime = match async_runtime() {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            let options = tidelink_runtime::verify::VerifyOptions {
+                sink,
+                tables,
+                lag_tolerant,
+                chunk_size,
+            };
+            let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            match runtime.block_on(tidelink_runtime::verify::verify(
+                pipeline, &options, progress,
+            )) {
+                Ok(reports) => {
+                    let equal = reports.iter().all(|r| r.is_equal());
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&reports).unwrap_or_default()
+                        );
+                    } else {
+                        for r in &reports {
+                            if r.is_equal() {
+                                println!(
+                                    "equal      {} → {} ({}): {} rows",
+                                    r.source, r.target, r.sink, r.rows
+                                );
+                                continue;
+                            }
+                            println!(
+                                "DIFFERENT  {} → {} ({}): {} rows compared, {} missing, {} extra, {} different",
+                                r.source, r.target, r.sink, r.rows, r.missing.len(), r.extra.len(), r.different.len()
+                            );
+                            for key in r.missing.iter().take(10) {
+                                println!("  missing    {}", serde_json::Value::Object(key.clone()));
+                            }
+                            for key in r.extra.iter().take(10) {
+                                println!("  extra      {}", serde_json::Value::Object(key.clone()));
+                            }
+                            for (key, column) in r.different.iter().take(10) {
+                                println!(
+                                    "  different  {} (column {column})",
+                                    serde_json::Value::Object(key.clone())
+                                );
+                            }
+                        }
+                    }
+                    if equal {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
                 }
             }
         }

@@ -1,0 +1,299 @@
+//! `tidelink verify`: compares each captured table with its copy in every sink's target,
+//! row by row, and reports the keys that are missing, extra or different.
+//!
+//! Both sides are read with the snapshot readers, so values are compared in the envelope's
+//! JSON form, which is how the sinks map them across engines. The source is paged in key
+//! order and each chunk's keys are looked up in the target; then the target is paged and
+//! its keys looked up in the source (extra rows). With `--lag-tolerant` the differing keys
+//! are read again on both sides for up to 30 s, so changes still in flight are not reported.
+
+use crate::backfill::{open_reader, source_side, Reader};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tidelink_config::{PipelineConfig, SinkConfig, SinkTarget};
+use tidelink_core::{Row, TableId, TidelinkError};
+
+/// What to compare.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Only this sink (default: all).
+    pub sink: Option<String>,
+    /// Only these source tables (`schema.table`).
+    pub tables: Vec<String>,
+    /// Re-read differing keys for up to 30 s before reporting them.
+    pub lag_tolerant: bool,
+    /// Rows per chunk.
+    pub chunk_size: usize,
+}
+
+/// The outcome for one table and sink.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableReport {
+    /// Sink name.
+    pub sink: String,
+    /// Source table.
+    pub source: String,
+    /// Target table.
+    pub target: String,
+    /// Source rows compared.
+    pub rows: u64,
+    /// Keys in the source, not in the target.
+    pub missing: Vec<Row>,
+    /// Keys in the target, not in the source.
+    pub extra: Vec<Row>,
+    /// Keys whose rows differ, with the first differing column.
+    pub different: Vec<(Row, String)>,
+}
+
+impl TableReport {
+    /// Whether source and target agree.
+    pub fn is_equal(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
+    }
+}
+
+/// Compares the pipeline's tables with every (or one) sink's target.
+pub async fn verify(
+    pipeline: &PipelineConfig,
+    options: &VerifyOptions,
+    progress: bool,
+) -> Result<Vec<TableReport>, TidelinkError> {
+    let side = source_side(pipeline)?;
+    let tables = if options.tables.is_empty() {
+        side.tables(pipeline).await?
+    } else {
+        options
+            .tables
+            .iter()
+            .map(|t| {
+                t.split_once('.')
+                    .map(|(s, n)| TableId::new(s, n))
+                    .ok_or_else(|| {
+                        TidelinkError::permanent(format!("--table {t}: write it schema.table"))
+                    })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let sinks: Vec<&SinkConfig> = pipeline
+        .sinks
+        .iter()
+        .filter(|s| options.sink.as_deref().is_none_or(|n| n == s.name))
+        .collect();
+    if sinks.is_empty() {
+        return Err(TidelinkError::permanent(format!(
+            "pipeline {} has no sink named `{}`",
+            pipeline.name,
+            options.sink.as_deref().unwrap_or_default()
+        )));
+    }
+    let mut reports = Vec::new();
+    for sink in sinks {
+        for table in &tables {
+            if !sink.tables.is_empty()
+                && !tidelink_config::matches_any(&sink.tables, &table.schema, &table.name)
+            {
+                continue;
+            }
+            let target_table = match sink
+                .table_map
+                .get(&table.to_string())
+                .and_then(|m| m.split_once('.'))
+            {
+                Some((schema, name)) => TableId::new(schema, name),
+                None => table.clone(),
+            };
+            let source = side.open(table, &[]).await?;
+            let target = open_reader(target_kind(sink)?, &target_table).await?;
+            let report = compare(
+                sink,
+                table,
+                &target_table,
+                &source,
+                &target,
+                options,
+                progress,
+            )
+            .await?;
+            reports.push(report);
+        }
+    }
+    Ok(reports)
+}
+
+/// A sink's target as a reader location: (engine is PostgreSQL, DSN).
+fn target_kind(sink: &SinkConfig) -> Result<(bool, String), TidelinkError> {
+    match sink.target() {
+        Some(SinkTarget::Postgres(pg)) => Ok((true, pg.dsn.clone())),
+        Some(SinkTarget::Mysql(my)) => Ok((false, my.dsn.clone())),
+        None => Err(TidelinkError::permanent(format!(
+            "sink {}: no target configured",
+            sink.name
+        ))),
+    }
+}
+
+async fn compare(
+    sink: &SinkConfig,
+    table: &TableId,
+    target_table: &TableId,
+    source: &Reader,
+    target: &Reader,
+    options: &VerifyOptions,
+    progress: bool,
+) -> Result<TableReport, TidelinkError> {
+    let mut report = TableReport {
+        sink: sink.name.clone(),
+        source: table.to_string(),
+        target: target_table.to_string(),
+        rows: 0,
+        missing: Vec::new(),
+        extra: Vec::new(),
+        different: Vec::new(),
+    };
+    let started = Instant::now();
+    let estimated = source.estimated_rows().max(1) as f64;
+    let chunk_size = options.chunk_size.max(1);
+    // Source → target: missing and different rows.
+    let mut after: Option<Vec<String>> = None;
+    loop {
+        let chunk = source.chunk(after.as_deref(), None, chunk_size).await?;
+        let Some(last) = chunk.last() else { break };
+        after = Some(last.2.clone());
+        let keys: Vec<Row> = chunk.iter().map(|(k, _, _)| k.clone()).collect();
+        let found = by_key(target.rows_for(&keys).await?);
+        for (key, image, _) in &chunk {
+            match found.get(&key_text(key)) {
+                None => report.missing.push(key.clone()),
+                Some(copy) => {
+                    if let Some(column) = first_difference(image, copy) {
+                        report.different.push((key.clone(), column));
+                    }
+                }
+            }
+        }
+        report.rows += chunk.len() as u64;
+        if progress {
+            let rate = report.rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = ((estimated - report.rows as f64).max(0.0) / rate.max(1.0)) as u64;
+            eprint!(
+                "\r{table} → {}: {} rows compared  {rate:.0} rows/s  ETA {eta}s   ",
+                sink.name, report.rows
+            );
+        }
+    }
+    // Target → source: extra rows.
+    let mut after: Option<Vec<String>> = None;
+    loop {
+        let chunk = target.chunk(after.as_deref(), None, chunk_size).await?;
+        let Some(last) = chunk.last() else { break };
+        after = Some(last.2.clone());
+        let keys: Vec<Row> = chunk.iter().map(|(k, _, _)| k.clone()).collect();
+        let found = by_key(source.rows_for(&keys).await?);
+        for key in keys {
+            if !found.contains_key(&key_text(&key)) {
+                report.extra.push(key);
+            }
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    if options.lag_tolerant && !report.is_equal() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !report.is_equal() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut keys: Vec<Row> = std::mem::take(&mut report.missing);
+            keys.append(&mut report.extra);
+            keys.extend(report.different.drain(..).map(|(k, _)| k));
+            let in_source = by_key(source.rows_for(&keys).await?);
+            let in_target = by_key(target.rows_for(&keys).await?);
+            for key in keys {
+                let text = key_text(&key);
+                match (in_source.get(&text), in_target.get(&text)) {
+                    (Some(_), None) => report.missing.push(key),
+                    (None, Some(_)) => report.extra.push(key),
+                    (Some(a), Some(b)) => {
+                        if let Some(column) = first_difference(a, b) {
+                            report.different.push((key, column));
+                        }
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn key_text(key: &Row) -> String {
+    // Numbers and numeric strings compare equal across engines (`1` and `"1"`).
+    key.iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\u{1}")
+}
+
+fn by_key(rows: Vec<(Row, Row, Vec<String>)>) -> HashMap<String, Row> {
+    rows.into_iter()
+        .map(|(k, image, _)| (key_text(&k), image))
+        .collect()
+}
+
+/// The first source column whose value the target holds differently (columns the target
+/// lacks are not compared; extra target columns are ignored).
+fn first_difference(source: &Row, target: &Row) -> Option<String> {
+    for (column, value) in source {
+        let Some(copy) = target.get(column) else {
+            continue;
+        };
+        if !same_value(value, copy) {
+            return Some(column.clone());
+        }
+    }
+    None
+}
+
+/// Equal as the sinks map values: identical JSON, the same number written as a number or a
+/// string, a boolean stored as 0/1, or text differing only in char(n) padding.
+fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    if a == b {
+        return true;
+    }
+    let number = |v: &Value| match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse::<f64>().ok(),
+        Value::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+        _ => None,
+    };
+    match (a, b) {
+        (Value::String(x), Value::String(y)) => {
+            // char(n) padding (PostgreSQL keeps it, MySQL strips it), and decimals printed
+            // with another scale.
+            x.trim_end_matches(' ') == y.trim_end_matches(' ')
+                || x.parse::<f64>()
+                    .ok()
+                    .zip(y.parse::<f64>().ok())
+                    .is_some_and(|(p, q)| p == q)
+        }
+        _ => number(a).zip(number(b)).is_some_and(|(p, q)| p == q),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_compare_as_the_sinks_map_them() {
+        assert!(same_value(&json!(1), &json!(true)));
+        assert!(same_value(&json!("12.30"), &json!("12.3")));
+        assert!(same_value(&json!(5), &json!("5")));
+        assert!(!same_value(&json!("a"), &json!("b")));
+        assert!(!same_value(&json!(null), &json!(0)));
+    }
+}
