@@ -36,7 +36,10 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "30000")
         .set("heartbeat.interval.ms", "3000")
-        .set("topic.metadata.refresh.interval.ms", "5000");
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        // librdkafka waits up to 500 ms for a fetch to fill by default: that wait is most
+        // of the commit-to-apply latency on a quiet stream.
+        .set("fetch.wait.max.ms", "50");
     apply_overrides(
         &mut config,
         kafka,

@@ -288,7 +288,9 @@ async fn decode_ceiling(rows: u64) -> (f64, u64) {
     source.create_database("app").await;
     let s = source.client("app").await;
     s.batch_execute(TABLE).await.expect("table");
-    s.batch_execute("CREATE PUBLICATION p FOR TABLE bench").await.expect("publication");
+    s.batch_execute("CREATE PUBLICATION p FOR TABLE bench")
+        .await
+        .expect("publication");
     s.batch_execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
         .await
         .expect("slot");
@@ -709,9 +711,21 @@ async fn main() {
     if arg("--only").as_deref() == Some("e2e") {
         // For tuning: the end-to-end run alone.
         let e2e = tidelink_pg(rows, work.path()).await;
-        r.add("PG → tidelink → PG, first commit until equal", rate(e2e.changes, e2e.seconds), &format!("{:.1} s", e2e.seconds));
-        r.add("CPU per change", format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64), &format!("{:.1} CPU s", e2e.cpu));
-        r.add("latency p50 / p99", format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms), "");
+        r.add(
+            "PG → tidelink → PG, first commit until equal",
+            rate(e2e.changes, e2e.seconds),
+            &format!("{:.1} s", e2e.seconds),
+        );
+        r.add(
+            "CPU per change",
+            format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
+            &format!("{:.1} CPU s", e2e.cpu),
+        );
+        r.add(
+            "latency p50 / p99",
+            format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms),
+            "",
+        );
         let keep = std::path::Path::new("target/bench-e2e.log");
         let _ = std::fs::copy(work.path().join("tidelink.log"), keep);
         return;
