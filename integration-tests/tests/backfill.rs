@@ -143,6 +143,15 @@ async fn the_initial_snapshot_copies_existing_rows_while_streaming() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_direct_backfill_loads_with_copy_and_the_stream_applies_on_top() {
     let p = preloaded().await;
+    // Enough rows that the first load is still running when it is killed.
+    p.source
+        .client("app")
+        .await
+        .batch_execute(
+            "INSERT INTO accounts SELECT 5000000 + g, 'bulk ' || g, g % 1000, NULL FROM generate_series(1, 500000) g",
+        )
+        .await
+        .expect("bulk rows");
     let config = p.write_config_without_snapshot("direct.yaml", "");
     let _source = p.run(&config, &["--role", "source"], "source.log");
     p.wait_source_streaming().await;

@@ -221,6 +221,70 @@ impl TableReader {
         self.rows(&sql).await
     }
 
+    /// Up to `limit` rows after `after` and up to `upto`, in key order, as `COPY` text
+    /// (every column, in table order): the bytes a PostgreSQL target's `COPY … FROM STDIN`
+    /// takes as they are. Also returns the number of rows and the last row's key in text
+    /// form for the next call.
+    pub async fn copy_chunk(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: usize,
+    ) -> Result<(bytes::Bytes, usize, Option<Vec<String>>), TidelinkError> {
+        use futures::StreamExt;
+        let columns = self
+            .column_names()
+            .iter()
+            .map(|n| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let keys = self.key_list();
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(format!("({keys}) > ({})", self.key_literal(after)));
+        }
+        if let Some(upto) = upto {
+            conditions.push(format!("({keys}) <= ({})", self.key_literal(upto)));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "COPY (SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}) TO STDOUT",
+            quote_table(&self.table.schema, &self.table.name)
+        );
+        let fail = |e: tokio_postgres::Error| {
+            classify(&e).context(format!("copying a chunk of {}", self.table))
+        };
+        let stream = self.client.copy_out(&sql).await.map_err(fail)?;
+        futures::pin_mut!(stream);
+        let mut data = bytes::BytesMut::new();
+        while let Some(part) = stream.next().await {
+            data.extend_from_slice(&part.map_err(fail)?);
+        }
+        let data = data.freeze();
+        let rows = data.iter().filter(|&&b| b == b'\n').count();
+        let last_key = data[..data.len().saturating_sub(1)]
+            .rsplit(|&b| b == b'\n')
+            .next()
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+                self.key
+                    .iter()
+                    .map(|&i| copy_unescape(fields.get(i).copied().unwrap_or_default()))
+                    .collect()
+            });
+        Ok((data, rows, last_key))
+    }
+
+    /// Column names in table order.
+    pub fn column_names(&self) -> Vec<String> {
+        self.columns.iter().map(|(name, _)| name.clone()).collect()
+    }
+
     /// The rows with these keys (JSON values, as images carry them), for comparisons.
     pub async fn rows_for(
         &self,
@@ -321,5 +385,54 @@ impl TableReader {
             }
         }
         Ok(keys.iter().map(|k| found.contains(k)).collect())
+    }
+}
+
+/// One field of `COPY` text format back to its text (backslash escapes undone).
+fn copy_unescape(field: &[u8]) -> String {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\' && i + 1 < field.len() {
+            i += 1;
+            let c = field[i];
+            match c {
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'r' => out.push(b'\r'),
+                b'b' => out.push(8),
+                b'f' => out.push(12),
+                b'v' => out.push(11),
+                b'0'..=b'7' => {
+                    let mut value = 0u32;
+                    let mut n = 0;
+                    while n < 3 && i < field.len() && (b'0'..=b'7').contains(&field[i]) {
+                        value = value * 8 + u32::from(field[i] - b'0');
+                        i += 1;
+                        n += 1;
+                    }
+                    out.push(value as u8);
+                    continue;
+                }
+                other => out.push(other),
+            }
+            i += 1;
+        } else {
+            out.push(field[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::copy_unescape;
+
+    #[test]
+    fn copy_fields_unescape() {
+        assert_eq!(copy_unescape(b"a\\tb\\\\c\\n"), "a\tb\\c\n");
+        assert_eq!(copy_unescape(b"\\101x"), "Ax");
+        assert_eq!(copy_unescape(b"plain"), "plain");
     }
 }

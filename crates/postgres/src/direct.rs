@@ -85,6 +85,74 @@ impl PgDirectLoader {
         Ok(())
     }
 
+    /// Streams `COPY` text of `columns` (as a PostgreSQL source produced it) into `table`
+    /// and records `progress`, in one transaction: the PostgreSQL → PostgreSQL fast path,
+    /// with no conversion in between.
+    pub async fn load_copy_text(
+        &mut self,
+        table: &TableId,
+        columns: &[String],
+        data: bytes::Bytes,
+        progress: &DirectProgress,
+    ) -> Result<(), TidelinkError> {
+        let quoted = quote_table(&table.schema, &table.name);
+        let column_list = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.copy_with_progress(
+            table,
+            &format!("COPY {quoted} ({column_list}) FROM STDIN"),
+            data,
+            progress,
+        )
+        .await
+    }
+
+    async fn copy_with_progress(
+        &mut self,
+        table: &TableId,
+        copy: &str,
+        data: bytes::Bytes,
+        progress: &DirectProgress,
+    ) -> Result<(), TidelinkError> {
+        let fail = |e: tokio_postgres::Error| classify(&e).context(format!("copying into {table}"));
+        self.client.batch_execute("BEGIN").await.map_err(fail)?;
+        let result = async {
+            let sink = self.client.copy_in(copy).await.map_err(fail)?;
+            futures::pin_mut!(sink);
+            sink.send(data).await.map_err(fail)?;
+            sink.finish().await.map_err(fail)?;
+            let after = progress
+                .after
+                .as_ref()
+                .map(|k| serde_json::to_string(k).expect("keys serialize"));
+            self.client
+                .execute(
+                    &format!(
+                        "INSERT INTO {}.direct_backfill (target_table, after_key, rows_loaded, done) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (target_table) DO UPDATE SET \
+                         after_key = EXCLUDED.after_key, rows_loaded = EXCLUDED.rows_loaded, \
+                         done = EXCLUDED.done, updated_at = now()",
+                        quote_ident(&self.state_schema)
+                    ),
+                    &[&table.to_string(), &after, &(progress.rows as i64), &progress.done],
+                )
+                .await
+                .map_err(fail)?;
+            Ok::<(), TidelinkError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => self.client.batch_execute("COMMIT").await.map_err(fail),
+            Err(e) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
     /// Copies `rows` into `table` and records `progress`, in one transaction.
     pub async fn load(
         &mut self,
@@ -131,44 +199,13 @@ impl PgDirectLoader {
             .map(|(n, _)| quote_ident(n))
             .collect::<Vec<_>>()
             .join(", ");
-        let fail = |e: tokio_postgres::Error| classify(&e).context(format!("copying into {table}"));
-        self.client.batch_execute("BEGIN").await.map_err(fail)?;
-        let result = async {
-            let sink = self
-                .client
-                .copy_in(&format!("COPY {quoted} ({column_list}) FROM STDIN"))
-                .await
-                .map_err(fail)?;
-            futures::pin_mut!(sink);
-            sink.send(data.freeze()).await.map_err(fail)?;
-            sink.finish().await.map_err(fail)?;
-            let after = progress
-                .after
-                .as_ref()
-                .map(|k| serde_json::to_string(k).expect("keys serialize"));
-            self.client
-                .execute(
-                    &format!(
-                        "INSERT INTO {}.direct_backfill (target_table, after_key, rows_loaded, done) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (target_table) DO UPDATE SET \
-                         after_key = EXCLUDED.after_key, rows_loaded = EXCLUDED.rows_loaded, \
-                         done = EXCLUDED.done, updated_at = now()",
-                        quote_ident(&self.state_schema)
-                    ),
-                    &[&table.to_string(), &after, &(progress.rows as i64), &progress.done],
-                )
-                .await
-                .map_err(fail)?;
-            Ok::<(), TidelinkError>(())
-        }
-        .await;
-        match result {
-            Ok(()) => self.client.batch_execute("COMMIT").await.map_err(fail),
-            Err(e) => {
-                let _ = self.client.batch_execute("ROLLBACK").await;
-                Err(e)
-            }
-        }
+        self.copy_with_progress(
+            table,
+            &format!("COPY {quoted} ({column_list}) FROM STDIN"),
+            data.freeze(),
+            progress,
+        )
+        .await
     }
 }
 

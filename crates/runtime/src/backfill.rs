@@ -541,20 +541,37 @@ async fn backfill_direct(
         let reader = side.open(&table, &options.key_columns).await?;
         let estimated = reader.estimated_rows();
         let upto = reader.max_key().await?;
+        // PostgreSQL to PostgreSQL: COPY text passes through untouched.
+        let copy_text = matches!(
+            (&reader, &loader),
+            (Reader::Postgres(_), Loader::Postgres(_))
+        );
+        let columns = match &reader {
+            Reader::Postgres(r) => r.column_names(),
+            Reader::Mysql(_) => Vec::new(),
+        };
         // The reader runs ahead of the writer by up to `parallel` chunks.
-        let (chunks, mut received) =
-            tokio::sync::mpsc::channel::<Result<Chunk, TidelinkError>>(options.parallel.max(1));
+        let (chunks, mut received) = tokio::sync::mpsc::channel::<Result<DirectChunk, TidelinkError>>(
+            options.parallel.max(1),
+        );
         let chunk_size = options.chunk_size;
         let mut after = progress.after.clone();
         let reading = tokio::spawn(async move {
             let Some(upto) = upto else { return };
             loop {
-                let chunk = reader
-                    .chunk(after.as_deref(), Some(&upto), chunk_size)
-                    .await;
+                let chunk = match (&reader, copy_text) {
+                    (Reader::Postgres(r), true) => r
+                        .copy_chunk(after.as_deref(), Some(&upto), chunk_size)
+                        .await
+                        .map(|(data, rows, last)| DirectChunk::CopyText { data, rows, last }),
+                    _ => reader
+                        .chunk(after.as_deref(), Some(&upto), chunk_size)
+                        .await
+                        .map(DirectChunk::Rows),
+                };
                 let last = match &chunk {
-                    Ok(c) if c.is_empty() => return,
-                    Ok(c) => c.last().map(|(_, _, k)| k.clone()),
+                    Ok(c) if c.rows() == 0 => return,
+                    Ok(c) => c.last_key(),
                     Err(_) => None,
                 };
                 let failed = chunk.is_err();
@@ -569,10 +586,20 @@ async fn backfill_direct(
         let mut last_report = Instant::now();
         while let Some(chunk) = received.recv().await {
             let chunk = chunk?;
-            progress.rows += chunk.len() as u64;
-            progress.after = chunk.last().map(|(_, _, k)| k.clone());
-            let rows: Vec<Row> = chunk.into_iter().map(|(_, image, _)| image).collect();
-            loader.load(&target, &rows, &progress).await?;
+            progress.rows += chunk.rows() as u64;
+            progress.after = chunk.last_key();
+            match chunk {
+                DirectChunk::Rows(chunk) => {
+                    let rows: Vec<Row> = chunk.into_iter().map(|(_, image, _)| image).collect();
+                    loader.load(&target, &rows, &progress).await?;
+                }
+                DirectChunk::CopyText { data, .. } => {
+                    let Loader::Postgres(l) = &mut loader else {
+                        unreachable!("COPY text is only read for a PostgreSQL target")
+                    };
+                    l.load_copy_text(&target, &columns, data, &progress).await?;
+                }
+            }
             if shutdown.is_triggered() {
                 reading.abort();
                 tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
@@ -625,6 +652,34 @@ async fn backfill_direct(
         report.push((table, progress.rows));
     }
     Ok(report)
+}
+
+/// A chunk on its way from the source reader to a direct loader.
+enum DirectChunk {
+    /// Rows as JSON images.
+    Rows(Chunk),
+    /// PostgreSQL `COPY` text of every column, with its row count and last key.
+    CopyText {
+        data: bytes::Bytes,
+        rows: usize,
+        last: Option<Vec<String>>,
+    },
+}
+
+impl DirectChunk {
+    fn rows(&self) -> usize {
+        match self {
+            DirectChunk::Rows(c) => c.len(),
+            DirectChunk::CopyText { rows, .. } => *rows,
+        }
+    }
+
+    fn last_key(&self) -> Option<Vec<String>> {
+        match self {
+            DirectChunk::Rows(c) => c.last().map(|(_, _, k)| k.clone()),
+            DirectChunk::CopyText { last, .. } => last.clone(),
+        }
+    }
 }
 
 /// A chunk whose read events were sent to Kafka.

@@ -708,6 +708,25 @@ async fn main() {
     );
     let mut r = Results { lines: Vec::new() };
 
+    if arg("--only").as_deref() == Some("direct") {
+        let (direct_s, copy_s) = direct_versus_copy(rows, work.path()).await;
+        r.add(
+            &format!("backfill --direct of {rows} rows"),
+            rate(rows, direct_s),
+            &format!("{direct_s:.1} s"),
+        );
+        r.add(
+            "COPY TO STDOUT | COPY FROM STDIN, same table",
+            rate(rows, copy_s),
+            &format!("{copy_s:.1} s"),
+        );
+        r.add(
+            "  --direct / COPY pipe (goal ≥ 0.8)",
+            format!("{:.2}×", copy_s / direct_s),
+            "",
+        );
+        return;
+    }
     if arg("--only").as_deref() == Some("e2e") {
         // For tuning: the end-to-end run alone.
         let e2e = tidelink_pg(rows, work.path()).await;
