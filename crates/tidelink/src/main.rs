@@ -49,9 +49,9 @@ enum Command {
         /// pipeline captures.
         #[arg(long = "table")]
         tables: Vec<String>,
-        /// Rows per chunk.
-        #[arg(long, default_value_t = 5000)]
-        chunk_size: usize,
+        /// Rows per chunk (default 5000 through Kafka, 100000 with --direct).
+        #[arg(long)]
+        chunk_size: Option<usize>,
         /// Copy tables again that an earlier run finished.
         #[arg(long)]
         restart: bool,
@@ -187,7 +187,9 @@ fn main() -> ExitCode {
             };
             let options = tidelink_runtime::backfill::BackfillOptions {
                 tables,
-                chunk_size: chunk_size.max(1),
+                chunk_size: chunk_size
+                    .unwrap_or(if direct.is_some() { 100_000 } else { 5000 })
+                    .max(1),
                 restart,
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 parallel: parallel.max(1),
