@@ -300,6 +300,23 @@ impl SinkConfig {
         usize::from(self.postgres.is_some()) + usize::from(self.mysql.is_some())
     }
 
+    /// Whether this sink replays a source table (its `tables` patterns; all when empty).
+    pub fn replays(&self, table: &tidelink_core::TableId) -> bool {
+        self.tables.is_empty() || crate::matches_any(&self.tables, &table.schema, &table.name)
+    }
+
+    /// The target table for a source table (`table_map`, else the same name).
+    pub fn target_table(&self, source: &tidelink_core::TableId) -> tidelink_core::TableId {
+        match self.table_map.get(&source.to_string()) {
+            Some(target) => {
+                // Validation guarantees `schema.table`.
+                let (schema, name) = target.split_once('.').unwrap_or(("public", target));
+                tidelink_core::TableId::new(schema, name)
+            }
+            None => source.clone(),
+        }
+    }
+
     /// The consumer group of this sink's workers.
     pub fn group_id(&self, pipeline: &str) -> String {
         format!("tidelink.{pipeline}.{}", self.name)

@@ -159,6 +159,23 @@ impl TableReader {
             .join(", ")
     }
 
+    /// `WHERE` clause for keys after `after` and up to `upto` (empty when both are absent).
+    fn key_range(&self, after: Option<&[String]>, upto: Option<&[String]>) -> String {
+        let keys = self.key_list();
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(format!("({keys}) > ({})", self.key_literal(after)));
+        }
+        if let Some(upto) = upto {
+            conditions.push(format!("({keys}) <= ({})", self.key_literal(upto)));
+        }
+        if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        }
+    }
+
     /// The largest key (text form) the table holds now, `None` when it is empty. A copy
     /// can stop there: rows inserted later commit after the pipeline's slot exists, so the
     /// stream delivers them.
@@ -202,18 +219,7 @@ impl TableReader {
             .collect::<Vec<_>>()
             .join(", ");
         let keys = self.key_list();
-        let mut conditions = Vec::new();
-        if let Some(after) = after {
-            conditions.push(format!("({keys}) > ({})", self.key_literal(after)));
-        }
-        if let Some(upto) = upto {
-            conditions.push(format!("({keys}) <= ({})", self.key_literal(upto)));
-        }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
+        let filter = self.key_range(after, upto);
         let sql = format!(
             "SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}",
             quote_table(&self.table.schema, &self.table.name)
@@ -239,18 +245,7 @@ impl TableReader {
             .collect::<Vec<_>>()
             .join(", ");
         let keys = self.key_list();
-        let mut conditions = Vec::new();
-        if let Some(after) = after {
-            conditions.push(format!("({keys}) > ({})", self.key_literal(after)));
-        }
-        if let Some(upto) = upto {
-            conditions.push(format!("({keys}) <= ({})", self.key_literal(upto)));
-        }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
+        let filter = self.key_range(after, upto);
         let sql = format!(
             "COPY (SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}) TO STDOUT",
             quote_table(&self.table.schema, &self.table.name)

@@ -154,6 +154,28 @@ impl SourceSide<'_> {
         }
     }
 
+    /// The `--table` arguments as tables, or every captured table when there are none.
+    pub(crate) async fn selected_tables(
+        &self,
+        pipeline: &PipelineConfig,
+        requested: &[String],
+    ) -> Result<Vec<TableId>, TidelinkError> {
+        if requested.is_empty() {
+            return self.tables(pipeline).await;
+        }
+        requested
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((schema, name)) if !schema.is_empty() && !name.is_empty() => {
+                    Ok(TableId::new(schema, name))
+                }
+                _ => Err(TidelinkError::permanent(format!(
+                    "--table {t}: write it schema.table"
+                ))),
+            })
+            .collect()
+    }
+
     pub(crate) async fn open(
         &self,
         table: &TableId,
@@ -214,22 +236,7 @@ pub async fn backfill(
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, u64)>, TidelinkError> {
     let side = source_side(pipeline)?;
-    let tables = if options.tables.is_empty() {
-        side.tables(pipeline).await?
-    } else {
-        options
-            .tables
-            .iter()
-            .map(|t| match t.split_once('.') {
-                Some((schema, name)) if !schema.is_empty() && !name.is_empty() => {
-                    Ok(TableId::new(schema, name))
-                }
-                _ => Err(TidelinkError::permanent(format!(
-                    "--table {t}: write it schema.table"
-                ))),
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let tables = side.selected_tables(pipeline, &options.tables).await?;
     if let Some(sink) = &options.direct {
         return backfill_direct(pipeline, &side, tables, sink, options, shutdown).await;
     }
@@ -299,32 +306,77 @@ pub async fn backfill(
         let mut cursor = progress.after.clone();
         let mut finished = false;
         loop {
-            if shutdown.is_triggered() || finished {
-                while let Some(sent) = in_flight.pop_front() {
-                    let rows = sent.chunk.len() as u64;
-                    complete_chunk(
-                        sent,
-                        &reader,
-                        &producer,
-                        &topic,
-                        &table,
-                        &source,
-                        &mut progress,
-                    )
-                    .await?;
-                    record(&producer, &progress_topic, &table, &progress).await?;
-                    count_chunk(
-                        metrics,
-                        &labels,
-                        rows,
-                        progress.rows,
-                        reader.estimated_rows(),
-                    );
+            let stopping = shutdown.is_triggered();
+            if !stopping && !finished {
+                // An empty table has nothing to copy: every row it gets is streamed.
+                let chunk = match &upto {
+                    None => Vec::new(),
+                    Some(upto) => {
+                        reader
+                            .chunk(cursor.as_deref(), Some(upto), options.chunk_size)
+                            .await?
+                    }
+                };
+                if chunk.is_empty() {
+                    finished = true;
+                } else {
+                    cursor = chunk.last().map(|(_, _, k)| k.clone());
+                    let now = now_ms();
+                    let mut deliveries = Vec::with_capacity(chunk.len());
+                    for (key, image, _) in &chunk {
+                        let event = ChangeEvent {
+                            table: table.clone(),
+                            op: Op::Read,
+                            key: key.clone(),
+                            before: None,
+                            after: Some(image.clone()),
+                            source: source(now),
+                            columns: None,
+                        };
+                        let (key, value) = encode_change(&event, now);
+                        deliveries.push(
+                            producer
+                                .send(&topic, key.as_deref(), &value, None, None)
+                                .await?,
+                        );
+                    }
+                    in_flight.push_back(SentChunk { chunk, deliveries });
                 }
-                if !finished {
-                    tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
-                    return Ok(report);
-                }
+            }
+            // Up to `parallel` chunks stay in flight while reading goes on; all of them
+            // are completed (in order) before finishing or stopping.
+            let keep = if stopping || finished {
+                0
+            } else {
+                options.parallel.max(1) - 1
+            };
+            while in_flight.len() > keep {
+                let sent = in_flight.pop_front().expect("not empty");
+                let rows = sent.chunk.len() as u64;
+                complete_chunk(
+                    sent,
+                    &reader,
+                    &producer,
+                    &topic,
+                    &table,
+                    &source,
+                    &mut progress,
+                )
+                .await?;
+                record(&producer, &progress_topic, &table, &progress).await?;
+                count_chunk(
+                    metrics,
+                    &labels,
+                    rows,
+                    progress.rows,
+                    reader.estimated_rows(),
+                );
+            }
+            if stopping && !finished {
+                tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
+                return Ok(report);
+            }
+            if finished {
                 progress.done = true;
                 record(&producer, &progress_topic, &table, &progress).await?;
                 if let Some(metrics) = metrics {
@@ -346,62 +398,6 @@ pub async fn backfill(
                 }
                 tracing::info!(%table, rows = progress.rows, seconds = started.elapsed().as_secs_f64(), "backfill of the table finished");
                 break;
-            }
-            // An empty table has nothing to copy: every row it gets is streamed.
-            let chunk = match &upto {
-                None => Vec::new(),
-                Some(upto) => {
-                    reader
-                        .chunk(cursor.as_deref(), Some(upto), options.chunk_size)
-                        .await?
-                }
-            };
-            if chunk.is_empty() {
-                finished = true;
-                continue;
-            }
-            cursor = chunk.last().map(|(_, _, k)| k.clone());
-            let now = now_ms();
-            let mut deliveries = Vec::with_capacity(chunk.len());
-            for (key, image, _) in &chunk {
-                let event = ChangeEvent {
-                    table: table.clone(),
-                    op: Op::Read,
-                    key: key.clone(),
-                    before: None,
-                    after: Some(image.clone()),
-                    source: source(now),
-                    columns: None,
-                };
-                let (key, value) = encode_change(&event, now);
-                deliveries.push(
-                    producer
-                        .send(&topic, key.as_deref(), &value, None, None)
-                        .await?,
-                );
-            }
-            in_flight.push_back(SentChunk { chunk, deliveries });
-            while in_flight.len() >= options.parallel.max(1) {
-                let sent = in_flight.pop_front().expect("not empty");
-                let rows = sent.chunk.len() as u64;
-                complete_chunk(
-                    sent,
-                    &reader,
-                    &producer,
-                    &topic,
-                    &table,
-                    &source,
-                    &mut progress,
-                )
-                .await?;
-                record(&producer, &progress_topic, &table, &progress).await?;
-                count_chunk(
-                    metrics,
-                    &labels,
-                    rows,
-                    progress.rows,
-                    reader.estimated_rows(),
-                );
             }
             let every = if options.progress_bar {
                 Duration::from_millis(200)
@@ -513,19 +509,11 @@ async fn backfill_direct(
     };
     let mut report = Vec::new();
     for table in tables {
-        if !sink.tables.is_empty()
-            && !tidelink_config::matches_any(&sink.tables, &table.schema, &table.name)
-        {
+        if !sink.replays(&table) {
             tracing::info!(%table, sink = sink_name, "not replayed by this sink; skipping");
             continue;
         }
-        let target = match sink.table_map.get(&table.to_string()) {
-            Some(mapped) => match mapped.split_once('.') {
-                Some((schema, name)) => TableId::new(schema, name),
-                None => table.clone(),
-            },
-            None => table.clone(),
-        };
+        let target = sink.target_table(&table);
         if options.restart {
             loader.reset(&target).await?;
         }

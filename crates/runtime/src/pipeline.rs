@@ -246,7 +246,7 @@ async fn run_mysql_source(
             let stop_store = Shutdown::new();
             let store = tokio::spawn(store_positions(
                 source.confirmed(),
-                EventProducer::new(&pipeline.kafka)?,
+                producer.clone(),
                 pipeline.kafka.clone(),
                 name.clone(),
                 stop_store.clone(),

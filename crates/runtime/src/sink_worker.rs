@@ -18,7 +18,7 @@ use rdkafka::Message;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidelink_config::{matches_any, KafkaConfig, SinkConfig};
+use tidelink_config::{KafkaConfig, SinkConfig};
 use tidelink_core::{
     MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, TableId, TidelinkError,
     TopicPartition,
@@ -236,17 +236,11 @@ impl<S: Sink> Worker<S> {
                     .undecodable
                     .push((message, format!("cannot decode: {reason}"))),
                 Ok(decoded) => {
-                    if !self.ctx.sink.tables.is_empty()
-                        && !matches_any(
-                            &self.ctx.sink.tables,
-                            &decoded.table.schema,
-                            &decoded.table.name,
-                        )
-                    {
+                    if !self.ctx.sink.replays(&decoded.table) {
                         continue;
                     }
                     prepared.changes.push(SinkChange {
-                        table: self.target_table(&decoded.table),
+                        table: self.ctx.sink.target_table(&decoded.table),
                         op: decoded.op,
                         key: decoded.key,
                         after: decoded.after,
@@ -266,16 +260,6 @@ impl<S: Sink> Worker<S> {
             })
             .collect();
         prepared
-    }
-
-    fn target_table(&self, source: &TableId) -> TableId {
-        match self.ctx.sink.table_map.get(&source.to_string()) {
-            Some(target) => {
-                let (schema, name) = target.split_once('.').unwrap_or(("public", target));
-                TableId::new(schema, name)
-            }
-            None => source.clone(),
-        }
     }
 
     /// Reads `<prefix>.schemas` again when a buffered table has no definitions yet and the

@@ -59,21 +59,7 @@ pub async fn verify(
     progress: bool,
 ) -> Result<Vec<TableReport>, TidelinkError> {
     let side = source_side(pipeline)?;
-    let tables = if options.tables.is_empty() {
-        side.tables(pipeline).await?
-    } else {
-        options
-            .tables
-            .iter()
-            .map(|t| {
-                t.split_once('.')
-                    .map(|(s, n)| TableId::new(s, n))
-                    .ok_or_else(|| {
-                        TidelinkError::permanent(format!("--table {t}: write it schema.table"))
-                    })
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let tables = side.selected_tables(pipeline, &options.tables).await?;
     let sinks: Vec<&SinkConfig> = pipeline
         .sinks
         .iter()
@@ -89,19 +75,10 @@ pub async fn verify(
     let mut reports = Vec::new();
     for sink in sinks {
         for table in &tables {
-            if !sink.tables.is_empty()
-                && !tidelink_config::matches_any(&sink.tables, &table.schema, &table.name)
-            {
+            if !sink.replays(table) {
                 continue;
             }
-            let target_table = match sink
-                .table_map
-                .get(&table.to_string())
-                .and_then(|m| m.split_once('.'))
-            {
-                Some((schema, name)) => TableId::new(schema, name),
-                None => table.clone(),
-            };
+            let target_table = sink.target_table(table);
             let source = side.open(table, &[]).await?;
             let target = open_reader(target_kind(sink)?, &target_table).await?;
             let report = compare(
