@@ -41,7 +41,7 @@ pub async fn connect(dsn: &str, what: &str) -> Result<Conn, TidelinkError> {
 
 /// Server error codes worth retrying: lock waits, deadlocks, shutdowns, too many
 /// connections, read-only (failover in progress).
-fn is_transient_code(code: u16) -> bool {
+pub fn is_transient_code(code: u16) -> bool {
     matches!(
         code,
         1040 | 1053

@@ -8,7 +8,9 @@
 //! and upserts as multi-row `INSERT … ON DUPLICATE KEY UPDATE`, values as literals
 //! converted for each target column (see [`crate::values::json_to_literal`]).
 
-use crate::connection::{connect, describe, quote_ident, quote_table, server_code, string_literal};
+use crate::connection::{
+    connect, describe, is_transient_code, quote_ident, quote_table, server_code, string_literal,
+};
 use crate::schema::{load_table, ColumnInfo};
 use crate::values::json_to_literal;
 use mysql_async::prelude::Queryable;
@@ -59,7 +61,7 @@ pub struct MysqlSink {
 fn rejected_or_transient(error: &mysql_async::Error, what: &str) -> SinkError {
     let message = format!("{what}: {}", describe(error));
     match server_code(error) {
-        Some(1205 | 1213 | 1040 | 1053 | 1290 | 4031) => SinkError::Transient(message),
+        Some(code) if is_transient_code(code) => SinkError::Transient(message),
         Some(_) => SinkError::Rejected(message),
         None => SinkError::Transient(message),
     }
