@@ -650,6 +650,26 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
     (tidelink, native, changes)
 }
 
+/// Measures `--direct` against the COPY pipe and adds the three lines of the table.
+async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
+    let (direct_s, copy_s) = direct_versus_copy(rows, work).await;
+    r.add(
+        &format!("backfill --direct of {rows} rows"),
+        rate(rows, direct_s),
+        &format!("{direct_s:.1} s"),
+    );
+    r.add(
+        "COPY TO STDOUT | COPY FROM STDIN, same table",
+        rate(rows, copy_s),
+        &format!("{copy_s:.1} s"),
+    );
+    r.add(
+        "  --direct / COPY pipe (goal ≥ 0.8)",
+        format!("{:.2}×", copy_s / direct_s),
+        "",
+    );
+}
+
 fn versions() -> String {
     let run = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
@@ -709,22 +729,7 @@ async fn main() {
     let mut r = Results { lines: Vec::new() };
 
     if arg("--only").as_deref() == Some("direct") {
-        let (direct_s, copy_s) = direct_versus_copy(rows, work.path()).await;
-        r.add(
-            &format!("backfill --direct of {rows} rows"),
-            rate(rows, direct_s),
-            &format!("{direct_s:.1} s"),
-        );
-        r.add(
-            "COPY TO STDOUT | COPY FROM STDIN, same table",
-            rate(rows, copy_s),
-            &format!("{copy_s:.1} s"),
-        );
-        r.add(
-            "  --direct / COPY pipe (goal ≥ 0.8)",
-            format!("{:.2}×", copy_s / direct_s),
-            "",
-        );
+        report_direct(&mut r, rows, work.path()).await;
         return;
     }
     if arg("--only").as_deref() == Some("e2e") {
@@ -826,22 +831,7 @@ async fn main() {
         format!("{:.0} ms", e2e.p99_ms),
         "",
     );
-    let (direct_s, copy_s) = direct_versus_copy(rows, work.path()).await;
-    r.add(
-        &format!("backfill --direct of {rows} rows"),
-        rate(rows, direct_s),
-        &format!("{direct_s:.1} s"),
-    );
-    r.add(
-        "COPY TO STDOUT | COPY FROM STDIN, same table",
-        rate(rows, copy_s),
-        &format!("{copy_s:.1} s"),
-    );
-    r.add(
-        "  --direct / COPY pipe (goal ≥ 0.8)",
-        format!("{:.2}×", copy_s / direct_s),
-        "",
-    );
+    report_direct(&mut r, rows, work.path()).await;
     let (m_tidelink, m_native, m_changes) = mariadb_pair(rows, work.path()).await;
     r.add(
         "MariaDB → tidelink → MariaDB",
