@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build deps test unit-test integration-test lint demo demo-mysql bench bench-quick clean-test-logs
+.PHONY: all build deps test unit-test integration-test lint demo demo-mysql bench bench-quick chaos clean-test-logs
 
 all: build
 
@@ -29,6 +29,15 @@ demo: deps
 # MariaDB → Kafka → PostgreSQL (configs/mysql-to-pg.yaml).
 demo-mysql: deps
 	scripts/demo-mysql.sh
+
+# The chaos suite at length: random faults under load (kill -9 of the source and sink
+# processes, broker restarts, database crashes), then `verify` and the exactly-once audit.
+# `make test` runs one round of each fault; this runs CHAOS_ROUNDS and writes the report.
+CHAOS_ROUNDS ?= 30
+chaos: deps
+	$(CARGO) build -p tidelink
+	CHAOS_ROUNDS=$(CHAOS_ROUNDS) CHAOS_REPORT=$(CURDIR)/docs/reliability.md \
+		$(CARGO) test -p tidelink-integration-tests --test chaos -- --nocapture
 
 clean-test-logs:
 	rm -rf target/test-logs

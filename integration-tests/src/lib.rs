@@ -69,6 +69,7 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     /// Port on 127.0.0.1.
     pub port: u16,
+    wal_level: String,
 }
 
 impl PgCluster {
@@ -102,12 +103,69 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let cluster = Self { dir, port };
-        cluster.pg_ctl_start(wal_level);
+        let cluster = Self {
+            dir,
+            port,
+            wal_level: wal_level.to_string(),
+        };
+        cluster.pg_ctl_start();
         cluster
     }
 
-    fn pg_ctl_start(&self, wal_level: &str) {
+    /// Stops the server the way a crash would (`pg_ctl stop -m immediate`).
+    pub fn crash(&self) {
+        let status = pg_command("pg_ctl")
+            .args(["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    /// Turns TLS on with this certificate and key and refuses TCP connections without it,
+    /// then restarts the server.
+    pub fn require_tls(&self, cert: &Path, key: &Path) {
+        let data = self.dir.path().join("data");
+        std::fs::copy(cert, data.join("server.crt")).expect("copy the server certificate");
+        std::fs::copy(key, data.join("server.key")).expect("copy the server key");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl replication all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n\
+             hostnossl replication all 127.0.0.1/32 reject\n",
+        )
+        .expect("write pg_hba.conf");
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("postgresql.conf");
+        std::io::Write::write_all(
+            &mut conf,
+            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .expect("write postgresql.conf");
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:", &data.display().to_string()])
+                .status();
+        }
+        let _ = Command::new("chmod")
+            .args(["600", &data.join("server.key").display().to_string()])
+            .status();
+        self.crash();
+        self.restart();
+    }
+
+    /// Starts the server again after [`PgCluster::crash`] (crash recovery included).
+    pub fn restart(&self) {
+        self.pg_ctl_start();
+    }
+
+    fn pg_ctl_start(&self) {
+        let wal_level = &self.wal_level;
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level={wal_level} \
              -c max_wal_senders=10 -c max_replication_slots=10 -c fsync=off -c max_connections=100",

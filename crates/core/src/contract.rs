@@ -75,6 +75,9 @@ pub struct OffsetAdvance {
     pub expected: Option<i64>,
     /// Next offset to consume after this batch.
     pub next: i64,
+    /// The highest source order applied from this partition after this batch, when the
+    /// batch raised it (`None`: leave the recorded one as it is).
+    pub applied_through: Option<crate::SourceOrder>,
 }
 
 /// A row change on its way into a target table.
@@ -136,13 +139,20 @@ pub enum SinkError {
 ///   or none of them.
 /// - Within a batch, changes of one key are applied in the order given; `apply` may coalesce
 ///   them (only the last state of a key matters).
-/// - `stored_offsets` returns what the last committed batch recorded.
+/// - `stored_offsets` and `applied_through` return what the last committed batch recorded.
 pub trait Sink: Send {
     /// The offsets recorded for these partitions (`None`: never consumed).
     fn stored_offsets(
         &mut self,
         partitions: &[TopicPartition],
     ) -> impl Future<Output = Result<Vec<Option<i64>>, TidelinkError>> + Send;
+
+    /// The highest source order each partition's applied changes reached, as recorded with
+    /// the offsets (`None`: nothing recorded).
+    fn applied_through(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> impl Future<Output = Result<Vec<Option<crate::SourceOrder>>, TidelinkError>> + Send;
 
     /// Applies changes and offset advances in one transaction.
     fn apply(

@@ -124,6 +124,86 @@ pub struct SourceInfo {
     /// MySQL family: index of the row within its rows event.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub row: Option<u32>,
+    /// Index of the event within its source transaction (streamed changes). With `lsn`, or
+    /// `file` and `pos`, it places the event in the source's log: see [`SourceOrder`].
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub seq: Option<u64>,
+}
+
+impl SourceInfo {
+    /// Where this streamed change sits in the source's log; `None` for snapshot and
+    /// backfill rows, and for events that do not say.
+    pub fn order(&self) -> Option<SourceOrder> {
+        SourceOrder::of(
+            &self.connector,
+            self.snapshot == "false",
+            self.lsn,
+            self.file.as_deref(),
+            self.pos,
+            self.seq,
+        )
+    }
+}
+
+/// The place of a streamed change in its source's log, ordered the way the source wrote
+/// them: PostgreSQL (commit LSN, 0, index in the transaction); MySQL family (binlog file
+/// number, position of the rows event, index in the transaction).
+///
+/// Within one Kafka partition a source's events come in strictly increasing order, so a
+/// sink that remembers the highest order it applied recognises an event the source
+/// published again after a restart (between Kafka's acknowledgement and the source position
+/// being stored) and applies it only once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceOrder(pub [u64; 3]);
+
+impl SourceOrder {
+    /// The order of a streamed change from the envelope's `source` fields; `None` when a
+    /// field it needs is missing (snapshot rows, events from other tools).
+    pub fn of(
+        connector: &str,
+        streamed: bool,
+        lsn: Option<u64>,
+        file: Option<&str>,
+        pos: Option<u64>,
+        seq: Option<u64>,
+    ) -> Option<Self> {
+        if !streamed {
+            return None;
+        }
+        let seq = seq?;
+        match connector {
+            "postgresql" => Some(Self([lsn?, 0, seq])),
+            "mysql" => {
+                // binlog.000042 → 42
+                let number = file?.rsplit_once('.')?.1.parse::<u64>().ok()?;
+                Some(Self([number, pos?, seq]))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SourceOrder {
+    /// 48 hex digits, so the text sorts like the order.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}{:016x}{:016x}", self.0[0], self.0[1], self.0[2])
+    }
+}
+
+impl std::str::FromStr for SourceOrder {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let part = |i: usize| {
+            s.get(i * 16..(i + 1) * 16)
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("not a source order: {s:?}"))
+        };
+        if s.len() != 48 {
+            return Err(format!("not a source order: {s:?}"));
+        }
+        Ok(Self([part(0)?, part(1)?, part(2)?]))
+    }
 }
 
 /// One committed row change.
@@ -182,5 +262,34 @@ impl TableColumns {
     /// Decodes the JSON form.
     pub fn decode(bytes: &[u8]) -> Result<Vec<ColumnDefinition>, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("column definitions: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod source_order_tests {
+    use super::*;
+
+    #[test]
+    fn orders_follow_the_log_and_round_trip_through_text() {
+        let pg = |lsn, seq| SourceOrder::of("postgresql", true, Some(lsn), None, None, Some(seq));
+        assert!(pg(100, 5) < pg(101, 0));
+        assert!(pg(100, 1) < pg(100, 2));
+        let my = |file: &str, pos, seq| {
+            SourceOrder::of("mysql", true, None, Some(file), Some(pos), Some(seq))
+        };
+        assert!(my("binlog.000001", 9000, 3) < my("binlog.000002", 4, 0));
+        assert!(my("binlog.000002", 400, 0) < my("binlog.000002", 400, 1));
+        let order = my("binlog.000002", 400, 1).unwrap();
+        assert_eq!(order.to_string().parse::<SourceOrder>(), Ok(order));
+        assert!(order.to_string() < my("binlog.000010", 4, 0).unwrap().to_string());
+        assert_eq!(
+            SourceOrder::of("postgresql", false, Some(1), None, None, Some(1)),
+            None
+        );
+        assert_eq!(
+            SourceOrder::of("postgresql", true, Some(1), None, None, None),
+            None
+        );
+        assert!("xyz".parse::<SourceOrder>().is_err());
     }
 }

@@ -17,6 +17,7 @@ pub use contract::{
 };
 pub use error::{ErrorKind, TidelinkError};
 pub use event::{
-    ChangeEvent, ColumnDefinition, Op, Row, SourceInfo, TableColumns, TableId, UNAVAILABLE_VALUE,
+    ChangeEvent, ColumnDefinition, Op, Row, SourceInfo, SourceOrder, TableColumns, TableId,
+    UNAVAILABLE_VALUE,
 };
 pub use position::Lsn;

@@ -206,6 +206,51 @@ impl SinkConsumer {
         }
     }
 
+    /// For every partition of the table topics of `prefix`: the group's committed offset
+    /// and the high watermark. Blocking (metadata and offset requests).
+    pub fn group_progress(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(TopicPartition, Option<i64>, i64)>, TidelinkError> {
+        let timeout = Duration::from_secs(5);
+        let metadata = self
+            .consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| TidelinkError::transient(format!("reading topic metadata: {e}")))?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in metadata.topics() {
+            if crate::topics::is_table_topic(prefix, topic.name()) {
+                for partition in topic.partitions() {
+                    tpl.add_partition(topic.name(), partition.id());
+                }
+            }
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, timeout)
+            .map_err(|e| TidelinkError::transient(format!("reading committed offsets: {e}")))?;
+        let mut progress = Vec::new();
+        for element in committed.elements() {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(element.topic(), element.partition(), timeout)
+                .map_err(|e| TidelinkError::transient(format!("reading watermarks: {e}")))?;
+            let offset = match element.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            progress.push((
+                TopicPartition {
+                    topic: element.topic().to_string(),
+                    partition: element.partition(),
+                },
+                offset,
+                high,
+            ));
+        }
+        Ok(progress)
+    }
+
     /// Leaves the group (revoking partitions) and stops the thread.
     pub fn close(mut self) {
         self.stop_thread();

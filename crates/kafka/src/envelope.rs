@@ -5,7 +5,7 @@
 //! by Debezium with schemas enabled can be replayed too.
 
 use serde::{Deserialize, Serialize};
-use tidelink_core::{ChangeEvent, Op, Row, SourceInfo, TableId};
+use tidelink_core::{ChangeEvent, Op, Row, SourceInfo, SourceOrder, TableId};
 
 #[derive(Serialize)]
 struct EnvelopeOut<'a> {
@@ -42,6 +42,40 @@ struct SourceIn {
     table: String,
     #[serde(default)]
     ts_ms: Option<i64>,
+    // What places a streamed change in the source's log (see `SourceOrder`). Read
+    // leniently: a foreign envelope with other types here is still a change.
+    #[serde(default)]
+    connector: Option<serde_json::Value>,
+    #[serde(default)]
+    snapshot: Option<serde_json::Value>,
+    #[serde(default)]
+    lsn: Option<serde_json::Value>,
+    #[serde(default)]
+    file: Option<serde_json::Value>,
+    #[serde(default)]
+    pos: Option<serde_json::Value>,
+    #[serde(default)]
+    seq: Option<serde_json::Value>,
+}
+
+impl SourceIn {
+    fn order(&self) -> Option<SourceOrder> {
+        fn number(v: &Option<serde_json::Value>) -> Option<u64> {
+            v.as_ref().and_then(|v| v.as_u64())
+        }
+        fn text(v: &Option<serde_json::Value>) -> Option<&str> {
+            v.as_ref().and_then(|v| v.as_str())
+        }
+        SourceOrder::of(
+            text(&self.connector)?,
+            text(&self.snapshot) == Some("false")
+                || self.snapshot.as_ref().and_then(|v| v.as_bool()) == Some(false),
+            number(&self.lsn),
+            text(&self.file),
+            number(&self.pos),
+            number(&self.seq),
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -72,6 +106,8 @@ pub struct DecodedChange {
     pub after: Option<Row>,
     /// Source commit time, when given.
     pub source_ts_ms: Option<i64>,
+    /// Where the change sits in the source's log (streamed changes from tidelink sources).
+    pub source_order: Option<SourceOrder>,
 }
 
 /// Decodes a message; the error says what is wrong with it.
@@ -111,7 +147,9 @@ pub fn decode_change(key: Option<&[u8]>, value: &[u8]) -> Result<DecodedChange, 
         return Err(format!("{} change without `after`", envelope.op.name()));
     }
     let _ = envelope.before;
+    let source_order = envelope.source.order();
     Ok(DecodedChange {
+        source_order,
         table: TableId::new(envelope.source.schema, envelope.source.table),
         op: envelope.op,
         key,
@@ -147,6 +185,7 @@ mod tests {
                 table: "users".into(),
                 tx_id: Some(42),
                 lsn: Some(1234),
+                seq: Some(3),
                 ..Default::default()
             },
             columns: None,
@@ -168,6 +207,17 @@ mod tests {
         assert_eq!(decoded.table, TableId::new("public", "users"));
         assert_eq!(decoded.op, Op::Update);
         assert_eq!(decoded.after.expect("after")["name"], "ada");
+        assert_eq!(decoded.source_order, Some(SourceOrder([1234, 0, 3])));
+        // Snapshot rows and envelopes without `seq` have no order.
+        let mut snapshot = event();
+        snapshot.source.snapshot = "true".into();
+        let (_, value) = encode_change(&snapshot, 5);
+        assert_eq!(
+            decode_change(key.as_deref(), &value)
+                .expect("decodes")
+                .source_order,
+            None
+        );
     }
 
     #[test]

@@ -2,28 +2,124 @@
 //! connection gets, telling transient errors from permanent ones, and quoting.
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder};
+use mysql_async::{ClientIdentity, Conn, Opts, OptsBuilder, SslOpts};
 use tidelink_config::redact_dsn;
 use tidelink_core::TidelinkError;
+use tidelink_tls::{TlsSettings, Verify};
 
-/// Parses a `mysql://user:password@host:port/db` DSN (`mariadb://` is accepted too).
+/// Parses a `mysql://user:password@host:port/db` DSN (`mariadb://` is accepted too), with
+/// the TLS parameters of [`tls_of`].
 pub fn parse_dsn(dsn: &str) -> Result<Opts, TidelinkError> {
     let url = dsn
         .strip_prefix("mariadb://")
         .map(|rest| format!("mysql://{rest}"))
         .unwrap_or_else(|| dsn.to_string());
-    Opts::from_url(&url).map_err(|e| {
+    let (url, tls) = split_tls(&url, dsn)?;
+    let opts = Opts::from_url(&url).map_err(|e| {
         TidelinkError::permanent(format!(
             "DSN {} is not a valid mysql:// URL: {e}",
             redact_dsn(dsn)
         ))
-    })
+    })?;
+    let Some(tls) = tls else {
+        return Ok(opts);
+    };
+    let mut ssl = SslOpts::default()
+        .with_danger_skip_domain_validation(tls.verify != Verify::Full)
+        .with_danger_accept_invalid_certs(tls.verify == Verify::Nothing);
+    if let Some(ca) = tls.root_cert {
+        ssl = ssl
+            .with_root_certs(vec![ca.into()])
+            .with_disable_built_in_roots(true);
+    }
+    if let (Some(cert), Some(key)) = (tls.client_cert, tls.client_key) {
+        ssl = ssl.with_client_identity(Some(ClientIdentity::new(cert.into(), key.into())));
+    }
+    Ok(OptsBuilder::from_opts(opts).ssl_opts(ssl).into())
+}
+
+/// The TLS a DSN asks for: `ssl_mode` = `DISABLED` (the default), `VERIFY_IDENTITY` or
+/// `REQUIRED` (both verify the certificate chain and the host name: tidelink verifies
+/// whenever TLS is on), `VERIFY_CA` (the chain only) or `NO_VERIFY` (encrypted, nothing
+/// verified); `ssl_ca` (PEM roots; default: the Mozilla roots built in), `ssl_cert` and
+/// `ssl_key` (client certificate).
+pub fn tls_of(dsn: &str) -> Result<Option<TlsSettings>, TidelinkError> {
+    split_tls(dsn, dsn).map(|(_, tls)| tls)
+}
+
+const TLS_PARAMETERS: [&str; 4] = ["ssl_mode", "ssl_ca", "ssl_cert", "ssl_key"];
+
+fn split_tls(url: &str, dsn: &str) -> Result<(String, Option<TlsSettings>), TidelinkError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut found: Vec<(&str, &str)> = Vec::new();
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if TLS_PARAMETERS.contains(&key) {
+            found.push((key, value));
+        } else {
+            kept.push(pair);
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let value = |name: &str| {
+        found
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let verify = match value("ssl_mode").map(|m| m.to_ascii_uppercase()).as_deref() {
+        None | Some("DISABLED") => None,
+        Some("REQUIRED" | "VERIFY_IDENTITY") => Some(Verify::Full),
+        Some("VERIFY_CA") => Some(Verify::Chain),
+        Some("NO_VERIFY") => Some(Verify::Nothing),
+        Some("PREFERRED") => {
+            return Err(TidelinkError::permanent(format!(
+                "{}: ssl_mode=PREFERRED may fall back to an unencrypted connection without saying so; \
+                 use ssl_mode=VERIFY_IDENTITY (or REQUIRED) for TLS, or DISABLED",
+                redact_dsn(dsn)
+            )))
+        }
+        Some(other) => {
+            return Err(TidelinkError::permanent(format!(
+                "{}: unknown ssl_mode `{other}` (DISABLED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY, NO_VERIFY)",
+                redact_dsn(dsn)
+            )))
+        }
+    };
+    let tls = match verify {
+        None => {
+            if let Some((key, _)) = found.iter().find(|(k, _)| *k != "ssl_mode") {
+                return Err(TidelinkError::permanent(format!(
+                    "{}: {key} is set but TLS is off (add ssl_mode=VERIFY_IDENTITY)",
+                    redact_dsn(dsn)
+                )));
+            }
+            None
+        }
+        Some(verify) => Some(TlsSettings {
+            verify,
+            root_cert: value("ssl_ca").map(Into::into),
+            client_cert: value("ssl_cert").map(Into::into),
+            client_key: value("ssl_key").map(Into::into),
+        }),
+    };
+    Ok((rest, tls))
 }
 
 /// Connects with the session settings tidelink relies on: UTC for TIMESTAMP values,
 /// utf8mb4 text, and strict mode so a value the target cannot hold is an error, never a
 /// silent truncation. `what` names the connection in errors.
 pub async fn connect(dsn: &str, what: &str) -> Result<Conn, TidelinkError> {
+    // mysql_async builds its TLS configuration with the process's default provider.
+    tidelink_tls::install_default_provider();
     let opts = OptsBuilder::from_opts(parse_dsn(dsn)?)
         .prefer_socket(false)
         .init(vec![
@@ -82,6 +178,7 @@ pub fn classify(error: &mysql_async::Error) -> TidelinkError {
         mysql_async::Error::Server(_) | mysql_async::Error::Url(_) => {
             TidelinkError::permanent(describe(error))
         }
+        _ if tidelink_tls::is_tls_failure(error) => TidelinkError::permanent(describe(error)),
         _ => TidelinkError::transient(describe(error)),
     }
 }

@@ -18,8 +18,8 @@ use mysql_async::Conn;
 use std::collections::HashMap;
 use tidelink_core::coalesce::{coalesce, truncate_segments, Pending, TableBatch};
 use tidelink_core::{
-    ColumnDefinition, OffsetAdvance, Row, Sink, SinkChange, SinkError, TableColumns, TableId,
-    TidelinkError, TopicPartition, UNAVAILABLE_VALUE,
+    ColumnDefinition, OffsetAdvance, Row, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
+    TableId, TidelinkError, TopicPartition, UNAVAILABLE_VALUE,
 };
 
 /// Statements are kept below this size (the server's max_allowed_packet is 16 MiB by
@@ -188,12 +188,13 @@ impl MysqlSink {
                 continue;
             }
             let sql = if current.is_some() {
-                format!("UPDATE {table} SET next_offset = ?, updated_at = CURRENT_TIMESTAMP(6) WHERE consumer_group = ? AND topic = ? AND `partition` = ?")
+                format!("UPDATE {table} SET next_offset = ?, applied_through = COALESCE(?, applied_through), updated_at = CURRENT_TIMESTAMP(6) WHERE consumer_group = ? AND topic = ? AND `partition` = ?")
             } else {
-                format!("INSERT INTO {table} (next_offset, consumer_group, topic, `partition`) VALUES (?, ?, ?, ?)")
+                format!("INSERT INTO {table} (next_offset, applied_through, consumer_group, topic, `partition`) VALUES (?, ?, ?, ?, ?)")
             };
+            let through = advance.applied_through.map(|o| o.to_string());
             let conn = self.live()?;
-            conn.exec_drop(sql, (advance.next, &group, &p.topic, p.partition))
+            conn.exec_drop(sql, (advance.next, through, &group, &p.topic, p.partition))
                 .await
                 .map_err(|e| match server_code(&e) {
                     // Another worker inserted the row first.
@@ -503,6 +504,7 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
                  topic varchar(255) NOT NULL,
                  `partition` int NOT NULL,
                  next_offset bigint NOT NULL,
+                 applied_through char(48) NULL,
                  updated_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
                  PRIMARY KEY (consumer_group, topic, `partition`)) ENGINE=InnoDB"
         ),
@@ -524,7 +526,56 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
             ))
         })?;
     }
+    // Offsets tables created by earlier versions lack applied_through (MySQL 8 has no
+    // ADD COLUMN IF NOT EXISTS).
+    let has_column: Option<i64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = ? AND table_name = 'offsets' AND column_name = 'applied_through'",
+            (database,),
+        )
+        .await
+        .map_err(|e| crate::connection::classify(&e).context("inspecting the offsets table"))?;
+    if has_column == Some(0) {
+        conn.query_drop(format!(
+            "ALTER TABLE {db}.offsets ADD COLUMN applied_through char(48) NULL AFTER next_offset"
+        ))
+        .await
+        .map_err(|e| {
+            crate::connection::classify(&e).context(format!("upgrading {database}.offsets"))
+        })?;
+    }
     Ok(())
+}
+
+impl MysqlSink {
+    /// The offsets rows of this sink's consumer group: (topic, partition) → (next offset,
+    /// applied-through source order).
+    async fn recorded_state(
+        &mut self,
+    ) -> Result<HashMap<(String, i32), (i64, Option<SourceOrder>)>, TidelinkError> {
+        let table = quote_table(&self.settings.state_database, "offsets");
+        let group = self.settings.group.clone();
+        let conn = self.conn().await?;
+        let rows: Vec<(String, i32, i64, Option<String>)> = conn
+            .exec(
+                format!(
+                    "SELECT topic, `partition`, next_offset, applied_through FROM {table} WHERE consumer_group = ?"
+                ),
+                (&group,),
+            )
+            .await
+            .map_err(|e| crate::connection::classify(&e).context("reading stored offsets"))?;
+        rows.into_iter()
+            .map(|(t, p, o, through)| {
+                let through = through
+                    .map(|t| t.parse::<SourceOrder>())
+                    .transpose()
+                    .map_err(|e| TidelinkError::permanent(format!("{table}: {e}")))?;
+                Ok(((t, p), (o, through)))
+            })
+            .collect()
+    }
 }
 
 impl Sink for MysqlSink {
@@ -532,23 +583,25 @@ impl Sink for MysqlSink {
         &mut self,
         partitions: &[TopicPartition],
     ) -> Result<Vec<Option<i64>>, TidelinkError> {
-        let table = quote_table(&self.settings.state_database, "offsets");
-        let group = self.settings.group.clone();
-        let conn = self.conn().await?;
-        let rows: Vec<(String, i32, i64)> = conn
-            .exec(
-                format!(
-                    "SELECT topic, `partition`, next_offset FROM {table} WHERE consumer_group = ?"
-                ),
-                (&group,),
-            )
-            .await
-            .map_err(|e| crate::connection::classify(&e).context("reading stored offsets"))?;
-        let stored: HashMap<(String, i32), i64> =
-            rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        let stored = self.recorded_state().await?;
         Ok(partitions
             .iter()
-            .map(|p| stored.get(&(p.topic.clone(), p.partition)).copied())
+            .map(|p| stored.get(&(p.topic.clone(), p.partition)).map(|s| s.0))
+            .collect())
+    }
+
+    async fn applied_through(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<SourceOrder>>, TidelinkError> {
+        let stored = self.recorded_state().await?;
+        Ok(partitions
+            .iter()
+            .map(|p| {
+                stored
+                    .get(&(p.topic.clone(), p.partition))
+                    .and_then(|s| s.1)
+            })
             .collect())
     }
 

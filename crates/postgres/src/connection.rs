@@ -4,6 +4,7 @@
 
 use tidelink_config::redact_dsn;
 use tidelink_core::TidelinkError;
+use tidelink_tls::{TlsSettings, Verify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -13,14 +14,132 @@ use tokio_postgres::{Client, Config, NoTls};
 pub const VALUE_FORMAT_OPTIONS: &str =
     "-c datestyle=ISO,MDY -c intervalstyle=postgres -c timezone=UTC -c extra_float_digits=1";
 
-/// Parses a DSN (URL or key-value form).
+/// Parses a DSN (URL or key-value form). Its TLS parameters (see [`tls_of`]) are taken out
+/// and the connection is set to require TLS when they ask for it.
 pub fn parse_dsn(dsn: &str) -> Result<Config, TidelinkError> {
-    dsn.parse::<Config>().map_err(|e| {
+    let (rest, tls) = split_tls(dsn)?;
+    let mut config = rest.parse::<Config>().map_err(|e| {
         TidelinkError::permanent(format!(
             "invalid PostgreSQL connection string `{}`: {e}",
             redact_dsn(dsn)
         ))
-    })
+    })?;
+    config.ssl_mode(if tls.is_some() {
+        tokio_postgres::config::SslMode::Require
+    } else {
+        tokio_postgres::config::SslMode::Disable
+    });
+    Ok(config)
+}
+
+/// The TLS a DSN asks for, from libpq's parameters: `sslmode` = `disable` (the default),
+/// `verify-full` or `require` (both verify the chain and the host name: tidelink verifies
+/// whenever TLS is on), `verify-ca` (the chain only) or `no-verify` (encrypted, nothing
+/// verified); `sslrootcert` (PEM roots; default: the Mozilla roots built in), `sslcert` and
+/// `sslkey` (client certificate). `prefer` and `allow` are refused: they fall back to an
+/// unencrypted connection without saying so.
+pub fn tls_of(dsn: &str) -> Result<Option<TlsSettings>, TidelinkError> {
+    split_tls(dsn).map(|(_, tls)| tls)
+}
+
+const TLS_PARAMETERS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// The DSN without its TLS parameters, and the TLS they ask for.
+fn split_tls(dsn: &str) -> Result<(String, Option<TlsSettings>), TidelinkError> {
+    let mut found: Vec<(String, String)> = Vec::new();
+    let rest = if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
+        match dsn.split_once('?') {
+            None => dsn.to_string(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    if TLS_PARAMETERS.contains(&key) {
+                        found.push((key.to_string(), percent_decode(value)));
+                    } else {
+                        kept.push(pair);
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let mut kept = Vec::new();
+        for pair in dsn.split_whitespace() {
+            match pair.split_once('=') {
+                Some((key, value)) if TLS_PARAMETERS.contains(&key.trim()) => {
+                    found.push((key.trim().to_string(), value.trim_matches('\'').to_string()))
+                }
+                _ => kept.push(pair),
+            }
+        }
+        kept.join(" ")
+    };
+    let value = |name: &str| {
+        found
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let verify = match value("sslmode").as_deref() {
+        None | Some("disable") => None,
+        Some("require" | "verify-full") => Some(Verify::Full),
+        Some("verify-ca") => Some(Verify::Chain),
+        Some("no-verify") => Some(Verify::Nothing),
+        Some(mode @ ("prefer" | "allow")) => {
+            return Err(TidelinkError::permanent(format!(
+                "{}: sslmode={mode} may fall back to an unencrypted connection without saying so; \
+                 use sslmode=verify-full (or require) for TLS, or sslmode=disable",
+                redact_dsn(dsn)
+            )))
+        }
+        Some(other) => return Err(TidelinkError::permanent(format!(
+            "{}: unknown sslmode `{other}` (disable, require, verify-ca, verify-full, no-verify)",
+            redact_dsn(dsn)
+        ))),
+    };
+    let tls = match verify {
+        None => {
+            if let Some((key, _)) = found.iter().find(|(k, _)| k != "sslmode") {
+                return Err(TidelinkError::permanent(format!(
+                    "{}: {key} is set but TLS is off (add sslmode=verify-full)",
+                    redact_dsn(dsn)
+                )));
+            }
+            None
+        }
+        Some(verify) => Some(TlsSettings {
+            verify,
+            root_cert: value("sslrootcert").map(Into::into),
+            client_cert: value("sslcert").map(Into::into),
+            client_key: value("sslkey").map(Into::into),
+        }),
+    };
+    Ok((rest, tls))
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(byte) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Opens a regular (non-replication) connection; the connection task runs in the background.
@@ -42,15 +161,36 @@ pub async fn connect_with_options(
         config.get_options().unwrap_or("")
     );
     config.options(options.trim());
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| classify(&e).context(format!("connecting to {}", redact_dsn(dsn))))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection closed");
+    let connecting = || format!("connecting to {}", redact_dsn(dsn));
+    let client = match tls_of(dsn)? {
+        None => {
+            let (client, connection) = config
+                .connect(NoTls)
+                .await
+                .map_err(|e| classify(&e).context(connecting()))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "PostgreSQL connection closed");
+                }
+            });
+            client
         }
-    });
+        Some(tls) => {
+            let tls_config = tidelink_tls::client_config(&tls)
+                .map_err(|e| TidelinkError::permanent(format!("{}: {e}", connecting())))?;
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config);
+            let (client, connection) = config
+                .connect(connector)
+                .await
+                .map_err(|e| classify(&e).context(connecting()))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "PostgreSQL connection closed");
+                }
+            });
+            client
+        }
+    };
     Ok(client)
 }
 
@@ -59,7 +199,9 @@ pub fn classify(error: &tokio_postgres::Error) -> TidelinkError {
     let message = describe(error);
     match error.code() {
         None => {
-            if error.is_closed() || source_is_io(error) {
+            if tidelink_tls::is_tls_failure(error) {
+                TidelinkError::permanent(message)
+            } else if error.is_closed() || source_is_io(error) {
                 TidelinkError::transient(message)
             } else {
                 TidelinkError::permanent(message)

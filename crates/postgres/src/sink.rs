@@ -23,8 +23,8 @@ use crate::types::{json_to_text, target_kind, TargetKind};
 use std::collections::HashMap;
 use tidelink_core::coalesce::{coalesce, truncate_segments, Pending, TableBatch};
 use tidelink_core::{
-    OffsetAdvance, Row, Sink, SinkChange, SinkError, TableId, TidelinkError, TopicPartition,
-    UNAVAILABLE_VALUE,
+    OffsetAdvance, Row, Sink, SinkChange, SinkError, SourceOrder, TableId, TidelinkError,
+    TopicPartition, UNAVAILABLE_VALUE,
 };
 use tokio_postgres::{Client, Statement};
 
@@ -185,14 +185,15 @@ impl PgSink {
         let group = self.settings.group.clone();
         let update = self
             .statement(format!(
-                "UPDATE {schema}.offsets SET next_offset = $4, updated_at = now() \
+                "UPDATE {schema}.offsets SET next_offset = $4, updated_at = now(), \
+                     applied_through = coalesce($6, applied_through) \
                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset = $5"
             ))
             .await?;
         let insert = self
             .statement(format!(
-                "INSERT INTO {schema}.offsets (consumer_group, topic, partition, next_offset) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+                "INSERT INTO {schema}.offsets (consumer_group, topic, partition, next_offset, applied_through) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"
             ))
             .await?;
         let client = self
@@ -202,18 +203,29 @@ impl PgSink {
         let mut fenced = Vec::new();
         for advance in sorted {
             let p = &advance.partition;
+            let through = advance.applied_through.map(|o| o.to_string());
             let changed = match advance.expected {
                 Some(expected) => {
                     client
                         .execute(
                             &update,
-                            &[&group, &p.topic, &p.partition, &advance.next, &expected],
+                            &[
+                                &group,
+                                &p.topic,
+                                &p.partition,
+                                &advance.next,
+                                &expected,
+                                &through,
+                            ],
                         )
                         .await
                 }
                 None => {
                     client
-                        .execute(&insert, &[&group, &p.topic, &p.partition, &advance.next])
+                        .execute(
+                            &insert,
+                            &[&group, &p.topic, &p.partition, &advance.next, &through],
+                        )
                         .await
                 }
             }
@@ -362,30 +374,65 @@ impl PgSink {
     }
 }
 
-impl Sink for PgSink {
-    async fn stored_offsets(
+impl PgSink {
+    /// The offsets rows of this sink's consumer group: (topic, partition) → (next offset,
+    /// applied-through source order).
+    async fn recorded_state(
         &mut self,
-        partitions: &[TopicPartition],
-    ) -> Result<Vec<Option<i64>>, TidelinkError> {
+    ) -> Result<HashMap<(String, i32), RecordedState>, TidelinkError> {
         let schema = quote_ident(&self.settings.state_schema);
         let group = self.settings.group.clone();
         let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
-                    "SELECT topic, partition, next_offset FROM {schema}.offsets WHERE consumer_group = $1"
+                    "SELECT topic, partition, next_offset, applied_through FROM {schema}.offsets WHERE consumer_group = $1"
                 ),
                 &[&group],
             )
             .await
             .map_err(|e| crate::connection::classify(&e).context("reading stored offsets"))?;
-        let stored: HashMap<(String, i32), i64> = rows
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-            .collect();
+        rows.iter()
+            .map(|r| {
+                let through: Option<String> = r.get(3);
+                let through = through
+                    .map(|t| t.parse::<SourceOrder>())
+                    .transpose()
+                    .map_err(|e| TidelinkError::permanent(format!("{schema}.offsets: {e}")))?;
+                Ok(((r.get(0), r.get(1)), (r.get(2), through)))
+            })
+            .collect()
+    }
+}
+
+/// What a target records for one partition: the next offset and the highest source order
+/// applied.
+type RecordedState = (i64, Option<SourceOrder>);
+
+impl Sink for PgSink {
+    async fn stored_offsets(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<i64>>, TidelinkError> {
+        let stored = self.recorded_state().await?;
         Ok(partitions
             .iter()
-            .map(|p| stored.get(&(p.topic.clone(), p.partition)).copied())
+            .map(|p| stored.get(&(p.topic.clone(), p.partition)).map(|s| s.0))
+            .collect())
+    }
+
+    async fn applied_through(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<SourceOrder>>, TidelinkError> {
+        let stored = self.recorded_state().await?;
+        Ok(partitions
+            .iter()
+            .map(|p| {
+                stored
+                    .get(&(p.topic.clone(), p.partition))
+                    .and_then(|s| s.1)
+            })
             .collect())
     }
 
@@ -648,6 +695,7 @@ async fn create_state_tables(client: &Client, schema: &str) -> Result<(), Tideli
              next_offset bigint NOT NULL,
              updated_at timestamptz NOT NULL DEFAULT now(),
              PRIMARY KEY (consumer_group, topic, partition));
+         ALTER TABLE {schema}.offsets ADD COLUMN IF NOT EXISTS applied_through text;
          CREATE TABLE IF NOT EXISTS {schema}.history (
              consumer_group text NOT NULL,
              topic text NOT NULL,

@@ -43,6 +43,9 @@ pub mod names {
     pub const BACKFILL_REMAINING: &str = "tidelink_backfill_remaining_rows";
     /// Messages sent to the dead-letter topic.
     pub const SINK_DEAD_LETTER: &str = "tidelink_sink_dead_letter_messages_total";
+    /// Changes skipped because the target had applied them already (a source republished
+    /// them after a restart).
+    pub const SINK_REPLAYS_SKIPPED: &str = "tidelink_sink_replayed_changes_skipped_total";
     /// Errors by pipeline, component and kind (transient, permanent, rejected, fenced).
     pub const ERRORS: &str = "tidelink_errors_total";
     /// 1 while a component is connected and streaming.
@@ -102,6 +105,8 @@ pub struct Metrics {
     pub sink_consumer_lag: IntGaugeVec,
     /// See [`names::SINK_DEAD_LETTER`].
     pub sink_dead_letter: IntCounterVec,
+    /// See [`names::SINK_REPLAYS_SKIPPED`].
+    pub sink_replays_skipped: IntCounterVec,
     /// See [`names::BACKFILL_ROWS`].
     pub backfill_rows: IntCounterVec,
     /// See [`names::BACKFILL_CHUNKS`].
@@ -254,6 +259,12 @@ impl Metrics {
                 &registry,
                 SINK_DEAD_LETTER,
                 "Messages sent to the dead-letter topic",
+                &["pipeline", "sink"],
+            ),
+            sink_replays_skipped: counter(
+                &registry,
+                SINK_REPLAYS_SKIPPED,
+                "Changes a source published again after a restart that the target had applied already",
                 &["pipeline", "sink"],
             ),
             backfill_rows: counter(

@@ -9,7 +9,10 @@
 //!   rejected ones;
 //! - a fenced partition (another worker moved its offsets) is reloaded and re-fetched from
 //!   the stored offset;
-//! - transient failures are retried with backoff, the batch unchanged.
+//! - transient failures are retried with backoff, the batch unchanged;
+//! - a change a source published again after a restart (its source order is not above the
+//!   highest one the target recorded for the partition) is skipped, so each source change
+//!   is applied once.
 
 use crate::publisher::{backoff, now_ms};
 use crate::{Metrics, Shutdown};
@@ -20,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidelink_config::{KafkaConfig, SinkConfig};
 use tidelink_core::{
-    MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, TableId, TidelinkError,
-    TopicPartition,
+    MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, SourceOrder, TableId,
+    TidelinkError, TopicPartition,
 };
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern, topic_segment};
 use tidelink_kafka::{
@@ -59,6 +62,8 @@ impl<S: Sink + 'static> OffsetLoader for BlockingOffsetLoader<S> {
 
 struct Prepared<'m> {
     changes: Vec<SinkChange>,
+    /// Changes skipped as already applied.
+    replays_skipped: u64,
     offsets: Vec<OffsetAdvance>,
     source_ts: Vec<Option<i64>>,
     undecodable: Vec<(&'m OwnedMessage, String)>,
@@ -72,11 +77,26 @@ struct Worker<S: Sink> {
     dead_letter_topic: String,
     /// Assigned partitions and the next offset the target records for each.
     assigned: HashMap<TopicPartition, Option<i64>>,
+    /// The highest source order the target records as applied, per partition; loaded on
+    /// first use after an assignment.
+    applied_through: HashMap<TopicPartition, Option<SourceOrder>>,
     /// Source tables' column definitions from `<prefix>.schemas`, read when the target may
     /// need to create a table (`create_tables`).
     definitions: HashMap<TableId, Arc<[u8]>>,
     buffer: Vec<OwnedMessage>,
+    /// Since when this worker holds no partition.
+    idle_since: Option<Instant>,
+    /// The group's progress when this worker, holding no partition, last looked.
+    orphan_check: Option<(Instant, GroupProgress)>,
 }
+
+/// Per partition: the group's committed offset and the high watermark.
+type GroupProgress = Vec<(TopicPartition, Option<i64>, i64)>;
+
+/// A worker that holds no partition looks this often whether partitions with messages
+/// waiting are left without an owner (a group that did not re-form after a member died),
+/// and rejoins the group if so.
+const ORPHAN_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs one worker until shutdown. `offset_sink` is a second connection used only to read
 /// stored offsets during rebalances.
@@ -106,8 +126,11 @@ pub async fn run_worker<S: Sink + 'static>(
         dead_letters,
         dead_letter_topic,
         assigned: HashMap::new(),
+        applied_through: HashMap::new(),
         definitions: HashMap::new(),
         buffer: Vec::new(),
+        idle_since: Some(Instant::now()),
+        orphan_check: None,
     };
     worker.ctx.metrics.set_ready(
         &worker.ctx.pipeline,
@@ -167,6 +190,7 @@ impl<S: Sink> Worker<S> {
             }
             if last_lag_report.elapsed() > Duration::from_secs(5) {
                 self.report_consumer_lag().await;
+                self.check_orphaned_partitions().await?;
                 last_lag_report = Instant::now();
             }
         }
@@ -178,12 +202,14 @@ impl<S: Sink> Worker<S> {
             ConsumerEvent::Assigned(partitions) => {
                 for (p, stored) in partitions {
                     self.buffer.retain(|m| !is_of(m, &p));
+                    self.applied_through.remove(&p);
                     self.assigned.insert(p, stored);
                 }
             }
             ConsumerEvent::Revoked(partitions) => {
                 for p in partitions {
                     self.buffer.retain(|m| !is_of(m, &p));
+                    self.applied_through.remove(&p);
                     self.assigned.remove(&p);
                 }
             }
@@ -215,11 +241,13 @@ impl<S: Sink> Worker<S> {
     fn prepare<'m>(&self, messages: &'m [OwnedMessage]) -> Prepared<'m> {
         let mut prepared = Prepared {
             changes: Vec::with_capacity(messages.len()),
+            replays_skipped: 0,
             offsets: Vec::new(),
             source_ts: Vec::with_capacity(messages.len()),
             undecodable: Vec::new(),
         };
         let mut next: HashMap<TopicPartition, i64> = HashMap::new();
+        let mut raised: HashMap<TopicPartition, SourceOrder> = HashMap::new();
         for message in messages {
             let p = partition_of(message);
             next.insert(p.clone(), message.offset() + 1);
@@ -236,6 +264,17 @@ impl<S: Sink> Worker<S> {
                     .undecodable
                     .push((message, format!("cannot decode: {reason}"))),
                 Ok(decoded) => {
+                    if let Some(order) = decoded.source_order {
+                        let through = raised
+                            .get(&p)
+                            .copied()
+                            .or_else(|| self.applied_through.get(&p).copied().flatten());
+                        if through.is_some_and(|t| order <= t) {
+                            prepared.replays_skipped += 1;
+                            continue;
+                        }
+                        raised.insert(p.clone(), order);
+                    }
                     if !self.ctx.sink.replays(&decoded.table) {
                         continue;
                     }
@@ -255,6 +294,7 @@ impl<S: Sink> Worker<S> {
             .into_iter()
             .map(|(partition, next)| OffsetAdvance {
                 expected: self.assigned.get(&partition).copied().flatten(),
+                applied_through: raised.get(&partition).copied(),
                 partition,
                 next,
             })
@@ -307,6 +347,7 @@ impl<S: Sink> Worker<S> {
         let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
         let mut attempt = 0;
         loop {
+            self.load_applied_through(&messages).await?;
             let prepared = self.prepare(&messages);
             for (message, reason) in &prepared.undecodable {
                 let id = (partition_of(message), message.offset());
@@ -324,6 +365,7 @@ impl<S: Sink> Worker<S> {
                         &prepared.source_ts,
                         started,
                     );
+                    self.count_replays_skipped(prepared.replays_skipped);
                     return Ok(());
                 }
                 Err(SinkError::Fenced(partitions)) => {
@@ -361,6 +403,8 @@ impl<S: Sink> Worker<S> {
             }
             let mut attempt = 0;
             loop {
+                self.load_applied_through(std::slice::from_ref(&message))
+                    .await?;
                 let prepared = self.prepare(std::slice::from_ref(&message));
                 let (changes, offsets, source_ts) =
                     (prepared.changes, prepared.offsets, prepared.source_ts);
@@ -368,6 +412,7 @@ impl<S: Sink> Worker<S> {
                 match self.sink.apply(&changes, &offsets).await {
                     Ok(()) => {
                         self.committed(&changes, &offsets, &source_ts, started);
+                        self.count_replays_skipped(prepared.replays_skipped);
                         break;
                     }
                     Err(SinkError::Rejected(reason)) => {
@@ -406,6 +451,92 @@ impl<S: Sink> Worker<S> {
         Ok(())
     }
 
+    /// While this worker holds no partition: fails (so the worker rejoins the group) when a
+    /// partition had messages waiting at the previous check and its committed offset has
+    /// not moved since, i.e. no member applies it.
+    async fn check_orphaned_partitions(&mut self) -> Result<(), TidelinkError> {
+        if !self.assigned.is_empty() {
+            self.idle_since = None;
+            self.orphan_check = None;
+            return Ok(());
+        }
+        let idle_since = *self.idle_since.get_or_insert_with(Instant::now);
+        if idle_since.elapsed() < ORPHAN_CHECK_INTERVAL
+            || self
+                .orphan_check
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < ORPHAN_CHECK_INTERVAL)
+        {
+            return Ok(());
+        }
+        let consumer = self.consumer.clone();
+        let prefix = self.ctx.kafka.topic_prefix.clone();
+        let progress =
+            match tokio::task::spawn_blocking(move || consumer.group_progress(&prefix)).await {
+                Ok(Ok(progress)) => progress,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot read the group's progress");
+                    return Ok(());
+                }
+                Err(_) => return Ok(()),
+            };
+        let previous = self
+            .orphan_check
+            .replace((Instant::now(), progress.clone()));
+        let Some((_, previous)) = previous else {
+            return Ok(());
+        };
+        let orphaned = progress.iter().find(|(p, committed, _)| {
+            previous.iter().any(|(q, before, high)| {
+                q == p && before == committed && *high > before.unwrap_or(0)
+            })
+        });
+        match orphaned {
+            Some((p, committed, high)) => Err(TidelinkError::transient(format!(
+                "this worker holds no partition, yet nobody applied {}[{}] for {}s ({} messages waiting): rejoining the consumer group",
+                p.topic,
+                p.partition,
+                ORPHAN_CHECK_INTERVAL.as_secs(),
+                high - committed.unwrap_or(0)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads what the target records as applied for partitions of `messages` whose state
+    /// is not loaded yet (after an assignment or a fence).
+    async fn load_applied_through(
+        &mut self,
+        messages: &[OwnedMessage],
+    ) -> Result<(), TidelinkError> {
+        let mut missing: Vec<TopicPartition> = Vec::new();
+        for message in messages {
+            let p = partition_of(message);
+            if !self.applied_through.contains_key(&p) && !missing.contains(&p) {
+                missing.push(p);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let recorded = self.sink.applied_through(&missing).await?;
+        self.applied_through
+            .extend(missing.into_iter().zip(recorded));
+        Ok(())
+    }
+
+    fn count_replays_skipped(&self, skipped: u64) {
+        if skipped > 0 {
+            tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, skipped,
+                "skipped changes the source published again after a restart (the target had applied them)");
+            self.ctx
+                .metrics
+                .sink_replays_skipped
+                .with_label_values(&self.labels())
+                .inc_by(skipped);
+        }
+    }
+
     /// Another worker moved these partitions: reload their offsets and fetch again from there.
     async fn refence(&mut self, partitions: &[TopicPartition]) -> Result<(), TidelinkError> {
         let stored = self.sink.stored_offsets(partitions).await?;
@@ -413,6 +544,7 @@ impl<S: Sink> Worker<S> {
             tracing::warn!(topic = %p.topic, partition = p.partition, ?offset,
                 "another worker applied this partition; continuing from its stored offset");
             self.buffer.retain(|m| !is_of(m, p));
+            self.applied_through.remove(p);
             if let Some(slot) = self.assigned.get_mut(p) {
                 *slot = offset;
                 let consumer = self.consumer.clone();
@@ -466,6 +598,10 @@ impl<S: Sink> Worker<S> {
         for advance in offsets {
             self.assigned
                 .insert(advance.partition.clone(), Some(advance.next));
+            if let Some(through) = advance.applied_through {
+                self.applied_through
+                    .insert(advance.partition.clone(), Some(through));
+            }
             monitoring.push((advance.partition.clone(), advance.next));
         }
         self.consumer.commit_for_monitoring(&monitoring);

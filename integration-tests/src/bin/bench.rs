@@ -463,6 +463,7 @@ async fn apply_ceiling(rows: u64) -> (f64, u64) {
         sink.apply(
             batch,
             &[OffsetAdvance {
+                applied_through: None,
                 partition: partition.clone(),
                 expected,
                 next,

@@ -284,6 +284,9 @@ impl MysqlSource {
             return Ok(());
         };
         let gtid = self.tx.as_ref().and_then(|t| t.gtid.clone());
+        // Numbers the events of this rows event (a key change makes two of one row), so
+        // (file, position, seq) orders every event of the binlog.
+        let mut seq = 0u64;
         for (index, row) in rows.rows(&tme).enumerate() {
             let (before, after) = row.map_err(|e| {
                 TidelinkError::permanent(format!(
@@ -309,14 +312,18 @@ impl MysqlSource {
                 row: Some(index as u32),
                 ..Default::default()
             };
-            let event = |op: Op, key: Row, before: Option<Row>, after: Option<Row>| {
+            let mut event = |op: Op, key: Row, before: Option<Row>, after: Option<Row>| {
+                seq += 1;
                 SourceMessage::Change(ChangeEvent {
                     table: table.clone(),
                     op,
                     key,
                     before,
                     after,
-                    source: source.clone(),
+                    source: SourceInfo {
+                        seq: Some(seq - 1),
+                        ..source.clone()
+                    },
                     columns: Some(schema.definitions.clone()),
                 })
             };

@@ -36,6 +36,7 @@ use tidelink_core::{
     ChangeEvent, ColumnDefinition, Lsn, Op, Row, Source, SourceInfo, SourceMessage, TableColumns,
     TableId, TidelinkError, UNAVAILABLE_VALUE,
 };
+use tidelink_tls::Verify;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -78,6 +79,8 @@ struct RelationInfo {
 #[derive(Debug, Clone, Copy)]
 struct OpenTransaction {
     final_lsn: u64,
+    /// Events emitted so far.
+    events: u64,
     xid: u32,
     commit_ts_ms: i64,
 }
@@ -227,6 +230,15 @@ impl PgSource {
         })
     }
 
+    /// Queues a change, numbering it within its transaction (`source.seq`).
+    fn emit(&mut self, mut event: ChangeEvent) {
+        if let Some(tx) = self.transaction.as_mut() {
+            event.source.seq = Some(tx.events);
+            tx.events += 1;
+        }
+        self.ready.push_back(SourceMessage::Change(event));
+    }
+
     fn handle_change(&mut self, message: PgOutputMessage) -> Result<(), TidelinkError> {
         let Some(tx) = self.transaction else {
             return Err(TidelinkError::permanent(
@@ -247,7 +259,7 @@ impl PgSource {
                     source: self.source_info(&rel.table, tx),
                     columns: Some(rel.definitions.clone()),
                 };
-                self.ready.push_back(SourceMessage::Change(event));
+                self.emit(event);
             }
             PgOutputMessage::Update { relation, old, new } => {
                 let rel = self.relation(relation, "Update")?;
@@ -268,7 +280,7 @@ impl PgSource {
                     // The key changed: the old row is gone and a new one exists, as two
                     // events keyed by their own keys (Debezium does the same).
                     Some(old_key) if old_key != key => {
-                        self.ready.push_back(SourceMessage::Change(ChangeEvent {
+                        self.emit(ChangeEvent {
                             table: table.clone(),
                             op: Op::Delete,
                             key: old_key,
@@ -276,8 +288,8 @@ impl PgSource {
                             after: None,
                             source: source.clone(),
                             columns: columns.clone(),
-                        }));
-                        self.ready.push_back(SourceMessage::Change(ChangeEvent {
+                        });
+                        self.emit(ChangeEvent {
                             table,
                             op: Op::Create,
                             key,
@@ -285,9 +297,9 @@ impl PgSource {
                             after: Some(after),
                             source,
                             columns,
-                        }));
+                        });
                     }
-                    _ => self.ready.push_back(SourceMessage::Change(ChangeEvent {
+                    _ => self.emit(ChangeEvent {
                         table,
                         op: Op::Update,
                         key,
@@ -295,7 +307,7 @@ impl PgSource {
                         after: Some(after),
                         source,
                         columns,
-                    })),
+                    }),
                 }
             }
             PgOutputMessage::Delete { relation, old } => {
@@ -310,7 +322,7 @@ impl PgSource {
                     source: self.source_info(&rel.table, tx),
                     columns: Some(rel.definitions.clone()),
                 };
-                self.ready.push_back(SourceMessage::Change(event));
+                self.emit(event);
             }
             PgOutputMessage::Truncate { relations, .. } => {
                 for id in relations {
@@ -324,7 +336,7 @@ impl PgSource {
                         source: self.source_info(&rel.table, tx),
                         columns: Some(rel.definitions.clone()),
                     };
-                    self.ready.push_back(SourceMessage::Change(event));
+                    self.emit(event);
                 }
             }
             PgOutputMessage::Relation(_)
@@ -354,6 +366,7 @@ impl PgSource {
             } => {
                 self.transaction = Some(OpenTransaction {
                     final_lsn: final_lsn.0,
+                    events: 0,
                     xid,
                     commit_ts_ms: (commit_time_micros + PG_EPOCH_OFFSET_MICROS) / 1000,
                 });
@@ -448,9 +461,19 @@ async fn open_stream(
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let database = config.get_dbname().unwrap_or(&user).to_string();
-    let tls = match config.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Require => pgwire_replication::TlsConfig::require(),
-        _ => pgwire_replication::TlsConfig::disabled(),
+    let tls = match connection::tls_of(&settings.dsn)? {
+        None => pgwire_replication::TlsConfig::disabled(),
+        Some(tls) => {
+            let base = match tls.verify {
+                Verify::Full => pgwire_replication::TlsConfig::verify_full(tls.root_cert),
+                Verify::Chain => pgwire_replication::TlsConfig::verify_ca(tls.root_cert),
+                Verify::Nothing => pgwire_replication::TlsConfig::require(),
+            };
+            match (tls.client_cert, tls.client_key) {
+                (Some(cert), Some(key)) => base.with_client_cert(cert, key),
+                _ => base,
+            }
+        }
     };
     let replication = ReplicationConfig::new(
         host,
