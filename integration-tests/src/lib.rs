@@ -123,21 +123,12 @@ impl PgCluster {
         assert!(status.success(), "pg_ctl stop failed");
     }
 
-    /// Turns TLS on with this certificate and key and refuses TCP connections without it,
-    /// then restarts the server.
-    pub fn require_tls(&self, cert: &Path, key: &Path) {
+    /// Turns TLS on with this certificate and key (clients may still connect without
+    /// it), then restarts the server.
+    pub fn enable_tls(&self, cert: &Path, key: &Path) {
         let data = self.dir.path().join("data");
         std::fs::copy(cert, data.join("server.crt")).expect("copy the server certificate");
         std::fs::copy(key, data.join("server.key")).expect("copy the server key");
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\n\
-             hostssl all all 127.0.0.1/32 trust\n\
-             hostssl replication all 127.0.0.1/32 trust\n\
-             hostnossl all all 127.0.0.1/32 reject\n\
-             hostnossl replication all 127.0.0.1/32 reject\n",
-        )
-        .expect("write pg_hba.conf");
         let mut conf = std::fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.conf"))

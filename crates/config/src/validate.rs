@@ -72,6 +72,8 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                         format!("{at}.dsn"),
                         "write it as a URL: mysql://user:password@host:3306/database".into(),
                     );
+                } else if let Err(e) = tidelink_tls::dsn::split_mysql_url(&my.dsn) {
+                    report(format!("{at}.dsn"), e);
                 }
                 check_patterns(&my.tables, &format!("{at}.tables"), true, &mut report);
                 if my.server_id == Some(0) {
@@ -88,6 +90,8 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                 let at = format!("{at}.source.postgres");
                 if pg.dsn.trim().is_empty() {
                     report(format!("{at}.dsn"), "must not be empty".into());
+                } else if let Err(e) = tidelink_tls::dsn::split_postgres_dsn(&pg.dsn) {
+                    report(format!("{at}.dsn"), e);
                 }
                 check_patterns(&pg.tables, &format!("{at}.tables"), true, &mut report);
                 for (key, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
@@ -190,6 +194,8 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                             format!("{at}.mysql.dsn"),
                             "write it as a URL: mysql://user:password@host:3306/database".into(),
                         );
+                    } else if let Err(e) = tidelink_tls::dsn::split_mysql_url(&my.dsn) {
+                        report(format!("{at}.mysql.dsn"), e);
                     }
                     if !is_name(&my.state_database) {
                         report(
@@ -201,6 +207,8 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                 Some(SinkTarget::Postgres(pg)) => {
                     if pg.dsn.trim().is_empty() {
                         report(format!("{at}.postgres.dsn"), "must not be empty".into());
+                    } else if let Err(e) = tidelink_tls::dsn::split_postgres_dsn(&pg.dsn) {
+                        report(format!("{at}.postgres.dsn"), e);
                     }
                     if !is_pg_identifier(&pg.state_schema) {
                         report(

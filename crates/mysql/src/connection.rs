@@ -14,7 +14,7 @@ pub fn parse_dsn(dsn: &str) -> Result<Opts, TidelinkError> {
         .strip_prefix("mariadb://")
         .map(|rest| format!("mysql://{rest}"))
         .unwrap_or_else(|| dsn.to_string());
-    let (url, tls) = split_tls(&url, dsn)?;
+    let (url, tls) = split_tls(&url)?;
     let opts = Opts::from_url(&url).map_err(|e| {
         TidelinkError::permanent(format!(
             "DSN {} is not a valid mysql:// URL: {e}",
@@ -38,80 +38,14 @@ pub fn parse_dsn(dsn: &str) -> Result<Opts, TidelinkError> {
     Ok(OptsBuilder::from_opts(opts).ssl_opts(ssl).into())
 }
 
-/// The TLS a DSN asks for: `ssl_mode` = `DISABLED` (the default), `VERIFY_IDENTITY` or
-/// `REQUIRED` (both verify the certificate chain and the host name: tidelink verifies
-/// whenever TLS is on), `VERIFY_CA` (the chain only) or `NO_VERIFY` (encrypted, nothing
-/// verified); `ssl_ca` (PEM roots; default: the Mozilla roots built in), `ssl_cert` and
-/// `ssl_key` (client certificate).
+/// The TLS a DSN asks for (see [`tidelink_tls::dsn::split_mysql_url`]).
 pub fn tls_of(dsn: &str) -> Result<Option<TlsSettings>, TidelinkError> {
-    split_tls(dsn, dsn).map(|(_, tls)| tls)
+    split_tls(dsn).map(|(_, tls)| tls)
 }
 
-const TLS_PARAMETERS: [&str; 4] = ["ssl_mode", "ssl_ca", "ssl_cert", "ssl_key"];
-
-fn split_tls(url: &str, dsn: &str) -> Result<(String, Option<TlsSettings>), TidelinkError> {
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), None));
-    };
-    let mut found: Vec<(&str, &str)> = Vec::new();
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if TLS_PARAMETERS.contains(&key) {
-            found.push((key, value));
-        } else {
-            kept.push(pair);
-        }
-    }
-    let rest = if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    let value = |name: &str| {
-        found
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.to_string())
-    };
-    let verify = match value("ssl_mode").map(|m| m.to_ascii_uppercase()).as_deref() {
-        None | Some("DISABLED") => None,
-        Some("REQUIRED" | "VERIFY_IDENTITY") => Some(Verify::Full),
-        Some("VERIFY_CA") => Some(Verify::Chain),
-        Some("NO_VERIFY") => Some(Verify::Nothing),
-        Some("PREFERRED") => {
-            return Err(TidelinkError::permanent(format!(
-                "{}: ssl_mode=PREFERRED may fall back to an unencrypted connection without saying so; \
-                 use ssl_mode=VERIFY_IDENTITY (or REQUIRED) for TLS, or DISABLED",
-                redact_dsn(dsn)
-            )))
-        }
-        Some(other) => {
-            return Err(TidelinkError::permanent(format!(
-                "{}: unknown ssl_mode `{other}` (DISABLED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY, NO_VERIFY)",
-                redact_dsn(dsn)
-            )))
-        }
-    };
-    let tls = match verify {
-        None => {
-            if let Some((key, _)) = found.iter().find(|(k, _)| *k != "ssl_mode") {
-                return Err(TidelinkError::permanent(format!(
-                    "{}: {key} is set but TLS is off (add ssl_mode=VERIFY_IDENTITY)",
-                    redact_dsn(dsn)
-                )));
-            }
-            None
-        }
-        Some(verify) => Some(TlsSettings {
-            verify,
-            root_cert: value("ssl_ca").map(Into::into),
-            client_cert: value("ssl_cert").map(Into::into),
-            client_key: value("ssl_key").map(Into::into),
-        }),
-    };
-    Ok((rest, tls))
+fn split_tls(url: &str) -> Result<(String, Option<TlsSettings>), TidelinkError> {
+    tidelink_tls::dsn::split_mysql_url(url)
+        .map_err(|e| TidelinkError::permanent(format!("TLS settings: {e}")))
 }
 
 /// Connects with the session settings tidelink relies on: UTC for TIMESTAMP values,

@@ -4,7 +4,7 @@
 
 use tidelink_config::redact_dsn;
 use tidelink_core::TidelinkError;
-use tidelink_tls::{TlsSettings, Verify};
+use tidelink_tls::TlsSettings;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -32,114 +32,14 @@ pub fn parse_dsn(dsn: &str) -> Result<Config, TidelinkError> {
     Ok(config)
 }
 
-/// The TLS a DSN asks for, from libpq's parameters: `sslmode` = `disable` (the default),
-/// `verify-full` or `require` (both verify the chain and the host name: tidelink verifies
-/// whenever TLS is on), `verify-ca` (the chain only) or `no-verify` (encrypted, nothing
-/// verified); `sslrootcert` (PEM roots; default: the Mozilla roots built in), `sslcert` and
-/// `sslkey` (client certificate). `prefer` and `allow` are refused: they fall back to an
-/// unencrypted connection without saying so.
+/// The TLS a DSN asks for (see [`tidelink_tls::dsn::split_postgres_dsn`]).
 pub fn tls_of(dsn: &str) -> Result<Option<TlsSettings>, TidelinkError> {
     split_tls(dsn).map(|(_, tls)| tls)
 }
 
-const TLS_PARAMETERS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
-
-/// The DSN without its TLS parameters, and the TLS they ask for.
 fn split_tls(dsn: &str) -> Result<(String, Option<TlsSettings>), TidelinkError> {
-    let mut found: Vec<(String, String)> = Vec::new();
-    let rest = if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
-        match dsn.split_once('?') {
-            None => dsn.to_string(),
-            Some((base, query)) => {
-                let mut kept = Vec::new();
-                for pair in query.split('&').filter(|p| !p.is_empty()) {
-                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    if TLS_PARAMETERS.contains(&key) {
-                        found.push((key.to_string(), percent_decode(value)));
-                    } else {
-                        kept.push(pair);
-                    }
-                }
-                if kept.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}?{}", kept.join("&"))
-                }
-            }
-        }
-    } else {
-        let mut kept = Vec::new();
-        for pair in dsn.split_whitespace() {
-            match pair.split_once('=') {
-                Some((key, value)) if TLS_PARAMETERS.contains(&key.trim()) => {
-                    found.push((key.trim().to_string(), value.trim_matches('\'').to_string()))
-                }
-                _ => kept.push(pair),
-            }
-        }
-        kept.join(" ")
-    };
-    let value = |name: &str| {
-        found
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    let verify = match value("sslmode").as_deref() {
-        None | Some("disable") => None,
-        Some("require" | "verify-full") => Some(Verify::Full),
-        Some("verify-ca") => Some(Verify::Chain),
-        Some("no-verify") => Some(Verify::Nothing),
-        Some(mode @ ("prefer" | "allow")) => {
-            return Err(TidelinkError::permanent(format!(
-                "{}: sslmode={mode} may fall back to an unencrypted connection without saying so; \
-                 use sslmode=verify-full (or require) for TLS, or sslmode=disable",
-                redact_dsn(dsn)
-            )))
-        }
-        Some(other) => return Err(TidelinkError::permanent(format!(
-            "{}: unknown sslmode `{other}` (disable, require, verify-ca, verify-full, no-verify)",
-            redact_dsn(dsn)
-        ))),
-    };
-    let tls = match verify {
-        None => {
-            if let Some((key, _)) = found.iter().find(|(k, _)| k != "sslmode") {
-                return Err(TidelinkError::permanent(format!(
-                    "{}: {key} is set but TLS is off (add sslmode=verify-full)",
-                    redact_dsn(dsn)
-                )));
-            }
-            None
-        }
-        Some(verify) => Some(TlsSettings {
-            verify,
-            root_cert: value("sslrootcert").map(Into::into),
-            client_cert: value("sslcert").map(Into::into),
-            client_key: value("sslkey").map(Into::into),
-        }),
-    };
-    Ok((rest, tls))
-}
-
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(byte) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    tidelink_tls::dsn::split_postgres_dsn(dsn)
+        .map_err(|e| TidelinkError::permanent(format!("TLS settings: {e}")))
 }
 
 /// Opens a regular (non-replication) connection; the connection task runs in the background.

@@ -6,6 +6,8 @@
 //! certificate names the host connected to. Lowering that is explicit: verify the chain
 //! only ([`Verify::Chain`]), or nothing at all ([`Verify::Nothing`]).
 
+pub mod dsn;
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
