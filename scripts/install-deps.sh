@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what tidelink's tests and demo need on a bare Debian machine: PostgreSQL 15
 # (server binaries for throwaway clusters, psql), MariaDB (mariadbd, mariadb-install-db and
-# the client for throwaway instances), curl, and the build tools for the bundled
-# librdkafka. Then builds the tansu broker once (cached). Idempotent and quiet when all is there.
+# the client for throwaway instances), curl, openssl (test certificates), and the build
+# tools for the bundled librdkafka (with OpenSSL, for Kafka TLS and SASL/SCRAM). Then builds the tansu broker once (cached). Idempotent and quiet when all is there.
 set -euo pipefail
 need=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
@@ -13,6 +13,9 @@ command -v curl >/dev/null || need+=(curl)
 command -v make >/dev/null || need+=(make)
 command -v cc >/dev/null || need+=(gcc)
 command -v runuser >/dev/null || need+=(util-linux)
+command -v openssl >/dev/null || need+=(openssl)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -244,6 +244,7 @@ pub struct Broker {
     /// Port on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
+    authentication: bool,
 }
 
 impl Broker {
@@ -253,25 +254,57 @@ impl Broker {
             dir: temp_dir("tidelink-kafka-"),
             port: free_port(),
             child: None,
+            authentication: false,
         };
         broker.launch();
+        broker
+    }
+
+    /// Starts a broker that requires SASL/SCRAM-SHA-512 authentication and knows one user.
+    pub fn start_with_scram_user(user: &str, password: &str) -> Self {
+        let mut broker = Self::start();
+        let out = Command::new(tansu_binary())
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", broker.port),
+                "--mechanism",
+                "scram512",
+                user,
+                password,
+            ])
+            .output()
+            .expect("run tansu user create");
+        assert!(
+            out.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Users can only be created while authentication is off.
+        broker.authentication = true;
+        broker.restart();
         broker
     }
 
     fn launch(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::File::create(self.dir.path().join("tansu.log")).expect("broker log");
+        let mut args = vec![
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ];
+        if self.authentication {
+            args.push("--authentication");
+        }
         let child = Command::new(tansu_binary())
             .current_dir(self.dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
+            .args(args)
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()

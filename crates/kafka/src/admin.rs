@@ -4,11 +4,78 @@
 
 use crate::client_config;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidelink_config::KafkaConfig;
 use tidelink_core::TidelinkError;
+
+/// Remembers the last error librdkafka reported on its own (authentication, TLS), which
+/// the failing request's error does not carry ("BrokerTransportFailure").
+#[derive(Default, Clone)]
+struct LastError(Arc<Mutex<Option<String>>>);
+
+impl ClientContext for LastError {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka client error");
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(reason.to_string());
+        }
+    }
+}
+
+impl ConsumerContext for LastError {}
+
+impl LastError {
+    /// `: <reason>` when librdkafka reported one.
+    fn suffix(&self) -> String {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .map(|reason| format!(" ({reason})"))
+            .unwrap_or_default()
+    }
+}
+
+/// The names of the cluster's topics. Waits up to 30 s for the brokers; the error carries
+/// what librdkafka reported on the way (an authentication or TLS failure).
+async fn topic_names(kafka: &KafkaConfig) -> Result<Vec<String>, TidelinkError> {
+    let last_error = LastError::default();
+    let client: BaseConsumer<LastError> = client_config::admin(kafka)?
+        .create_with_context(last_error.clone())
+        .map_err(|e| TidelinkError::permanent(format!("kafka client: {e}")))?;
+    let brokers = kafka.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.fetch_metadata(None, Duration::from_secs(3)) {
+                Ok(metadata) => {
+                    return Ok(metadata
+                        .topics()
+                        .iter()
+                        .map(|t| t.name().to_string())
+                        .collect())
+                }
+                Err(e) => {
+                    // Delivers librdkafka's own error events to the context.
+                    let _ = client.poll(Duration::ZERO);
+                    let reason = last_error.suffix();
+                    let failed = reason.contains("uthentication") || reason.contains("SSL");
+                    if failed || std::time::Instant::now() >= deadline {
+                        return Err(TidelinkError::transient(format!(
+                            "reading topic metadata from {brokers}: {e}{reason}"
+                        )));
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| TidelinkError::permanent(format!("metadata task: {e}")))?
+}
 
 /// Creates the topics that do not exist yet, with the configured partitions.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), TidelinkError> {
@@ -33,29 +100,8 @@ async fn create_missing(
     let admin: AdminClient<DefaultClientContext> = client_config::admin(kafka)?
         .create()
         .map_err(|e| TidelinkError::permanent(format!("kafka admin client: {e}")))?;
-    let admin = std::sync::Arc::new(admin);
-    let existing = {
-        let admin = admin.clone();
-        tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_metadata(None, Duration::from_secs(30))
-                .map(|m| {
-                    m.topics()
-                        .iter()
-                        .map(|t| t.name().to_string())
-                        .collect::<Vec<_>>()
-                })
-        })
-        .await
-        .map_err(|e| TidelinkError::permanent(format!("metadata task: {e}")))?
-        .map_err(|e| {
-            TidelinkError::transient(format!(
-                "reading topic metadata from {}: {e}",
-                kafka.brokers
-            ))
-        })?
-    };
+    let admin = Arc::new(admin);
+    let existing = topic_names(kafka).await?;
     let missing: Vec<&String> = topics.iter().filter(|t| !existing.contains(t)).collect();
     if missing.is_empty() {
         return Ok(());
