@@ -320,10 +320,20 @@ impl Broker {
 
     /// kill -9 and start again on the same storage.
     pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// kill -9.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts again after [`Broker::stop`], on the same port and storage.
+    pub fn start_again(&mut self) {
         self.launch();
     }
 }

@@ -39,7 +39,10 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
         .set("topic.metadata.refresh.interval.ms", "5000")
         // librdkafka waits up to 500 ms for a fetch to fill by default: that wait is most
         // of the commit-to-apply latency on a quiet stream.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // Prefetched messages wait here while the target is slow or down; 16 MiB keeps a
+        // worker busy and its memory small (librdkafka's default is 64 MiB).
+        .set("queued.max.messages.kbytes", "16384");
     apply_overrides(
         &mut config,
         kafka,

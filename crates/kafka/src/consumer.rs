@@ -13,9 +13,10 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Message};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tidelink_config::KafkaConfig;
@@ -45,6 +46,21 @@ struct RebalanceContext {
     loader: Arc<dyn OffsetLoader>,
     events: mpsc::Sender<ConsumerEvent>,
     stop: Arc<AtomicBool>,
+    /// Messages polled while the worker's channel was full (see `poll_loop`).
+    held: Arc<Mutex<VecDeque<OwnedMessage>>>,
+}
+
+impl RebalanceContext {
+    /// Drops held messages of partitions that change hands.
+    fn forget_held(&self, partitions: &[TopicPartition]) {
+        if let Ok(mut held) = self.held.lock() {
+            held.retain(|m| {
+                !partitions
+                    .iter()
+                    .any(|p| p.partition == m.partition() && p.topic == m.topic())
+            });
+        }
+    }
 }
 
 impl ClientContext for RebalanceContext {
@@ -101,6 +117,7 @@ impl ConsumerContext for RebalanceContext {
                     partitions = ?partitions.iter().zip(&stored).map(|(p, o)| format!("{}[{}]@{}", p.topic, p.partition, o.map(|o| o.to_string()).unwrap_or_else(|| "beginning".into()))).collect::<Vec<_>>(),
                     "partitions assigned"
                 );
+                self.forget_held(&partitions);
                 let _ = self.events.blocking_send(ConsumerEvent::Assigned(
                     partitions.into_iter().zip(stored).collect(),
                 ));
@@ -116,6 +133,7 @@ impl ConsumerContext for RebalanceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
                 tracing::info!(count = partitions.len(), "partitions revoked");
+                self.forget_held(&partitions);
                 let _ = self
                     .events
                     .blocking_send(ConsumerEvent::Revoked(partitions));
@@ -157,10 +175,12 @@ impl SinkConsumer {
         events: mpsc::Sender<ConsumerEvent>,
     ) -> Result<Self, TidelinkError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(VecDeque::new()));
         let context = RebalanceContext {
             loader,
             events: events.clone(),
             stop: stop.clone(),
+            held: held.clone(),
         };
         let consumer: BaseConsumer<RebalanceContext> = client_config::consumer(kafka, group)?
             .create_with_context(context)
@@ -174,7 +194,7 @@ impl SinkConsumer {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("consumer {group}"))
-                .spawn(move || poll_loop(&consumer, &stop, &events))
+                .spawn(move || poll_loop(&consumer, &stop, &events, &held))
                 .map_err(|e| TidelinkError::permanent(format!("starting consumer thread: {e}")))?
         };
         Ok(Self {
@@ -270,19 +290,68 @@ impl Drop for SinkConsumer {
     }
 }
 
+/// Polls the consumer and hands events to the worker. When the worker falls behind (its
+/// channel is full: the target is down or slow), fetching pauses instead of blocking the
+/// poll: the few messages librdkafka had prefetched are held here, the group keeps seeing
+/// a live member (no `max.poll.interval.ms` expiry however long the target is down), and
+/// memory stays bounded by the channel and `queued.max.messages.kbytes`.
 fn poll_loop(
     consumer: &BaseConsumer<RebalanceContext>,
     stop: &AtomicBool,
     events: &mpsc::Sender<ConsumerEvent>,
+    held: &Mutex<VecDeque<OwnedMessage>>,
 ) {
+    let mut paused = false;
     while !stop.load(Ordering::Relaxed) {
+        // Hand over what is held, oldest first.
+        let mut closed = false;
+        if let Ok(mut held) = held.lock() {
+            while let Some(message) = held.pop_front() {
+                match events.try_send(ConsumerEvent::Message(message)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(ConsumerEvent::Message(message))) => {
+                        held.push_front(message);
+                        break;
+                    }
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if paused && held.is_empty() {
+                if let Ok(assignment) = consumer.assignment() {
+                    let _ = consumer.resume(&assignment);
+                }
+                paused = false;
+                tracing::debug!("the worker caught up: fetching resumed");
+            }
+        }
+        if closed {
+            break;
+        }
         let event = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Ok(message)) => ConsumerEvent::Message(message.detach()),
             Some(Err(e)) => ConsumerEvent::Error(e.to_string()),
         };
-        if events.blocking_send(event).is_err() {
-            break;
+        match events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                if let ConsumerEvent::Message(message) = event {
+                    if let Ok(mut held) = held.lock() {
+                        held.push_back(message);
+                    }
+                }
+                if !paused {
+                    if let Ok(assignment) = consumer.assignment() {
+                        let _ = consumer.pause(&assignment);
+                    }
+                    paused = true;
+                    tracing::debug!("the worker is behind: fetching paused");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
     // Leave the group cleanly so the partitions move to the other workers at once.

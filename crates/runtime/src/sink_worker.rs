@@ -347,7 +347,19 @@ impl<S: Sink> Worker<S> {
         let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
         let mut attempt = 0;
         loop {
-            self.load_applied_through(&messages).await?;
+            if let Err(e) = self.load_applied_through(&messages).await {
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                self.count_error("transient");
+                tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, error = %e, attempt, "reading the target's recorded progress failed; retrying");
+                self.report_consumer_lag().await;
+                attempt += 1;
+                if !backoff(attempt, &self.ctx.shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
             let prepared = self.prepare(&messages);
             for (message, reason) in &prepared.undecodable {
                 let id = (partition_of(message), message.offset());
@@ -386,6 +398,8 @@ impl<S: Sink> Worker<S> {
                 Err(SinkError::Transient(reason)) => {
                     self.count_error("transient");
                     tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason, attempt, "applying a batch failed; retrying");
+                    // The backlog keeps growing while the target is away: keep showing it.
+                    self.report_consumer_lag().await;
                     attempt += 1;
                     if !backoff(attempt, &self.ctx.shutdown).await {
                         return Ok(());
