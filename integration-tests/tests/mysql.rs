@@ -497,6 +497,47 @@ async fn mariadb_to_mariadb_types_and_workload() {
         .expect("history audit");
     let (recorded, distinct) = audit.expect("one row");
     assert_eq!(recorded, distinct, "each message applied once");
+
+    // `tidelink verify` MariaDB → MariaDB: checksums in both servers, then drift found.
+    let verify = |log: &str| {
+        let mut run = Daemon::start(
+            &[
+                "verify",
+                "-c",
+                &config.display().to_string(),
+                "--pipeline",
+                "my",
+                "--table",
+                "shop.orders",
+                "--chunk-size",
+                "1000",
+            ],
+            &setup.work.path().join(log),
+        );
+        let status = run.wait(Duration::from_secs(120)).expect("verify ends");
+        (status.code(), run.output())
+    };
+    let (code, output) = verify("verify-1.log");
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("ranges checksummed in both databases, 0 ranges read row by row"),
+        "{output}"
+    );
+    target_conn
+        .query_drop("UPDATE shop.orders SET amount = amount + 1 ORDER BY id LIMIT 1")
+        .await
+        .expect("drift");
+    target_conn
+        .query_drop("DELETE FROM shop.orders ORDER BY id DESC LIMIT 1")
+        .await
+        .expect("drift");
+    let (code, output) = verify("verify-2.log");
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("1 missing, 0 extra, 1 different"),
+        "{output}"
+    );
+    assert!(output.contains("column amount"), "{output}");
 }
 
 const PG_TYPES: &str = "CREATE TABLE public.types (

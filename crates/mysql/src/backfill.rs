@@ -178,6 +178,81 @@ impl TableReader {
         Ok(out)
     }
 
+    /// Column names in table order.
+    pub fn column_names(&self) -> Vec<String> {
+        self.schema.columns.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// Count and a 128-bit checksum, computed in the server, of the rows after `after` and
+    /// up to `upto` (at most `limit` of them, in key order), each rendered as
+    /// `CONCAT_WS(',', QUOTE(column)…)` of `columns` and hashed with MD5 (the row hashes are
+    /// XORed, so order does not matter); and the last row's key in text form. `None` when
+    /// the range holds no row.
+    pub async fn range_digest(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: Option<usize>,
+        columns: &[String],
+    ) -> Result<Option<(i64, String, Vec<String>)>, TidelinkError> {
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(self.compare(">", after)?);
+        }
+        if let Some(upto) = upto {
+            conditions.push(self.compare("<=", upto)?);
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let keys = self.key_names().join(", ");
+        let limit = limit.map_or(String::new(), |l| format!("LIMIT {l}"));
+        let row = columns
+            .iter()
+            .map(|c| format!("QUOTE({})", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let table = quote_table(&self.table.schema, &self.table.name);
+        let range = format!(
+            "SELECT {} FROM {table} {filter} ORDER BY {keys} {limit}",
+            self.column_list()
+        );
+        let digest_sql = format!(
+            "SELECT COUNT(*), \
+                    CAST(COALESCE(BIT_XOR(CAST(CONV(SUBSTRING(h, 1, 16), 16, 10) AS UNSIGNED)), 0) AS CHAR), \
+                    CAST(COALESCE(BIT_XOR(CAST(CONV(SUBSTRING(h, 17, 16), 16, 10) AS UNSIGNED)), 0) AS CHAR) \
+             FROM (SELECT MD5(CONCAT_WS(',', {row})) AS h FROM {table} {filter} ORDER BY {keys} {limit}) x"
+        );
+        let digest: Option<(i64, String, String)> = self
+            .conn
+            .lock()
+            .await
+            .query_first(&digest_sql)
+            .await
+            .map_err(|e| classify(&e).context(format!("checksumming a range of {}", self.table)))?;
+        let Some((count, high, low)) = digest.filter(|(count, _, _)| *count > 0) else {
+            return Ok(None);
+        };
+        let descending: Vec<String> = self
+            .key_names()
+            .iter()
+            .map(|k| format!("{k} DESC"))
+            .collect();
+        let last = self
+            .select(&format!(
+                "SELECT * FROM ({range}) x ORDER BY {} LIMIT 1",
+                descending.join(", ")
+            ))
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, _, key)| key)
+            .unwrap_or_default();
+        Ok(Some((count, format!("{high}:{low}"), last)))
+    }
+
     /// The largest key now (`None`: empty table).
     pub async fn max_key(&self) -> Result<Option<Vec<String>>, TidelinkError> {
         let descending: Vec<String> = self

@@ -275,6 +275,60 @@ impl TableReader {
         Ok((data, rows, last_key))
     }
 
+    /// Count and md5, computed in the database, of the rows after `after` and up to `upto`
+    /// (at most `limit` of them, in key order), each rendered as `ROW(columns)::text`; and
+    /// the last row's key in text form. `None` when the range holds no row. Two tables
+    /// whose ranges give the same count and digest hold the same rows.
+    pub async fn range_digest(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: Option<usize>,
+        columns: &[String],
+    ) -> Result<Option<(i64, String, Vec<String>)>, TidelinkError> {
+        let key_names: Vec<String> = self
+            .key
+            .iter()
+            .map(|&i| quote_ident(&self.columns[i].0))
+            .collect();
+        let keys = key_names.join(", ");
+        let row = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let filter = self.key_range(after, upto);
+        let limit = limit.map_or("ALL".to_string(), |l| l.to_string());
+        let last_key = key_names
+            .iter()
+            .map(|k| format!("last.{k}::text"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "WITH c AS (SELECT {keys}, ROW({row})::text AS tidelink_row FROM {} {filter} ORDER BY {keys} LIMIT {limit}) \
+             SELECT (SELECT count(*) FROM c), \
+                    (SELECT coalesce(md5(string_agg(tidelink_row, E'\\n' ORDER BY {keys})), '') FROM c), \
+                    {last_key} \
+             FROM (SELECT * FROM c ORDER BY {} LIMIT 1) last",
+            quote_table(&self.table.schema, &self.table.name),
+            key_names
+                .iter()
+                .map(|k| format!("{k} DESC"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let row =
+            self.client.query_opt(&sql, &[]).await.map_err(|e| {
+                classify(&e).context(format!("checksumming a range of {}", self.table))
+            })?;
+        Ok(row.map(|r| {
+            let last = (0..key_names.len())
+                .map(|i| r.get::<_, String>(i + 2))
+                .collect();
+            (r.get(0), r.get(1), last)
+        }))
+    }
+
     /// Column names in table order.
     pub fn column_names(&self) -> Vec<String> {
         self.columns.iter().map(|(name, _)| name.clone()).collect()

@@ -66,6 +66,37 @@ impl Reader {
         }
     }
 
+    /// Column names in table order.
+    pub(crate) fn column_names(&self) -> Vec<String> {
+        match self {
+            Reader::Postgres(r) => r.column_names(),
+            Reader::Mysql(r) => r.column_names(),
+        }
+    }
+
+    /// Both readers read the same engine (their checksums can be compared).
+    pub(crate) fn same_engine(&self, other: &Reader) -> bool {
+        matches!(
+            (self, other),
+            (Reader::Postgres(_), Reader::Postgres(_)) | (Reader::Mysql(_), Reader::Mysql(_))
+        )
+    }
+
+    /// Count, checksum (computed in the database) and last key of a key range: see the
+    /// engines' `range_digest`.
+    pub(crate) async fn range_digest(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: Option<usize>,
+        columns: &[String],
+    ) -> Result<Option<(i64, String, Vec<String>)>, TidelinkError> {
+        match self {
+            Reader::Postgres(r) => r.range_digest(after, upto, limit, columns).await,
+            Reader::Mysql(r) => r.range_digest(after, upto, limit, columns).await,
+        }
+    }
+
     pub(crate) async fn chunk(
         &self,
         after: Option<&[String]>,

@@ -1,6 +1,9 @@
-//! `tidelink verify`: compares each captured table with its copy in every sink's target,
-//! row by row, and reports the keys that are missing, extra or different.
+//! `tidelink verify`: compares each captured table with its copy in every sink's target
+//! and reports the keys that are missing, extra or different.
 //!
+//! Between two databases of the same engine, ranges of rows are compared by count and
+//! checksum computed inside each database; a range that differs is bisected until the
+//! ranges left are small, and those are read row by row. Across engines:
 //! Both sides are read with the snapshot readers, so values are compared in the envelope's
 //! JSON form, which is how the sinks map them across engines. The source is paged in key
 //! order and each chunk's keys are looked up in the target; then the target is paged and
@@ -43,6 +46,11 @@ pub struct TableReport {
     pub extra: Vec<Row>,
     /// Keys whose rows differ, with the first differing column.
     pub different: Vec<(Row, String)>,
+    /// Ranges compared by checksums computed in both databases (same engine on both sides);
+    /// `None`: every row was read.
+    pub checksummed_ranges: Option<u64>,
+    /// Of those, the ranges whose checksums differed and were read row by row.
+    pub ranges_read: u64,
 }
 
 impl TableReport {
@@ -126,10 +134,25 @@ async fn compare(
         missing: Vec::new(),
         extra: Vec::new(),
         different: Vec::new(),
+        checksummed_ranges: None,
+        ranges_read: 0,
     };
     let started = Instant::now();
     let estimated = source.estimated_rows().max(1) as f64;
     let chunk_size = options.chunk_size.max(1);
+    if source.same_engine(target) {
+        compare_by_digest(
+            sink,
+            table,
+            source,
+            target,
+            &mut report,
+            chunk_size,
+            progress,
+        )
+        .await?;
+        return recheck(report, source, target, options).await;
+    }
     // Source → target: missing and different rows.
     let mut after: Option<Vec<String>> = None;
     loop {
@@ -175,6 +198,16 @@ async fn compare(
     if progress {
         eprintln!();
     }
+    recheck(report, source, target, options).await
+}
+
+/// With `--lag-tolerant`, reads the differing keys again on both sides for up to 30 s.
+async fn recheck(
+    mut report: TableReport,
+    source: &Reader,
+    target: &Reader,
+    options: &VerifyOptions,
+) -> Result<TableReport, TidelinkError> {
     if options.lag_tolerant && !report.is_equal() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !report.is_equal() && Instant::now() < deadline {
@@ -201,6 +234,174 @@ async fn compare(
     }
     Ok(report)
 }
+
+/// The same engine on both sides: each range of `chunk_size` source rows is compared by
+/// count and checksum computed inside each database; a range whose checksums differ is
+/// bisected down to small ranges read row by row. Rows past the source's last key are
+/// extra.
+async fn compare_by_digest(
+    sink: &SinkConfig,
+    table: &TableId,
+    source: &Reader,
+    target: &Reader,
+    report: &mut TableReport,
+    chunk_size: usize,
+    progress: bool,
+) -> Result<(), TidelinkError> {
+    let started = Instant::now();
+    let estimated = source.estimated_rows().max(1) as f64;
+    let columns = source.column_names();
+    let mut after: Option<Vec<String>> = None;
+    let mut ranges_read = 0u64;
+    let mut ranges = 0u64;
+    loop {
+        let Some((rows, digest, last)) = source
+            .range_digest(after.as_deref(), None, Some(chunk_size), &columns)
+            .await?
+        else {
+            break;
+        };
+        // A target lacking one of the columns cannot be digested: compare its rows.
+        let copy = target
+            .range_digest(after.as_deref(), Some(&last), None, &columns)
+            .await
+            .unwrap_or(None);
+        let equal = copy
+            .as_ref()
+            .is_some_and(|(n, d, _)| *n == rows && *d == digest);
+        if !equal {
+            ranges_read += bisect(
+                source,
+                target,
+                &columns,
+                after.clone(),
+                last.clone(),
+                rows,
+                report,
+            )
+            .await?;
+        }
+        report.rows += rows as u64;
+        ranges += 1;
+        after = Some(last);
+        if progress {
+            let rate = report.rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = ((estimated - report.rows as f64).max(0.0) / rate.max(1.0)) as u64;
+            eprint!(
+                "\r{table} → {}: {} rows checksummed, {ranges_read} ranges read row by row  {rate:.0} rows/s  ETA {eta}s   ",
+                sink.name, report.rows
+            );
+        }
+    }
+    report.checksummed_ranges = Some(ranges);
+    report.ranges_read = ranges_read;
+    // Target rows after the source's last key.
+    loop {
+        let chunk = target.chunk(after.as_deref(), None, chunk_size).await?;
+        let Some(last) = chunk.last() else { break };
+        after = Some(last.2.clone());
+        report
+            .extra
+            .extend(chunk.into_iter().map(|(key, _, _)| key));
+    }
+    if progress {
+        eprintln!();
+    }
+    Ok(())
+}
+
+/// Ranges this small are read row by row instead of being split further.
+const ROWS_READ_DIRECTLY: i64 = 64;
+
+/// Narrows a range whose checksums differ: halves it by the source's rows, compares the
+/// halves' checksums, and goes on into the halves that differ until a range holds at most
+/// [`ROWS_READ_DIRECTLY`] source rows, which is then read row by row. Returns the number of
+/// ranges read.
+async fn bisect(
+    source: &Reader,
+    target: &Reader,
+    columns: &[String],
+    after: Option<Vec<String>>,
+    upto: Vec<String>,
+    rows: i64,
+    report: &mut TableReport,
+) -> Result<u64, TidelinkError> {
+    let mut read = 0;
+    let mut pending = vec![(after, upto, rows)];
+    while let Some((after, upto, rows)) = pending.pop() {
+        if rows <= ROWS_READ_DIRECTLY {
+            let in_source = source
+                .chunk(after.as_deref(), Some(&upto), usize::MAX / 2)
+                .await?;
+            let in_target = target
+                .chunk(after.as_deref(), Some(&upto), usize::MAX / 2)
+                .await?;
+            compare_rows(report, in_source, in_target);
+            read += 1;
+            continue;
+        }
+        let Some((first_rows, first, middle)) = source
+            .range_digest(
+                after.as_deref(),
+                Some(&upto),
+                Some((rows / 2) as usize),
+                columns,
+            )
+            .await?
+        else {
+            continue;
+        };
+        let halves = [
+            (after.clone(), middle.clone(), Some((first_rows, first))),
+            (Some(middle.clone()), upto.clone(), None),
+        ];
+        // Later halves first on the stack, so differences come out in key order.
+        for (from, to, known) in halves.into_iter().rev() {
+            let mine = match known {
+                Some(digest) => Some(digest),
+                None => source
+                    .range_digest(from.as_deref(), Some(&to), None, columns)
+                    .await?
+                    .map(|(n, d, _)| (n, d)),
+            };
+            let theirs = target
+                .range_digest(from.as_deref(), Some(&to), None, columns)
+                .await
+                .unwrap_or(None)
+                .map(|(n, d, _)| (n, d));
+            if mine != theirs {
+                let rows = mine.map_or(0, |(n, _)| n);
+                pending.push((from, to, rows));
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// Row-by-row comparison of the same key range read from both sides.
+fn compare_rows(report: &mut TableReport, source: Chunk, target: Chunk) {
+    let mut copies: HashMap<String, (Row, Row)> = target
+        .into_iter()
+        .map(|(key, image, _)| (key_text(&key), (key, image)))
+        .collect();
+    for (key, image, _) in source {
+        match copies.remove(&key_text(&key)) {
+            None => report.missing.push(key),
+            Some((_, copy)) => {
+                if let Some(column) = first_difference(&image, &copy) {
+                    report.different.push((key, column));
+                }
+            }
+        }
+    }
+    let mut extra: Vec<(String, (Row, Row))> = copies.into_iter().collect();
+    extra.sort_by(|a, b| a.0.cmp(&b.0));
+    report
+        .extra
+        .extend(extra.into_iter().map(|(_, (key, _))| key));
+}
+
+type Chunk = Vec<(Row, Row, Vec<String>)>;
 
 fn key_text(key: &Row) -> String {
     // Numbers and numeric strings compare equal across engines (`1` and `"1"`).

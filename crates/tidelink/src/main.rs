@@ -260,15 +260,22 @@ fn main() -> ExitCode {
                         );
                     } else {
                         for r in &reports {
+                            let method = match r.checksummed_ranges {
+                                Some(ranges) => format!(
+                                    " ({ranges} ranges checksummed in both databases, {} ranges read row by row)",
+                                    r.ranges_read
+                                ),
+                                None => String::new(),
+                            };
                             if r.is_equal() {
                                 println!(
-                                    "equal      {} → {} ({}): {} rows",
+                                    "equal      {} → {} ({}): {} rows{method}",
                                     r.source, r.target, r.sink, r.rows
                                 );
                                 continue;
                             }
                             println!(
-                                "DIFFERENT  {} → {} ({}): {} rows compared, {} missing, {} extra, {} different",
+                                "DIFFERENT  {} → {} ({}): {} rows compared, {} missing, {} extra, {} different{method}",
                                 r.source, r.target, r.sink, r.rows, r.missing.len(), r.extra.len(), r.different.len()
                             );
                             for key in r.missing.iter().take(10) {
