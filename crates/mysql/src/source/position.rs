@@ -188,6 +188,28 @@ mod tests {
     }
 
     #[test]
+    fn mutated_gtid_events_states_and_file_names_never_panic() {
+        let mut body = 42u64.to_le_bytes().to_vec();
+        body.extend(3u32.to_le_bytes());
+        body.push(1);
+        let state = b"0-1-5,2-7-9".to_vec();
+        let name = b"binlog.000003\x01\x02\x03\x04".to_vec();
+        let seeds: [&[u8]; 3] = [&body, &state, &name];
+        let mut mutator = tidelink_core::fuzz::Mutator::new(0xb1a7);
+        for _ in 0..30_000 {
+            let input = mutator.input(&seeds);
+            let _ = decode_mariadb_gtid(&input, 1);
+            let text = String::from_utf8_lossy(&input);
+            if let Ok(state) = GtidState::parse(&text) {
+                // What parses prints back to something that parses to the same state.
+                let again = GtidState::parse(&state.to_string()).expect("reparses");
+                assert_eq!(again.to_string(), state.to_string());
+            }
+            let _ = clean_file_name(&text);
+        }
+    }
+
+    #[test]
     fn artificial_rotate_names_lose_checksum_bytes() {
         assert_eq!(
             clean_file_name("binlog.000003\u{1}\u{2}\u{3}\u{4}"),
