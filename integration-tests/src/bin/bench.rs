@@ -2,7 +2,8 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE]` (N inserts, N updates, N/25 deletes).
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction]` (N inserts,
+//! N updates, N/25 deletes; the big transaction inserts 2N rows at once).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -252,6 +253,42 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
         p99_ms: p99 * 1000.0,
         latency_rate: (per_tick * 100),
     }
+}
+
+/// One transaction inserting `rows` rows through a fresh pipeline: the daemon's peak RSS
+/// until the target holds them all, and the seconds that took.
+async fn big_transaction(rows: u64, work: &std::path::Path) -> (f64, f64) {
+    let (source, target, s, t) = two_clusters().await;
+    let broker = Broker::start();
+    let metrics = free_port();
+    let dir = work.join("big-transaction");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = write_config(
+        &dir,
+        metrics,
+        &source.dsn("app"),
+        &broker.bootstrap(),
+        &target.dsn("replica"),
+    );
+    let daemon = Daemon::start(
+        &["run", "-c", &config.display().to_string()],
+        &dir.join("tidelink.log"),
+    );
+    wait_ready(metrics).await;
+    let started = Instant::now();
+    s.batch_execute(&format!(
+        "INSERT INTO bench SELECT g, 'account ' || (g % 5000), (g % 100000) / 100.0, 'new', now() FROM generate_series(1, {rows}) g"
+    ))
+    .await
+    .expect("one big transaction");
+    assert!(
+        wait_equal(&s, &t, Duration::from_secs(3600)).await,
+        "tidelink did not catch up with the big transaction"
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = peak_rss_mib(daemon.pid());
+    let _ = daemon.terminate(Duration::from_secs(30));
+    (rss, seconds)
 }
 
 /// The same workload through native logical replication (publication + subscription).
@@ -733,6 +770,18 @@ async fn main() {
         report_direct(&mut r, rows, work.path()).await;
         return;
     }
+    if arg("--only").as_deref() == Some("big-transaction") {
+        let (rss, seconds) = big_transaction(rows * 2, work.path()).await;
+        r.add(
+            &format!(
+                "peak RSS with one {}-row transaction (goal ≤ 256 MiB)",
+                rows * 2
+            ),
+            format!("{rss:.0} MiB"),
+            &format!("{seconds:.1} s until applied"),
+        );
+        return;
+    }
     if arg("--only").as_deref() == Some("e2e") {
         // For tuning: the end-to-end run alone.
         let e2e = tidelink_pg(rows, work.path()).await;
@@ -818,6 +867,15 @@ async fn main() {
         "peak RSS of the daemon during the run (goal ≤ 256 MiB)",
         format!("{:.0} MiB", e2e.rss),
         "",
+    );
+    let (big_rss, big_seconds) = big_transaction(rows * 2, work.path()).await;
+    r.add(
+        &format!(
+            "peak RSS with one {}-row transaction (goal ≤ 256 MiB)",
+            rows * 2
+        ),
+        format!("{big_rss:.0} MiB"),
+        &format!("{big_seconds:.1} s until applied"),
     );
     r.add(
         &format!("commit → apply latency p50 at {}/s", e2e.latency_rate),
