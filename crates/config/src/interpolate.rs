@@ -1,6 +1,7 @@
 //! `${VAR}` and `${VAR:-default}` interpolation in the raw configuration text, the way
 //! Vector does it: secrets stay in the environment, and an unset variable is reported with
-//! its line and column. `$$` writes a literal `$`. Comments are left alone, so a comment
+//! its line and column. `${file:/run/secrets/name}` is replaced by a file's content (a
+//! mounted secret), without its trailing newline. `$$` writes a literal `$`. Comments are left alone, so a comment
 //! may mention `${VAR}`.
 
 /// An interpolation problem and where it is.
@@ -46,6 +47,21 @@ pub fn interpolate(
                     break;
                 };
                 let reference = &body[..close];
+                if let Some(path) = reference.strip_prefix("file:") {
+                    // A secret mounted as a file (Docker and Kubernetes secrets): its
+                    // content, without the trailing newline.
+                    match std::fs::read_to_string(path.trim()) {
+                        Ok(content) => out.push_str(content.trim_end_matches(['\n', '\r'])),
+                        Err(e) => issues.push(InterpolationIssue {
+                            line: line_no + 1,
+                            column,
+                            message: format!("cannot read secret file `{}`: {e}", path.trim()),
+                        }),
+                    }
+                    column += 2 + reference.chars().count() + 1;
+                    rest = &body[close + 1..];
+                    continue;
+                }
                 let (name, default) = match reference.split_once(":-") {
                     Some((name, default)) => (name, Some(default)),
                     None => (reference, None),

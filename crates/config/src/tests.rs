@@ -77,6 +77,35 @@ fn every_unset_variable_is_reported() {
 }
 
 #[test]
+fn secrets_can_come_from_files() {
+    let dir = std::env::temp_dir().join(format!("tidelink-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret = dir.join("pg_password");
+    std::fs::write(&secret, "s3cr3t\n").expect("secret");
+    let text = format!(
+        "dsn: postgres://cdc:${{file:{}}}@db/shop\nother: ${{file:/nonexistent/secret}}\n",
+        secret.display()
+    );
+    let issues = interpolate(&text, &env).expect_err("missing file");
+    assert_eq!(issues.len(), 1);
+    assert_eq!(issues[0].line, 2);
+    assert!(
+        issues[0].message.contains("/nonexistent/secret"),
+        "{issues:?}"
+    );
+    let ok = interpolate(
+        &text.replace("/nonexistent/secret", &secret.display().to_string()),
+        &env,
+    )
+    .expect("reads both");
+    assert!(
+        ok.starts_with("dsn: postgres://cdc:s3cr3t@db/shop\nother: s3cr3t\n"),
+        "{ok}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn validation_reports_every_problem_with_its_path() {
     let text = r#"
 metrics: { listen: "nowhere" }
