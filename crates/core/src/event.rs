@@ -128,6 +128,10 @@ pub struct SourceInfo {
     /// `file` and `pos`, it places the event in the source's log: see [`SourceOrder`].
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub seq: Option<u64>,
+    /// MySQL family: `server_id` of the server whose binlog was read (`file` and `pos` are
+    /// places in its binlog; `server_id` is the server where the change was made).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub binlog_server_id: Option<u32>,
 }
 
 impl SourceInfo {
@@ -141,20 +145,29 @@ impl SourceInfo {
             self.file.as_deref(),
             self.pos,
             self.seq,
+            self.binlog_server_id,
         )
     }
 }
 
-/// The place of a streamed change in its source's log, ordered the way the source wrote
-/// them: PostgreSQL (commit LSN, 0, index in the transaction); MySQL family (binlog file
-/// number, position of the rows event, index in the transaction).
+/// The place of a streamed change in its source's log. `log` names the log the place
+/// belongs to; places in the same log are ordered the way the source wrote them:
+/// PostgreSQL: log 0 (LSNs only grow in a cluster), (commit LSN, 0, index in the
+/// transaction); MySQL family: the `server_id` of the server whose binlog was read, (binlog
+/// file number, position of the rows event, index in the transaction).
 ///
-/// Within one Kafka partition a source's events come in strictly increasing order, so a
-/// sink that remembers the highest order it applied recognises an event the source
-/// published again after a restart (between Kafka's acknowledgement and the source position
-/// being stored) and applies it only once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceOrder(pub [u64; 3]);
+/// Within one Kafka partition a source's events come in increasing order, so a sink that
+/// remembers the highest place it applied recognises an event the source published again
+/// after a restart (between Kafka's acknowledgement and the source position being stored)
+/// and applies it once. Places in different logs (after a failover to another MySQL server)
+/// are not comparable: see [`SourceOrder::already_applied`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SourceOrder {
+    /// The log the place belongs to.
+    pub log: u64,
+    /// The place in that log.
+    pub at: [u64; 3],
+}
 
 impl SourceOrder {
     /// The order of a streamed change from the envelope's `source` fields; `None` when a
@@ -166,27 +179,44 @@ impl SourceOrder {
         file: Option<&str>,
         pos: Option<u64>,
         seq: Option<u64>,
+        binlog_server_id: Option<u32>,
     ) -> Option<Self> {
         if !streamed {
             return None;
         }
         let seq = seq?;
         match connector {
-            "postgresql" => Some(Self([lsn?, 0, seq])),
+            "postgresql" => Some(Self {
+                log: 0,
+                at: [lsn?, 0, seq],
+            }),
             "mysql" => {
                 // binlog.000042 → 42
                 let number = file?.rsplit_once('.')?.1.parse::<u64>().ok()?;
-                Some(Self([number, pos?, seq]))
+                Some(Self {
+                    log: u64::from(binlog_server_id?),
+                    at: [number, pos?, seq],
+                })
             }
             _ => None,
         }
     }
+
+    /// Whether a change at `self` was applied already by a sink whose partition reached
+    /// `through`: same log, and not past it.
+    pub fn already_applied(&self, through: &SourceOrder) -> bool {
+        self.log == through.log && self.at <= through.at
+    }
 }
 
 impl fmt::Display for SourceOrder {
-    /// 48 hex digits, so the text sorts like the order.
+    /// 64 hex digits: log, then the place.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}{:016x}{:016x}", self.0[0], self.0[1], self.0[2])
+        write!(
+            f,
+            "{:016x}{:016x}{:016x}{:016x}",
+            self.log, self.at[0], self.at[1], self.at[2]
+        )
     }
 }
 
@@ -199,10 +229,13 @@ impl std::str::FromStr for SourceOrder {
                 .and_then(|h| u64::from_str_radix(h, 16).ok())
                 .ok_or_else(|| format!("not a source order: {s:?}"))
         };
-        if s.len() != 48 {
+        if s.len() != 64 {
             return Err(format!("not a source order: {s:?}"));
         }
-        Ok(Self([part(0)?, part(1)?, part(2)?]))
+        Ok(Self {
+            log: part(0)?,
+            at: [part(1)?, part(2)?, part(3)?],
+        })
     }
 }
 
@@ -271,23 +304,51 @@ mod source_order_tests {
 
     #[test]
     fn orders_follow_the_log_and_round_trip_through_text() {
-        let pg = |lsn, seq| SourceOrder::of("postgresql", true, Some(lsn), None, None, Some(seq));
-        assert!(pg(100, 5) < pg(101, 0));
-        assert!(pg(100, 1) < pg(100, 2));
-        let my = |file: &str, pos, seq| {
-            SourceOrder::of("mysql", true, None, Some(file), Some(pos), Some(seq))
+        let pg = |lsn, seq| {
+            SourceOrder::of("postgresql", true, Some(lsn), None, None, Some(seq), None)
+                .expect("order")
         };
-        assert!(my("binlog.000001", 9000, 3) < my("binlog.000002", 4, 0));
-        assert!(my("binlog.000002", 400, 0) < my("binlog.000002", 400, 1));
-        let order = my("binlog.000002", 400, 1).unwrap();
+        assert!(pg(100, 1).already_applied(&pg(100, 1)));
+        assert!(pg(100, 5).already_applied(&pg(101, 0)));
+        assert!(!pg(101, 0).already_applied(&pg(100, 5)));
+        let my = |server, file: &str, pos, seq| {
+            SourceOrder::of(
+                "mysql",
+                true,
+                None,
+                Some(file),
+                Some(pos),
+                Some(seq),
+                Some(server),
+            )
+            .expect("order")
+        };
+        assert!(my(1, "binlog.000001", 9000, 3).already_applied(&my(1, "binlog.000002", 4, 0)));
+        assert!(!my(1, "binlog.000002", 400, 1).already_applied(&my(1, "binlog.000002", 400, 0)));
+        // After a failover to another server, its positions say nothing about the old ones.
+        assert!(!my(2, "binlog.000001", 4, 0).already_applied(&my(1, "binlog.000090", 4, 0)));
+        let order = my(7, "binlog.000002", 400, 1);
         assert_eq!(order.to_string().parse::<SourceOrder>(), Ok(order));
-        assert!(order.to_string() < my("binlog.000010", 4, 0).unwrap().to_string());
+        assert_eq!(order.to_string().len(), 64);
+        assert!(pg(0x1_0000_0000, 7).to_string() < pg(0x2_0000_0000, 0).to_string());
         assert_eq!(
-            SourceOrder::of("postgresql", false, Some(1), None, None, Some(1)),
+            SourceOrder::of("postgresql", false, Some(1), None, None, Some(1), None),
             None
         );
         assert_eq!(
-            SourceOrder::of("postgresql", true, Some(1), None, None, None),
+            SourceOrder::of("postgresql", true, Some(1), None, None, None, None),
+            None
+        );
+        assert_eq!(
+            SourceOrder::of(
+                "mysql",
+                true,
+                None,
+                Some("binlog.000001"),
+                Some(4),
+                Some(0),
+                None
+            ),
             None
         );
         assert!("xyz".parse::<SourceOrder>().is_err());

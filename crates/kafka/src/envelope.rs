@@ -56,6 +56,8 @@ struct SourceIn {
     pos: Option<serde_json::Value>,
     #[serde(default)]
     seq: Option<serde_json::Value>,
+    #[serde(default)]
+    binlog_server_id: Option<serde_json::Value>,
 }
 
 impl SourceIn {
@@ -74,6 +76,7 @@ impl SourceIn {
             text(&self.file),
             number(&self.pos),
             number(&self.seq),
+            number(&self.binlog_server_id).and_then(|n| u32::try_from(n).ok()),
         )
     }
 }
@@ -207,7 +210,13 @@ mod tests {
         assert_eq!(decoded.table, TableId::new("public", "users"));
         assert_eq!(decoded.op, Op::Update);
         assert_eq!(decoded.after.expect("after")["name"], "ada");
-        assert_eq!(decoded.source_order, Some(SourceOrder([1234, 0, 3])));
+        assert_eq!(
+            decoded.source_order,
+            Some(SourceOrder {
+                log: 0,
+                at: [1234, 0, 3]
+            })
+        );
         // Snapshot rows and envelopes without `seq` have no order.
         let mut snapshot = event();
         snapshot.source.snapshot = "true".into();

@@ -504,7 +504,7 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
                  topic varchar(255) NOT NULL,
                  `partition` int NOT NULL,
                  next_offset bigint NOT NULL,
-                 applied_through char(48) NULL,
+                 applied_through varchar(64) NULL,
                  updated_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
                  PRIMARY KEY (consumer_group, topic, `partition`)) ENGINE=InnoDB"
         ),
@@ -538,7 +538,7 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
         .map_err(|e| crate::connection::classify(&e).context("inspecting the offsets table"))?;
     if has_column == Some(0) {
         conn.query_drop(format!(
-            "ALTER TABLE {db}.offsets ADD COLUMN applied_through char(48) NULL AFTER next_offset"
+            "ALTER TABLE {db}.offsets ADD COLUMN applied_through varchar(64) NULL AFTER next_offset"
         ))
         .await
         .map_err(|e| {

@@ -269,7 +269,7 @@ impl<S: Sink> Worker<S> {
                             .get(&p)
                             .copied()
                             .or_else(|| self.applied_through.get(&p).copied().flatten());
-                        if through.is_some_and(|t| order <= t) {
+                        if through.is_some_and(|t| order.already_applied(&t)) {
                             prepared.replays_skipped += 1;
                             continue;
                         }

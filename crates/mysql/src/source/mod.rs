@@ -87,6 +87,8 @@ pub struct MysqlSource {
     next_checkpoint: u64,
     unconfirmed: VecDeque<(BinlogCheckpoint, BinlogPosition)>,
     confirmed: watch::Sender<Option<BinlogPosition>>,
+    /// The `server_id` of the server streamed from (see `SourceInfo::binlog_server_id`).
+    binlog_server_id: u32,
 }
 
 impl MysqlSource {
@@ -130,6 +132,7 @@ impl MysqlSource {
             next_checkpoint: 0,
             unconfirmed: VecDeque::new(),
             confirmed: watch::channel(None).0,
+            binlog_server_id: report.server_id,
         };
         Ok((
             source,
@@ -309,6 +312,7 @@ impl MysqlSource {
                 pos: Some(header_pos),
                 gtid: gtid.clone(),
                 server_id: Some(server_id),
+                binlog_server_id: Some(self.binlog_server_id),
                 row: Some(index as u32),
                 ..Default::default()
             };

@@ -20,6 +20,8 @@ pub struct PreflightReport {
     pub current_pos: u64,
     /// MariaDB: `@@gtid_binlog_pos`, read before the file and position.
     pub current_gtid: Option<String>,
+    /// The server's own `server_id`: whose binlog the positions belong to.
+    pub server_id: u32,
 }
 
 /// Runs every check; the first failing one is the error.
@@ -138,6 +140,7 @@ pub async fn preflight(
         tables.push(schema);
     }
     Ok(PreflightReport {
+        server_id: u32::try_from(own_id).unwrap_or(u32::MAX),
         mariadb,
         tables,
         current_file,
