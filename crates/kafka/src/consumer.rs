@@ -290,11 +290,15 @@ impl Drop for SinkConsumer {
     }
 }
 
-/// Polls the consumer and hands events to the worker. When the worker falls behind (its
-/// channel is full: the target is down or slow), fetching pauses instead of blocking the
-/// poll: the few messages librdkafka had prefetched are held here, the group keeps seeing
-/// a live member (no `max.poll.interval.ms` expiry however long the target is down), and
-/// memory stays bounded by the channel and `queued.max.messages.kbytes`.
+/// How long the worker may leave its channel full before fetching pauses.
+const PAUSE_AFTER: Duration = Duration::from_secs(10);
+
+/// Polls the consumer and hands events to the worker, waiting while its channel is full.
+/// When the worker stays behind for [`PAUSE_AFTER`] (its target is down), fetching pauses
+/// instead of the poll blocking: the group keeps seeing a live member however long the
+/// target is away (no `max.poll.interval.ms` expiry), the few messages already polled are
+/// held here, and memory stays bounded by the channel and `queued.max.messages.kbytes`.
+/// (Pausing drops librdkafka's prefetched messages, so it is not done for short waits.)
 fn poll_loop(
     consumer: &BaseConsumer<RebalanceContext>,
     stop: &AtomicBool,
@@ -303,55 +307,80 @@ fn poll_loop(
 ) {
     let mut paused = false;
     while !stop.load(Ordering::Relaxed) {
-        // Hand over what is held, oldest first.
-        let mut closed = false;
-        if let Ok(mut held) = held.lock() {
-            while let Some(message) = held.pop_front() {
-                match events.try_send(ConsumerEvent::Message(message)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(ConsumerEvent::Message(message))) => {
-                        held.push_front(message);
-                        break;
-                    }
-                    Err(_) => {
-                        closed = true;
-                        break;
+        if paused {
+            // Hand over what is held, oldest first; resume once all of it is.
+            let mut closed = false;
+            if let Ok(mut held) = held.lock() {
+                while let Some(message) = held.pop_front() {
+                    match events.try_send(ConsumerEvent::Message(message)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(ConsumerEvent::Message(message))) => {
+                            held.push_front(message);
+                            break;
+                        }
+                        Err(_) => {
+                            closed = true;
+                            break;
+                        }
                     }
                 }
-            }
-            if paused && held.is_empty() {
-                if let Ok(assignment) = consumer.assignment() {
-                    let _ = consumer.resume(&assignment);
+                if held.is_empty() {
+                    if let Ok(assignment) = consumer.assignment() {
+                        let _ = consumer.resume(&assignment);
+                    }
+                    paused = false;
+                    tracing::info!("the sink worker caught up: fetching resumed");
                 }
-                paused = false;
-                tracing::debug!("the worker caught up: fetching resumed");
             }
-        }
-        if closed {
-            break;
+            if closed {
+                break;
+            }
         }
         let event = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Ok(message)) => ConsumerEvent::Message(message.detach()),
             Some(Err(e)) => ConsumerEvent::Error(e.to_string()),
         };
-        match events.try_send(event) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                if let ConsumerEvent::Message(message) = event {
-                    if let Ok(mut held) = held.lock() {
-                        held.push_back(message);
-                    }
+        if paused {
+            if let ConsumerEvent::Message(message) = event {
+                if let Ok(mut held) = held.lock() {
+                    held.push_back(message);
                 }
-                if !paused {
+            }
+            continue;
+        }
+        let waiting = std::time::Instant::now();
+        let mut pause = Duration::from_micros(50);
+        let mut event = event;
+        loop {
+            match events.try_send(event) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if waiting.elapsed() < PAUSE_AFTER {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_millis(5));
+                        event = back;
+                        continue;
+                    }
+                    if let ConsumerEvent::Message(message) = back {
+                        if let Ok(mut held) = held.lock() {
+                            held.push_back(message);
+                        }
+                    }
                     if let Ok(assignment) = consumer.assignment() {
                         let _ = consumer.pause(&assignment);
                     }
                     paused = true;
-                    tracing::debug!("the worker is behind: fetching paused");
+                    tracing::info!(
+                        "the sink worker is behind (its target is slow or down): fetching paused"
+                    );
+                    break;
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
     // Leave the group cleanly so the partitions move to the other workers at once.

@@ -97,7 +97,7 @@ impl EventProducer {
     pub fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, TidelinkError> {
         self.producer
             .client()
-            .fetch_watermarks(topic, partition, Duration::from_secs(2))
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .map(|(_, high)| high)
             .map_err(|e| {
                 TidelinkError::transient(format!("watermarks of {topic}[{partition}]: {e}"))
