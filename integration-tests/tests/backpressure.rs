@@ -50,6 +50,20 @@ async fn a_down_target_pauses_fetching_and_a_down_broker_retains_wal() {
     let source = p.run(&source_config, &["--role", "source"], "source.log");
     let sink = p.run(&sink_config, &["--role", "sink"], "sink.log");
     p.wait_ready().await;
+    // The worker holds its partitions (it read their offsets from the target) and reports
+    // their lag before the target goes away.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get(sink_port, "/metrics")
+        .await
+        .is_some_and(|m| m.contains("tidelink_sink_consumer_lag_messages{"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sink worker got no partitions:\n{}",
+            p.logs_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // The target goes down; ~100 MB of changes (1 KB rows) arrive meanwhile.
     p.target.crash();

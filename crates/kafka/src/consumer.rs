@@ -359,6 +359,7 @@ fn poll_loop(
                     stop.store(true, Ordering::Relaxed);
                     break;
                 }
+                Err(mpsc::error::TrySendError::Full(_)) if stop.load(Ordering::Relaxed) => break,
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     if waiting.elapsed() < PAUSE_AFTER {
                         std::thread::sleep(pause);
