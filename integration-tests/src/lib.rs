@@ -597,6 +597,34 @@ impl PgPipeline {
         path
     }
 
+    /// A copy of `config` named `name` whose metrics listen on a port of their own, for a
+    /// second process (`--role sink`) beside the first; returns its path and port.
+    pub fn copy_with_own_metrics_port(&self, config: &Path, name: &str) -> (PathBuf, u16) {
+        let port = free_port();
+        let path = self.work.path().join(name);
+        std::fs::write(
+            &path,
+            std::fs::read_to_string(config).expect("config").replace(
+                &format!("listen: 127.0.0.1:{}", self.metrics_port),
+                &format!("listen: 127.0.0.1:{port}"),
+            ),
+        )
+        .expect("write config");
+        (path, port)
+    }
+
+    /// Runs `tidelink verify -c <config> --pipeline <pipeline> <extra…>` to its end (up to
+    /// two minutes); returns its exit code and output. Logs to `<work>/<log>`.
+    pub fn verify(
+        &self,
+        config: &Path,
+        pipeline: &str,
+        extra: &[&str],
+        log: &str,
+    ) -> (Option<i32>, String) {
+        run_verify(config, pipeline, extra, &self.work.path().join(log))
+    }
+
     /// Starts `tidelink run` on a config with extra arguments; logs to `<work>/<log>`.
     pub fn run(&self, config: &Path, extra: &[&str], log: &str) -> Daemon {
         let config = config.display().to_string();
@@ -783,6 +811,22 @@ impl PgPipeline {
         }
         total
     }
+}
+
+/// Runs `tidelink verify -c <config> --pipeline <pipeline> <extra…>` to its end (up to two
+/// minutes), logging to `log`; returns its exit code and output.
+pub fn run_verify(
+    config: &Path,
+    pipeline: &str,
+    extra: &[&str],
+    log: &Path,
+) -> (Option<i32>, String) {
+    let config = config.display().to_string();
+    let mut args = vec!["verify", "-c", config.as_str(), "--pipeline", pipeline];
+    args.extend_from_slice(extra);
+    let mut run = Daemon::start(&args, log);
+    let status = run.wait(Duration::from_secs(120)).expect("verify ends");
+    (status.code(), run.output())
 }
 
 /// Sum of `skipped=N` in a log's lines about changes a source published again.

@@ -4,7 +4,7 @@
 //! Afterwards everything arrives.
 
 use std::time::{Duration, Instant};
-use tidelink_integration_tests::{free_port, http_get, Daemon, PgPipeline};
+use tidelink_integration_tests::{http_get, Daemon, PgPipeline};
 
 /// Resident memory of a process, in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -35,18 +35,7 @@ async fn a_down_target_pauses_fetching_and_a_down_broker_retains_wal() {
     )
     .await;
     let source_config = p.write_config_without_snapshot("source.yaml", "");
-    let sink_port = free_port();
-    let sink_config = p.work.path().join("sink.yaml");
-    std::fs::write(
-        &sink_config,
-        std::fs::read_to_string(&source_config)
-            .expect("config")
-            .replace(
-                &format!("listen: 127.0.0.1:{}", p.metrics_port),
-                &format!("listen: 127.0.0.1:{sink_port}"),
-            ),
-    )
-    .expect("sink config");
+    let (sink_config, sink_port) = p.copy_with_own_metrics_port(&source_config, "sink.yaml");
     let source = p.run(&source_config, &["--role", "source"], "source.log");
     let sink = p.run(&sink_config, &["--role", "sink"], "sink.log");
     p.wait_ready().await;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidelink_core::fuzz::Mutator;
-use tidelink_integration_tests::{free_port, http_get, replays_skipped_in, Daemon, PgPipeline};
+use tidelink_integration_tests::{http_get, replays_skipped_in, Daemon, PgPipeline};
 
 const SOURCE_SCHEMA: &str = "
 CREATE TABLE orders (id bigint PRIMARY KEY, qty int NOT NULL, note text, updated_at timestamptz NOT NULL DEFAULT now());
@@ -264,18 +264,7 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
     let started = Instant::now();
     let mut p = PgPipeline::start_with(SOURCE_SCHEMA, TARGET_SCHEMA).await;
     let source_config = p.write_config_without_snapshot("source.yaml", "");
-    let sink_port = free_port();
-    let sink_config = p.work.path().join("sink.yaml");
-    std::fs::write(
-        &sink_config,
-        std::fs::read_to_string(&source_config)
-            .expect("config")
-            .replace(
-                &format!("listen: 127.0.0.1:{}", p.metrics_port),
-                &format!("listen: 127.0.0.1:{sink_port}"),
-            ),
-    )
-    .expect("sink config");
+    let (sink_config, sink_port) = p.copy_with_own_metrics_port(&source_config, "sink.yaml");
     let mut processes = Processes {
         source_config: source_config.display().to_string(),
         sink_config: sink_config.display().to_string(),

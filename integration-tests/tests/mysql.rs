@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 use tidelink_integration_tests::mariadb::{mariadb_rows, MariaDb};
-use tidelink_integration_tests::{free_port, http_get, Broker, Daemon, PgCluster};
+use tidelink_integration_tests::{free_port, http_get, run_verify, Broker, Daemon, PgCluster};
 
 /// The pieces of one test: a source, a target of either engine, a broker.
 struct Setup {
@@ -171,20 +171,7 @@ async fn mariadb_to_postgres_types_round_trip() {
         "{}",
         setup.logs()
     ); // `tidelink verify` agrees across engines, then finds each kind of difference.
-    let verify = |log: &str| {
-        let mut daemon = Daemon::start(
-            &[
-                "verify",
-                "-c",
-                &config.display().to_string(),
-                "--pipeline",
-                "my",
-            ],
-            &setup.work.path().join(log),
-        );
-        let status = daemon.wait(Duration::from_secs(60)).expect("verify ends");
-        (status.code(), daemon.output())
-    };
+    let verify = |log: &str| run_verify(&config, "my", &[], &setup.work.path().join(log));
     let (code, output) = verify("verify-1.log");
     assert_eq!(code, Some(0), "{output}");
     assert!(
@@ -500,22 +487,12 @@ async fn mariadb_to_mariadb_types_and_workload() {
 
     // `tidelink verify` MariaDB → MariaDB: checksums in both servers, then drift found.
     let verify = |log: &str| {
-        let mut run = Daemon::start(
-            &[
-                "verify",
-                "-c",
-                &config.display().to_string(),
-                "--pipeline",
-                "my",
-                "--table",
-                "shop.orders",
-                "--chunk-size",
-                "1000",
-            ],
+        run_verify(
+            &config,
+            "my",
+            &["--table", "shop.orders", "--chunk-size", "1000"],
             &setup.work.path().join(log),
-        );
-        let status = run.wait(Duration::from_secs(120)).expect("verify ends");
-        (status.code(), run.output())
+        )
     };
     let (code, output) = verify("verify-1.log");
     assert_eq!(code, Some(0), "{output}");

@@ -2,7 +2,7 @@
 //! each database, differing ranges read row by row, every kind of difference reported.
 
 use std::time::Duration;
-use tidelink_integration_tests::{Daemon, PgPipeline};
+use tidelink_integration_tests::PgPipeline;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_checksums_ranges_and_finds_each_kind_of_difference() {
@@ -23,22 +23,7 @@ async fn verify_checksums_ranges_and_finds_each_kind_of_difference() {
     p.wait_in_sync(&[("items", "id")], Duration::from_secs(180))
         .await;
     drop(daemon);
-    let verify = |log: &str| {
-        let mut run = Daemon::start(
-            &[
-                "verify",
-                "-c",
-                &config.display().to_string(),
-                "--pipeline",
-                "it",
-                "--chunk-size",
-                "1000",
-            ],
-            &p.work.path().join(log),
-        );
-        let status = run.wait(Duration::from_secs(120)).expect("verify ends");
-        (status.code(), run.output())
-    };
+    let verify = |log: &str| p.verify(&config, "it", &["--chunk-size", "1000"], log);
     let (code, output) = verify("verify-1.log");
     assert_eq!(code, Some(0), "{output}");
     assert!(

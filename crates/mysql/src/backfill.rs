@@ -183,6 +183,26 @@ impl TableReader {
         self.schema.columns.iter().map(|c| c.name.clone()).collect()
     }
 
+    /// `WHERE` clause for the keys after `after` and up to `upto` (empty for neither).
+    fn key_range(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+    ) -> Result<String, TidelinkError> {
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(self.compare(">", after)?);
+        }
+        if let Some(upto) = upto {
+            conditions.push(self.compare("<=", upto)?);
+        }
+        Ok(if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        })
+    }
+
     /// Count and a 128-bit checksum, computed in the server, of the rows after `after` and
     /// up to `upto` (at most `limit` of them, in key order), each rendered as
     /// `CONCAT_WS(',', QUOTE(column)…)` of `columns` and hashed with MD5 (the row hashes are
@@ -195,18 +215,7 @@ impl TableReader {
         limit: Option<usize>,
         columns: &[String],
     ) -> Result<Option<(i64, String, Vec<String>)>, TidelinkError> {
-        let mut conditions = Vec::new();
-        if let Some(after) = after {
-            conditions.push(self.compare(">", after)?);
-        }
-        if let Some(upto) = upto {
-            conditions.push(self.compare("<=", upto)?);
-        }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
+        let filter = self.key_range(after, upto)?;
         let keys = self.key_names().join(", ");
         let limit = limit.map_or(String::new(), |l| format!("LIMIT {l}"));
         let row = columns
@@ -291,18 +300,7 @@ impl TableReader {
         upto: Option<&[String]>,
         limit: usize,
     ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
-        let mut conditions = Vec::new();
-        if let Some(after) = after {
-            conditions.push(self.compare(">", after)?);
-        }
-        if let Some(upto) = upto {
-            conditions.push(self.compare("<=", upto)?);
-        }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
+        let filter = self.key_range(after, upto)?;
         let sql = format!(
             "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
             self.column_list(),
