@@ -275,6 +275,40 @@ pub struct SinkConfig {
     /// `<topic_prefix>.dlq.<pipeline>.<sink>`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// What happens to rows on their way into the target: dropped columns, masked values,
+    /// row filters. Every entry whose `tables` match a source table applies to it.
+    #[serde(default)]
+    pub transforms: Vec<TransformConfig>,
+}
+
+/// One transform entry of a sink.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransformConfig {
+    /// Source tables it applies to (`schema.table` patterns with `*` and `?`).
+    pub tables: Vec<String>,
+    /// Columns left out of the target.
+    #[serde(default)]
+    pub drop_columns: Vec<String>,
+    /// Columns whose values are replaced: `hash` (SHA-256 hex of the value's text) or
+    /// `nullify` (NULL).
+    #[serde(default)]
+    pub mask: BTreeMap<String, MaskKind>,
+    /// Keep only rows this SQL-like predicate holds for, such as
+    /// `region = 'eu' and amount >= 100`. An update whose new row fails it deletes the row
+    /// from the target.
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+/// How a masked column is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskKind {
+    /// SHA-256 of the value's text, lower-case hex.
+    Hash,
+    /// NULL (`nullify`: a YAML `null` would read as no value at all).
+    #[serde(rename = "nullify")]
+    Null,
 }
 
 fn default_batch_size() -> usize {
@@ -315,6 +349,42 @@ impl SinkConfig {
             }
             None => source.clone(),
         }
+    }
+
+    /// Everything this sink does to a source table's rows (every matching `transforms`
+    /// entry merged), or `None` when it passes them unchanged. Filters that do not parse
+    /// are skipped here; validation reports them.
+    pub fn transform_for(
+        &self,
+        source: &tidelink_core::TableId,
+    ) -> Option<tidelink_core::TableTransform> {
+        let mut transform = tidelink_core::TableTransform::default();
+        for entry in &self.transforms {
+            if !crate::matches_any(&entry.tables, &source.schema, &source.name) {
+                continue;
+            }
+            for column in &entry.drop_columns {
+                if !transform.drop_columns.contains(column) {
+                    transform.drop_columns.push(column.clone());
+                }
+            }
+            for (column, kind) in &entry.mask {
+                let mask = match kind {
+                    MaskKind::Hash => tidelink_core::Mask::Hash,
+                    MaskKind::Null => tidelink_core::Mask::Null,
+                };
+                transform.masks.retain(|(c, _)| c != column);
+                transform.masks.push((column.clone(), mask));
+            }
+            if let Some(filter) = entry
+                .filter
+                .as_deref()
+                .and_then(|f| tidelink_core::Filter::parse(f).ok())
+            {
+                transform.filters.push(filter);
+            }
+        }
+        (!transform.is_identity()).then_some(transform)
     }
 
     /// The consumer group of this sink's workers.

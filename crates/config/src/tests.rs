@@ -318,3 +318,80 @@ pipelines:
         );
     }
 }
+
+#[test]
+fn transforms_merge_per_table_and_bad_filters_are_reported_with_their_path() {
+    let with = |transforms: &str| {
+        GOOD.replace(
+            "          dsn: postgres://root@127.0.0.1:5434/replica\n",
+            &format!("          dsn: postgres://root@127.0.0.1:5434/replica\n{transforms}"),
+        )
+    };
+    let good = with(
+        "        transforms:
+          - tables: [public.*]
+            drop_columns: [password]
+          - tables: [public.customers]
+            mask: { email: hash, phone: nullify }
+            filter: \"region = 'eu'\"
+",
+    );
+    let config = load_str(&good, "good.yaml", &env).expect("valid transforms");
+    let sink = &config.pipelines[0].sinks[0];
+    let customers = sink
+        .transform_for(&tidelink_core::TableId::new("public", "customers"))
+        .expect("a transform");
+    assert_eq!(customers.drop_columns, vec!["password".to_string()]);
+    assert_eq!(
+        customers.masks,
+        vec![
+            ("email".to_string(), tidelink_core::Mask::Hash),
+            ("phone".to_string(), tidelink_core::Mask::Null),
+        ]
+    );
+    assert_eq!(customers.filters.len(), 1);
+    let orders = sink
+        .transform_for(&tidelink_core::TableId::new("public", "orders"))
+        .expect("the drop applies to every table");
+    assert!(orders.only_drops_columns());
+    assert!(sink
+        .transform_for(&tidelink_core::TableId::new("other", "orders"))
+        .is_none());
+
+    let bad = with(
+        "        transforms:
+          - tables: []
+            drop_columns: [email]
+            mask: { email: hash }
+            filter: \"region = \"
+",
+    );
+    let err = load_str(&bad, "bad.yaml", &env).expect_err("bad transforms");
+    let paths: Vec<(&str, &str)> = err
+        .0
+        .iter()
+        .map(|i| (i.path.as_str(), i.message.as_str()))
+        .collect();
+    let at = "pipelines[0].sinks[0].transforms[0]";
+    assert!(
+        paths.contains(&(
+            &format!("{at}.tables"),
+            "name the tables this transform applies to (`schema.table` patterns)"
+        )),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&(
+            &format!("{at}.mask.email"),
+            "the column is also in drop_columns; drop it or mask it"
+        )),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&(
+            &format!("{at}.filter"),
+            "`region = `: expected a value ('text', a number, true or false) at the end of the filter"
+        )),
+        "{paths:?}"
+    );
+}

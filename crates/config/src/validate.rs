@@ -174,6 +174,35 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                     }
                 }
             }
+            for (k, transform) in sink.transforms.iter().enumerate() {
+                let at = format!("{at}.transforms[{k}]");
+                if transform.tables.is_empty() {
+                    report(
+                        format!("{at}.tables"),
+                        "name the tables this transform applies to (`schema.table` patterns)"
+                            .into(),
+                    );
+                }
+                check_patterns(
+                    &transform.tables,
+                    &format!("{at}.tables"),
+                    false,
+                    &mut report,
+                );
+                for column in transform.mask.keys() {
+                    if transform.drop_columns.contains(column) {
+                        report(
+                            format!("{at}.mask.{column}"),
+                            "the column is also in drop_columns; drop it or mask it".into(),
+                        );
+                    }
+                }
+                if let Some(filter) = &transform.filter {
+                    if let Err(reason) = tidelink_core::Filter::parse(filter) {
+                        report(format!("{at}.filter"), format!("`{filter}`: {reason}"));
+                    }
+                }
+            }
             if sink.target_count() > 1 {
                 report(
                     at.clone(),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod fuzz;
 pub mod position;
+pub mod transform;
 
 pub use contract::{
     DirectProgress, MessageOrigin, OffsetAdvance, Sink, SinkChange, SinkError, Source,
@@ -21,3 +22,4 @@ pub use event::{
     UNAVAILABLE_VALUE,
 };
 pub use position::Lsn;
+pub use transform::{Filter, Mask, TableTransform, Verdict};

@@ -560,11 +560,14 @@ async fn backfill_direct(
         let reader = side.open(&table, &options.key_columns).await?;
         let estimated = reader.estimated_rows();
         let upto = reader.max_key().await?;
+        // The sink's transforms apply to the rows copied, as to the changes it replays.
+        let transform = sink.transform_for(&table);
         // PostgreSQL to PostgreSQL: COPY text passes through untouched.
-        let copy_text = matches!(
-            (&reader, &loader),
-            (Reader::Postgres(_), Loader::Postgres(_))
-        );
+        let copy_text = transform.is_none()
+            && matches!(
+                (&reader, &loader),
+                (Reader::Postgres(_), Loader::Postgres(_))
+            );
         let columns = match &reader {
             Reader::Postgres(r) => r.column_names(),
             Reader::Mysql(_) => Vec::new(),
@@ -609,7 +612,10 @@ async fn backfill_direct(
             progress.after = chunk.last_key();
             match chunk {
                 DirectChunk::Rows(chunk) => {
-                    let rows: Vec<Row> = chunk.into_iter().map(|(_, image, _)| image).collect();
+                    let rows = match &transform {
+                        None => chunk.into_iter().map(|(_, image, _)| image).collect(),
+                        Some(transform) => transformed_rows(&table, transform, chunk)?,
+                    };
                     loader.load(&target, &rows, &progress).await?;
                 }
                 DirectChunk::CopyText { data, .. } => {
@@ -671,6 +677,26 @@ async fn backfill_direct(
         report.push((table, progress.rows));
     }
     Ok(report)
+}
+
+/// A chunk's rows as the sink's transform leaves them: filtered, then shaped.
+fn transformed_rows(
+    table: &TableId,
+    transform: &tidelink_core::TableTransform,
+    chunk: Chunk,
+) -> Result<Vec<Row>, TidelinkError> {
+    let mut rows = Vec::with_capacity(chunk.len());
+    for (key, mut image, _) in chunk {
+        transform.check_key(&key).map_err(|reason| {
+            TidelinkError::permanent(format!("transform of {table}: {reason}"))
+        })?;
+        if transform.verdict(&image) == tidelink_core::Verdict::Reject {
+            continue;
+        }
+        transform.shape(&mut image);
+        rows.push(image);
+    }
+    Ok(rows)
 }
 
 /// A chunk on its way from the source reader to a direct loader.

@@ -46,6 +46,8 @@ pub mod names {
     /// Changes skipped because the target had applied them already (a source republished
     /// them after a restart).
     pub const SINK_REPLAYS_SKIPPED: &str = "tidelink_sink_replayed_changes_skipped_total";
+    /// Changes a sink's row filter kept out of its target.
+    pub const SINK_FILTERED: &str = "tidelink_sink_changes_filtered_total";
     /// Errors by pipeline, component and kind (transient, permanent, rejected, fenced).
     pub const ERRORS: &str = "tidelink_errors_total";
     /// 1 while a component is connected and streaming.
@@ -66,6 +68,8 @@ pub mod names {
         SINK_LAG,
         SINK_CONSUMER_LAG,
         SINK_DEAD_LETTER,
+        SINK_REPLAYS_SKIPPED,
+        SINK_FILTERED,
         BACKFILL_ROWS,
         BACKFILL_CHUNKS,
         BACKFILL_REMAINING,
@@ -107,6 +111,8 @@ pub struct Metrics {
     pub sink_dead_letter: IntCounterVec,
     /// See [`names::SINK_REPLAYS_SKIPPED`].
     pub sink_replays_skipped: IntCounterVec,
+    /// See [`names::SINK_FILTERED`].
+    pub sink_filtered: IntCounterVec,
     /// See [`names::BACKFILL_ROWS`].
     pub backfill_rows: IntCounterVec,
     /// See [`names::BACKFILL_CHUNKS`].
@@ -265,6 +271,12 @@ impl Metrics {
                 &registry,
                 SINK_REPLAYS_SKIPPED,
                 "Changes a source published again after a restart that the target had applied already",
+                &["pipeline", "sink"],
+            ),
+            sink_filtered: counter(
+                &registry,
+                SINK_FILTERED,
+                "Changes the sink's row filter kept out of its target (inserts skipped, updates applied as deletes)",
                 &["pipeline", "sink"],
             ),
             backfill_rows: counter(

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidelink_config::{KafkaConfig, SinkConfig};
 use tidelink_core::{
-    MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, SourceOrder, TableId,
-    TidelinkError, TopicPartition,
+    MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
+    TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
 };
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern, topic_segment};
 use tidelink_kafka::{
@@ -64,6 +64,9 @@ struct Prepared<'m> {
     changes: Vec<SinkChange>,
     /// Changes skipped as already applied.
     replays_skipped: u64,
+    /// Changes the sink's filters kept out of the target (inserts not applied, updates
+    /// applied as deletes).
+    filtered: u64,
     offsets: Vec<OffsetAdvance>,
     source_ts: Vec<Option<i64>>,
     undecodable: Vec<(&'m OwnedMessage, String)>,
@@ -83,11 +86,26 @@ struct Worker<S: Sink> {
     /// Source tables' column definitions from `<prefix>.schemas`, read when the target may
     /// need to create a table (`create_tables`).
     definitions: HashMap<TableId, Arc<[u8]>>,
+    /// Per source table: whether this sink replays it, its target table and transform.
+    routes: HashMap<TableId, Arc<TableRoute>>,
+    /// Column definitions shaped by a transform, per table, with the definitions they were
+    /// made from.
+    shaped_definitions: HashMap<TableId, ShapedDefinitions>,
     buffer: Vec<OwnedMessage>,
     /// Since when this worker holds no partition.
     idle_since: Option<Instant>,
     /// The group's progress when this worker, holding no partition, last looked.
     orphan_check: Option<(Instant, GroupProgress)>,
+}
+
+/// Column definitions as received, and as a transform shapes them for the target.
+type ShapedDefinitions = (Arc<[u8]>, Arc<[u8]>);
+
+/// Where a sink sends one source table's changes, and what it does to them.
+struct TableRoute {
+    replayed: bool,
+    target: TableId,
+    transform: Option<TableTransform>,
 }
 
 /// Per partition: the group's committed offset and the high watermark.
@@ -128,6 +146,8 @@ pub async fn run_worker<S: Sink + 'static>(
         assigned: HashMap::new(),
         applied_through: HashMap::new(),
         definitions: HashMap::new(),
+        routes: HashMap::new(),
+        shaped_definitions: HashMap::new(),
         buffer: Vec::new(),
         idle_since: Some(Instant::now()),
         orphan_check: None,
@@ -238,10 +258,11 @@ impl<S: Sink> Worker<S> {
     /// Turns messages into changes and offset advances. Messages that cannot be decoded
     /// are returned separately, with the reason, for the dead-letter topic; their offsets
     /// are still advanced.
-    fn prepare<'m>(&self, messages: &'m [OwnedMessage]) -> Prepared<'m> {
+    fn prepare<'m>(&mut self, messages: &'m [OwnedMessage]) -> Prepared<'m> {
         let mut prepared = Prepared {
             changes: Vec::with_capacity(messages.len()),
             replays_skipped: 0,
+            filtered: 0,
             offsets: Vec::new(),
             source_ts: Vec::with_capacity(messages.len()),
             undecodable: Vec::new(),
@@ -275,16 +296,44 @@ impl<S: Sink> Worker<S> {
                         }
                         raised.insert(p.clone(), order);
                     }
-                    if !self.ctx.sink.replays(&decoded.table) {
+                    let route = self.route(&decoded.table);
+                    if !route.replayed {
                         continue;
                     }
+                    let (mut op, mut after) = (decoded.op, decoded.after);
+                    let mut source_columns = self.definitions.get(&decoded.table).cloned();
+                    if let Some(transform) = &route.transform {
+                        if let Err(reason) = transform.check_key(&decoded.key) {
+                            prepared.undecodable.push((
+                                message,
+                                format!("transform of {}: {reason}", decoded.table),
+                            ));
+                            continue;
+                        }
+                        if let Some(image) = after.as_mut() {
+                            if transform.verdict(image) == Verdict::Reject {
+                                prepared.filtered += 1;
+                                if op != Op::Update {
+                                    continue;
+                                }
+                                // The row may be in the target from before: remove it.
+                                op = Op::Delete;
+                                after = None;
+                            } else {
+                                transform.shape(image);
+                            }
+                        }
+                        source_columns = source_columns.map(|columns| {
+                            self.shaped_definitions(&decoded.table, columns, transform)
+                        });
+                    }
                     prepared.changes.push(SinkChange {
-                        table: self.ctx.sink.target_table(&decoded.table),
-                        op: decoded.op,
+                        table: route.target.clone(),
+                        op,
                         key: decoded.key,
-                        after: decoded.after,
+                        after,
                         origin,
-                        source_columns: self.definitions.get(&decoded.table).cloned(),
+                        source_columns,
                     });
                     prepared.source_ts.push(decoded.source_ts_ms);
                 }
@@ -378,6 +427,7 @@ impl<S: Sink> Worker<S> {
                         started,
                     );
                     self.count_replays_skipped(prepared.replays_skipped);
+                    self.count_filtered(prepared.filtered);
                     return Ok(());
                 }
                 Err(SinkError::Fenced(partitions)) => {
@@ -427,6 +477,7 @@ impl<S: Sink> Worker<S> {
                     Ok(()) => {
                         self.committed(&changes, &offsets, &source_ts, started);
                         self.count_replays_skipped(prepared.replays_skipped);
+                        self.count_filtered(prepared.filtered);
                         break;
                     }
                     Err(SinkError::Rejected(reason)) => {
@@ -537,6 +588,54 @@ impl<S: Sink> Worker<S> {
         self.applied_through
             .extend(missing.into_iter().zip(recorded));
         Ok(())
+    }
+
+    /// This sink's route for a source table, worked out once per table.
+    fn route(&mut self, table: &TableId) -> Arc<TableRoute> {
+        if let Some(route) = self.routes.get(table) {
+            return route.clone();
+        }
+        let route = Arc::new(TableRoute {
+            replayed: self.ctx.sink.replays(table),
+            target: self.ctx.sink.target_table(table),
+            transform: self.ctx.sink.transform_for(table),
+        });
+        self.routes.insert(table.clone(), route.clone());
+        route
+    }
+
+    /// A table's column definitions as the target receives them: dropped columns left out,
+    /// hashed columns text, nulled columns nullable. Worked out once per definitions.
+    fn shaped_definitions(
+        &mut self,
+        table: &TableId,
+        columns: Arc<[u8]>,
+        transform: &TableTransform,
+    ) -> Arc<[u8]> {
+        if let Some((from, shaped)) = self.shaped_definitions.get(table) {
+            if Arc::ptr_eq(from, &columns) {
+                return shaped.clone();
+            }
+        }
+        let Ok(definitions) = TableColumns::decode(&columns) else {
+            return columns;
+        };
+        let shaped: Arc<[u8]> = TableColumns::new(transform.shape_definitions(definitions))
+            .encoded
+            .into();
+        self.shaped_definitions
+            .insert(table.clone(), (columns, shaped.clone()));
+        shaped
+    }
+
+    fn count_filtered(&self, filtered: u64) {
+        if filtered > 0 {
+            self.ctx
+                .metrics
+                .sink_filtered
+                .with_label_values(&self.labels())
+                .inc_by(filtered);
+        }
     }
 
     fn count_replays_skipped(&self, skipped: u64) {

@@ -9,12 +9,17 @@
 //! order and each chunk's keys are looked up in the target; then the target is paged and
 //! its keys looked up in the source (extra rows). With `--lag-tolerant` the differing keys
 //! are read again on both sides for up to 30 s, so changes still in flight are not reported.
+//!
+//! A sink's transforms are applied to the source rows before they are compared: rows its
+//! filter rejects must be absent from the target, dropped columns are not compared, masked
+//! columns must hold the masked value. Checksums compare only tables whose transform, if
+//! any, just drops columns; other tables are read row by row.
 
 use crate::backfill::{open_reader, source_side, Reader};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tidelink_config::{PipelineConfig, SinkConfig, SinkTarget};
-use tidelink_core::{Row, TableId, TidelinkError};
+use tidelink_core::{Row, TableId, TableTransform, TidelinkError, Verdict};
 
 /// What to compare.
 #[derive(Debug, Clone, Default)]
@@ -89,12 +94,13 @@ pub async fn verify(
             let target_table = sink.target_table(table);
             let source = side.open(table, &[]).await?;
             let target = open_reader(target_kind(sink)?, &target_table).await?;
+            let transform = sink.transform_for(table);
             let report = compare(
                 sink,
                 table,
                 &target_table,
-                &source,
-                &target,
+                (&source, &target),
+                transform.as_ref(),
                 options,
                 progress,
             )
@@ -121,8 +127,8 @@ async fn compare(
     sink: &SinkConfig,
     table: &TableId,
     target_table: &TableId,
-    source: &Reader,
-    target: &Reader,
+    (source, target): (&Reader, &Reader),
+    transform: Option<&TableTransform>,
     options: &VerifyOptions,
     progress: bool,
 ) -> Result<TableReport, TidelinkError> {
@@ -140,18 +146,18 @@ async fn compare(
     let started = Instant::now();
     let estimated = source.estimated_rows().max(1) as f64;
     let chunk_size = options.chunk_size.max(1);
-    if source.same_engine(target) {
+    if source.same_engine(target) && transform.is_none_or(|t| t.only_drops_columns()) {
         compare_by_digest(
             sink,
             table,
-            source,
-            target,
+            (source, target),
+            transform,
             &mut report,
             chunk_size,
             progress,
         )
         .await?;
-        return recheck(report, source, target, options).await;
+        return recheck(report, source, target, transform, options).await;
     }
     // Source → target: missing and different rows.
     let mut after: Option<Vec<String>> = None;
@@ -161,17 +167,11 @@ async fn compare(
         after = Some(last.2.clone());
         let keys: Vec<Row> = chunk.iter().map(|(k, _, _)| k.clone()).collect();
         let found = by_key(target.rows_for(&keys).await?);
-        for (key, image, _) in &chunk {
-            match found.get(&key_text(key)) {
-                None => report.missing.push(key.clone()),
-                Some(copy) => {
-                    if let Some(column) = first_difference(image, copy) {
-                        report.different.push((key.clone(), column));
-                    }
-                }
-            }
-        }
         report.rows += chunk.len() as u64;
+        for (key, image, _) in chunk {
+            let copy = found.get(&key_text(&key));
+            compare_row(&mut report, key, expected(transform, image), copy);
+        }
         if progress {
             let rate = report.rows as f64 / started.elapsed().as_secs_f64().max(0.001);
             let eta = ((estimated - report.rows as f64).max(0.0) / rate.max(1.0)) as u64;
@@ -198,7 +198,34 @@ async fn compare(
     if progress {
         eprintln!();
     }
-    recheck(report, source, target, options).await
+    recheck(report, source, target, transform, options).await
+}
+
+/// A source row as the sink's transform leaves it in the target; `None` when its filter
+/// keeps the row out.
+fn expected(transform: Option<&TableTransform>, mut image: Row) -> Option<Row> {
+    if let Some(transform) = transform {
+        if transform.verdict(&image) == Verdict::Reject {
+            return None;
+        }
+        transform.shape(&mut image);
+    }
+    Some(image)
+}
+
+/// Files one key under missing, extra or different: `expected` is what the target should
+/// hold (`None`: no row), `copy` what it holds.
+fn compare_row(report: &mut TableReport, key: Row, expected: Option<Row>, copy: Option<&Row>) {
+    match (expected, copy) {
+        (Some(_), None) => report.missing.push(key),
+        (None, Some(_)) => report.extra.push(key),
+        (Some(image), Some(copy)) => {
+            if let Some(column) = first_difference(&image, copy) {
+                report.different.push((key, column));
+            }
+        }
+        (None, None) => {}
+    }
 }
 
 /// With `--lag-tolerant`, reads the differing keys again on both sides for up to 30 s.
@@ -206,6 +233,7 @@ async fn recheck(
     mut report: TableReport,
     source: &Reader,
     target: &Reader,
+    transform: Option<&TableTransform>,
     options: &VerifyOptions,
 ) -> Result<TableReport, TidelinkError> {
     if options.lag_tolerant && !report.is_equal() {
@@ -215,20 +243,14 @@ async fn recheck(
             let mut keys: Vec<Row> = std::mem::take(&mut report.missing);
             keys.append(&mut report.extra);
             keys.extend(report.different.drain(..).map(|(k, _)| k));
-            let in_source = by_key(source.rows_for(&keys).await?);
+            let mut in_source = by_key(source.rows_for(&keys).await?);
             let in_target = by_key(target.rows_for(&keys).await?);
             for key in keys {
                 let text = key_text(&key);
-                match (in_source.get(&text), in_target.get(&text)) {
-                    (Some(_), None) => report.missing.push(key),
-                    (None, Some(_)) => report.extra.push(key),
-                    (Some(a), Some(b)) => {
-                        if let Some(column) = first_difference(a, b) {
-                            report.different.push((key, column));
-                        }
-                    }
-                    (None, None) => {}
-                }
+                let image = in_source
+                    .remove(&text)
+                    .and_then(|image| expected(transform, image));
+                compare_row(&mut report, key, image, in_target.get(&text));
             }
         }
     }
@@ -242,15 +264,18 @@ async fn recheck(
 async fn compare_by_digest(
     sink: &SinkConfig,
     table: &TableId,
-    source: &Reader,
-    target: &Reader,
+    (source, target): (&Reader, &Reader),
+    transform: Option<&TableTransform>,
     report: &mut TableReport,
     chunk_size: usize,
     progress: bool,
 ) -> Result<(), TidelinkError> {
     let started = Instant::now();
     let estimated = source.estimated_rows().max(1) as f64;
-    let columns = source.column_names();
+    let columns = match transform {
+        Some(transform) => transform.kept_columns(&source.column_names()),
+        None => source.column_names(),
+    };
     let mut after: Option<Vec<String>> = None;
     let mut ranges_read = 0u64;
     let mut ranges = 0u64;
@@ -271,8 +296,8 @@ async fn compare_by_digest(
             .is_some_and(|(n, d, _)| *n == rows && *d == digest);
         if !equal {
             ranges_read += bisect(
-                source,
-                target,
+                (source, target),
+                transform,
                 &columns,
                 after.clone(),
                 last.clone(),
@@ -318,8 +343,8 @@ const ROWS_READ_DIRECTLY: i64 = 64;
 /// [`ROWS_READ_DIRECTLY`] source rows, which is then read row by row. Returns the number of
 /// ranges read.
 async fn bisect(
-    source: &Reader,
-    target: &Reader,
+    (source, target): (&Reader, &Reader),
+    transform: Option<&TableTransform>,
     columns: &[String],
     after: Option<Vec<String>>,
     upto: Vec<String>,
@@ -336,7 +361,7 @@ async fn bisect(
             let in_target = target
                 .chunk(after.as_deref(), Some(&upto), usize::MAX / 2)
                 .await?;
-            compare_rows(report, in_source, in_target);
+            compare_rows(report, transform, in_source, in_target);
             read += 1;
             continue;
         }
@@ -379,20 +404,19 @@ async fn bisect(
 }
 
 /// Row-by-row comparison of the same key range read from both sides.
-fn compare_rows(report: &mut TableReport, source: Chunk, target: Chunk) {
+fn compare_rows(
+    report: &mut TableReport,
+    transform: Option<&TableTransform>,
+    source: Chunk,
+    target: Chunk,
+) {
     let mut copies: HashMap<String, (Row, Row)> = target
         .into_iter()
         .map(|(key, image, _)| (key_text(&key), (key, image)))
         .collect();
     for (key, image, _) in source {
-        match copies.remove(&key_text(&key)) {
-            None => report.missing.push(key),
-            Some((_, copy)) => {
-                if let Some(column) = first_difference(&image, &copy) {
-                    report.different.push((key, column));
-                }
-            }
-        }
+        let copy = copies.remove(&key_text(&key)).map(|(_, copy)| copy);
+        compare_row(report, key, expected(transform, image), copy.as_ref());
     }
     let mut extra: Vec<(String, (Row, Row))> = copies.into_iter().collect();
     extra.sort_by(|a, b| a.0.cmp(&b.0));

@@ -137,6 +137,11 @@ fn registered_series_match_the_name_list() {
         .with_label_values(&["p", "s"])
         .inc();
     metrics
+        .sink_replays_skipped
+        .with_label_values(&["p", "s"])
+        .inc();
+    metrics.sink_filtered.with_label_values(&["p", "s"]).inc();
+    metrics
         .errors
         .with_label_values(&["p", "c", "transient"])
         .inc();
