@@ -83,8 +83,9 @@ impl SourceIn {
 
 #[derive(Deserialize)]
 struct EnvelopeIn {
-    #[serde(default)]
-    before: Option<Row>,
+    // Sinks apply the key and the new image; the old image is skipped, not built.
+    #[serde(default, rename = "before")]
+    _before: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     after: Option<Row>,
     source: SourceIn,
@@ -149,7 +150,6 @@ pub fn decode_change(key: Option<&[u8]>, value: &[u8]) -> Result<DecodedChange, 
     if envelope.after.is_none() && matches!(envelope.op, Op::Create | Op::Update | Op::Read) {
         return Err(format!("{} change without `after`", envelope.op.name()));
     }
-    let _ = envelope.before;
     let source_order = envelope.source.order();
     Ok(DecodedChange {
         source_order,

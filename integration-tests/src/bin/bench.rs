@@ -142,8 +142,23 @@ fn write_config(
     brokers: &str,
     target: &str,
 ) -> PathBuf {
+    // For tuning: BENCH_KAFKA_PROPERTIES="linger.ms=50,batch.size=1000000" passes librdkafka
+    // properties to the pipeline.
+    let properties = match std::env::var("BENCH_KAFKA_PROPERTIES") {
+        Ok(list) if !list.is_empty() => {
+            let mut block = String::from("      properties:\n");
+            for pair in list.split(',') {
+                let (k, v) = pair
+                    .split_once('=')
+                    .expect("BENCH_KAFKA_PROPERTIES: key=value,…");
+                block.push_str(&format!("        {k}: \"{v}\"\n"));
+            }
+            block
+        }
+        _ => String::new(),
+    };
     let yaml = format!(
-        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: bench\n    snapshot: never\n    source:\n      postgres:\n        dsn: {source}\n        tables: [public.*]\n    kafka:\n      brokers: {brokers}\n      topic_prefix: bench\n      partitions: 4\n    sinks:\n      - name: target\n        batch_size: 5000\n        postgres:\n          dsn: {target}\n"
+        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: bench\n    snapshot: never\n    source:\n      postgres:\n        dsn: {source}\n        tables: [public.*]\n    kafka:\n      brokers: {brokers}\n      topic_prefix: bench\n      partitions: 4\n{properties}    sinks:\n      - name: target\n        batch_size: 5000\n        postgres:\n          dsn: {target}\n"
     );
     let path = dir.join("bench.yaml");
     std::fs::write(&path, yaml).expect("config");
