@@ -230,6 +230,20 @@ pub struct KafkaConfig {
     /// `security.protocol: SASL_SSL`. Values are strings.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Topics other than `<topic_prefix>.<schema>.<table>` for some tables, such as one
+    /// topic for every shard of a table. The first entry whose `tables` match applies.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One routing entry: these tables' changes go to this topic.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouteConfig {
+    /// Source tables (`schema.table` patterns with `*` and `?`).
+    pub tables: Vec<String>,
+    /// The topic, named `<topic_prefix>.<x>.<y>` like the table topics so the pipeline's
+    /// sinks subscribe to it.
+    pub topic: String,
 }
 
 fn default_partitions() -> i32 {
@@ -241,9 +255,12 @@ fn default_replication_factor() -> i32 {
 }
 
 impl KafkaConfig {
-    /// The topic for a source table.
-    pub fn topic_for(&self, schema: &str, table: &str) -> String {
-        format!("{}.{schema}.{table}", self.topic_prefix)
+    /// The topic a route sends a source table to, if one matches.
+    pub fn route_for(&self, schema: &str, table: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|r| crate::matches_any(&r.tables, schema, table))
+            .map(|r| r.topic.as_str())
     }
 }
 

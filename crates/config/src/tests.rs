@@ -395,3 +395,52 @@ fn transforms_merge_per_table_and_bad_filters_are_reported_with_their_path() {
         "{paths:?}"
     );
 }
+
+#[test]
+fn routes_pick_the_first_match_and_need_a_table_topic_name() {
+    let with = |routes: &str| {
+        GOOD.replace(
+            "      topic_prefix: shop\n",
+            &format!("      topic_prefix: shop\n{routes}"),
+        )
+    };
+    let good = with(
+        "      routes:
+        - tables: [public.orders_*]
+          topic: shop.public.orders
+        - tables: [public.*]
+          topic: shop.all.tables
+",
+    );
+    let config = load_str(&good, "good.yaml", &env).expect("valid routes");
+    let kafka = &config.pipelines[0].kafka;
+    assert_eq!(
+        kafka.route_for("public", "orders_2024"),
+        Some("shop.public.orders")
+    );
+    assert_eq!(kafka.route_for("public", "users"), Some("shop.all.tables"));
+    assert_eq!(kafka.route_for("other", "users"), None);
+
+    let bad = with(
+        "      routes:
+        - tables: [public.orders_*]
+          topic: orders
+        - tables: []
+          topic: shop.a.b.c
+",
+    );
+    let err = load_str(&bad, "bad.yaml", &env).expect_err("bad routes");
+    let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "pipelines[0].kafka.routes[0].topic",
+            "pipelines[0].kafka.routes[1].tables",
+            "pipelines[0].kafka.routes[1].topic",
+        ],
+        "{err:?}"
+    );
+    assert!(err.0[0]
+        .message
+        .contains("a routed topic is named `shop.<name>.<name>`"));
+}

@@ -130,6 +130,38 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                 ),
             );
         }
+        for (k, route) in kafka.routes.iter().enumerate() {
+            let at = format!("{at}.kafka.routes[{k}]");
+            if route.tables.is_empty() {
+                report(
+                    format!("{at}.tables"),
+                    "name the tables this route applies to (`schema.table` patterns)".into(),
+                );
+            }
+            check_patterns(&route.tables, &format!("{at}.tables"), false, &mut report);
+            let segments = route
+                .topic
+                .strip_prefix(kafka.topic_prefix.as_str())
+                .and_then(|rest| rest.strip_prefix('.'))
+                .map(|rest| rest.split('.').collect::<Vec<_>>());
+            let valid = segments.is_some_and(|parts| {
+                parts.len() == 2
+                    && parts.iter().all(|p| {
+                        !p.is_empty()
+                            && p.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    })
+            });
+            if !valid {
+                report(
+                    format!("{at}.topic"),
+                    format!(
+                        "`{}`: a routed topic is named `{}.<name>.<name>` (letters, digits, `_`, `-`) like the table topics, so the pipeline's sinks subscribe to it",
+                        route.topic, kafka.topic_prefix
+                    ),
+                );
+            }
+        }
         if kafka.partitions < 1 {
             report(
                 format!("{at}.kafka.partitions"),

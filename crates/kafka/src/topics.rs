@@ -1,5 +1,6 @@
 //! Topic naming: `<prefix>.<schema>.<table>`, with characters Kafka does not allow in topic
-//! names replaced by `_`, and the subscription pattern that matches exactly those topics.
+//! names replaced by `_`, unless a route names the topic; and the subscription pattern that
+//! matches exactly those topics.
 
 /// Replaces characters outside `[A-Za-z0-9._-]`, and dots, with `_`, so each name part
 /// stays one dot-separated segment.
@@ -22,6 +23,15 @@ pub fn table_topic(prefix: &str, schema: &str, table: &str) -> String {
         topic_segment(schema),
         topic_segment(table)
     )
+}
+
+/// The topic of a table's changes in a pipeline: its route's topic when one matches, else
+/// [`table_topic`].
+pub fn topic_of(kafka: &tidelink_config::KafkaConfig, schema: &str, table: &str) -> String {
+    match kafka.route_for(schema, table) {
+        Some(topic) => topic.to_string(),
+        None => table_topic(&kafka.topic_prefix, schema, table),
+    }
 }
 
 /// A librdkafka subscription regex matching every table topic of a prefix and nothing

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tidelink_config::{PipelineConfig, SinkTarget, SourceKind};
 use tidelink_core::{ChangeEvent, Op, SourceInfo, TableId, TidelinkError};
 use tidelink_core::{DirectProgress, Row, TableColumns};
-use tidelink_kafka::topics::table_topic;
+use tidelink_kafka::topics::topic_of;
 use tidelink_kafka::{admin, encode_change, EventProducer};
 
 /// A table reader of either engine.
@@ -296,7 +296,7 @@ pub async fn backfill(
             tracing::info!(%table, rows_done = progress.rows, "resuming after the last completed chunk");
         }
         let reader = side.open(&table, &options.key_columns).await?;
-        let topic = table_topic(&kafka.topic_prefix, &table.schema, &table.name);
+        let topic = topic_of(kafka, &table.schema, &table.name);
         admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
         publish_definitions(
             &producer,

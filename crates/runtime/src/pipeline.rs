@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SnapshotMode, SourceKind};
 use tidelink_core::TidelinkError;
-use tidelink_kafka::topics::table_topic;
+use tidelink_kafka::topics::topic_of;
 use tidelink_kafka::{admin, EventProducer};
 use tidelink_mysql::{
     BinlogPosition, MysqlSink, MysqlSinkSettings, MysqlSource, MysqlSourceSettings,
@@ -235,7 +235,7 @@ async fn run_mysql_source(
             let topics: Vec<String> = report
                 .tables
                 .iter()
-                .map(|t| table_topic(&pipeline.kafka.topic_prefix, &t.table.schema, &t.table.name))
+                .map(|t| topic_of(&pipeline.kafka, &t.table.schema, &t.table.name))
                 .collect();
             admin::ensure_topics(&pipeline.kafka, &topics).await?;
             // A first start stores its starting point at once, so a crash before the
@@ -313,7 +313,7 @@ async fn run_postgres_source(
             let topics: Vec<String> = report
                 .tables
                 .iter()
-                .map(|t| table_topic(&pipeline.kafka.topic_prefix, &t.table.schema, &t.table.name))
+                .map(|t| topic_of(&pipeline.kafka, &t.table.schema, &t.table.name))
                 .collect();
             admin::ensure_topics(&pipeline.kafka, &topics).await?;
             let snapshot = start_snapshot(&pipeline, report.slot_created, &metrics, &shutdown);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tidelink_config::KafkaConfig;
 use tidelink_core::{Op, Source, SourceMessage, TableColumns, TableId, TidelinkError};
 use tidelink_kafka::producer::PendingDelivery;
-use tidelink_kafka::topics::{schemas_topic, table_topic};
+use tidelink_kafka::topics::{schemas_topic, topic_of};
 use tidelink_kafka::{admin, encode_change, EventProducer};
 use tokio::sync::{mpsc, watch};
 
@@ -62,8 +62,7 @@ pub async fn publish<S: Source>(
             }
             match source.next().await? {
                 SourceMessage::Change(event) => {
-                    let topic =
-                        table_topic(&kafka.topic_prefix, &event.table.schema, &event.table.name);
+                    let topic = topic_of(kafka, &event.table.schema, &event.table.name);
                     if !known_topics.contains(&topic) {
                         admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
                         known_topics.insert(topic.clone());

@@ -26,7 +26,7 @@ use tidelink_core::{
     MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
     TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
 };
-use tidelink_kafka::topics::{schemas_topic, table_topics_pattern, topic_segment};
+use tidelink_kafka::topics::{schemas_topic, table_topics_pattern, topic_of};
 use tidelink_kafka::{
     admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
 };
@@ -365,17 +365,12 @@ impl<S: Sink> Worker<S> {
         if !create_tables {
             return Ok(());
         }
-        let prefix = format!("{}.", self.ctx.kafka.topic_prefix);
-        let unknown = messages.iter().any(|m| {
-            m.topic()
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.split_once('.'))
-                .is_some_and(|(schema, table)| {
-                    !self.definitions.keys().any(|t| {
-                        topic_segment(&t.schema) == schema && topic_segment(&t.name) == table
-                    })
-                })
-        });
+        let known: std::collections::HashSet<String> = self
+            .definitions
+            .keys()
+            .map(|t| topic_of(&self.ctx.kafka, &t.schema, &t.name))
+            .collect();
+        let unknown = messages.iter().any(|m| !known.contains(m.topic()));
         if !unknown {
             return Ok(());
         }
