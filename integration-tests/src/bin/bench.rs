@@ -815,6 +815,7 @@ async fn main() {
             format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms),
             "",
         );
+        r.add("peak RSS of the daemon", format!("{:.0} MiB", e2e.rss), "");
         let keep = std::path::Path::new("target/bench-e2e.log");
         let _ = std::fs::copy(work.path().join("tidelink.log"), keep);
         return;
