@@ -116,6 +116,17 @@ impl TableTransform {
         }
     }
 
+    /// A whole row image as the target should hold it: `None` when the filter rejects it,
+    /// else shaped. (Sinks decide on changes with [`TableTransform::verdict`], since an
+    /// undecided or rejected update needs more than this.)
+    pub fn transformed(&self, mut image: Row) -> Option<Row> {
+        if self.verdict(&image) == Verdict::Reject {
+            return None;
+        }
+        self.shape(&mut image);
+        Some(image)
+    }
+
     /// Whether a row image (before shaping) belongs in the target.
     pub fn verdict(&self, row: &Row) -> Verdict {
         let mut verdict = Verdict::Keep;

@@ -686,15 +686,11 @@ fn transformed_rows(
     chunk: Chunk,
 ) -> Result<Vec<Row>, TidelinkError> {
     let mut rows = Vec::with_capacity(chunk.len());
-    for (key, mut image, _) in chunk {
+    for (key, image, _) in chunk {
         transform.check_key(&key).map_err(|reason| {
             TidelinkError::permanent(format!("transform of {table}: {reason}"))
         })?;
-        if transform.verdict(&image) == tidelink_core::Verdict::Reject {
-            continue;
-        }
-        transform.shape(&mut image);
-        rows.push(image);
+        rows.extend(transform.transformed(image));
     }
     Ok(rows)
 }

@@ -19,7 +19,7 @@ use crate::backfill::{open_reader, source_side, Reader};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tidelink_config::{PipelineConfig, SinkConfig, SinkTarget};
-use tidelink_core::{Row, TableId, TableTransform, TidelinkError, Verdict};
+use tidelink_core::{Row, TableId, TableTransform, TidelinkError};
 
 /// What to compare.
 #[derive(Debug, Clone, Default)]
@@ -203,14 +203,11 @@ async fn compare(
 
 /// A source row as the sink's transform leaves it in the target; `None` when its filter
 /// keeps the row out.
-fn expected(transform: Option<&TableTransform>, mut image: Row) -> Option<Row> {
-    if let Some(transform) = transform {
-        if transform.verdict(&image) == Verdict::Reject {
-            return None;
-        }
-        transform.shape(&mut image);
+fn expected(transform: Option<&TableTransform>, image: Row) -> Option<Row> {
+    match transform {
+        Some(transform) => transform.transformed(image),
+        None => Some(image),
     }
-    Some(image)
 }
 
 /// Files one key under missing, extra or different: `expected` is what the target should
