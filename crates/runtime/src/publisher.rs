@@ -47,7 +47,8 @@ pub async fn publish<S: Source>(
         pipeline.to_string(),
         metrics.clone(),
     ));
-    let mut known_topics: HashSet<String> = HashSet::new();
+    let mut tables: HashMap<TableId, TableOutput> = HashMap::new();
+    let mut ensured_topics: HashSet<String> = HashSet::new();
     let mut published: HashMap<TableId, Arc<TableColumns>> = HashMap::new();
     let mut last_commit_ts: Option<i64> = None;
     let result: Result<(), TidelinkError> = async {
@@ -62,15 +63,18 @@ pub async fn publish<S: Source>(
             }
             match source.next().await? {
                 SourceMessage::Change(event) => {
-                    let topic = topic_of(kafka, &event.table.schema, &event.table.name);
-                    if !known_topics.contains(&topic) {
-                        admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
-                        known_topics.insert(topic.clone());
+                    if !tables.contains_key(&event.table) {
+                        let output = TableOutput::new(kafka, &event.table);
+                        if ensured_topics.insert(output.topic.clone()) {
+                            admin::ensure_topics(kafka, std::slice::from_ref(&output.topic))
+                                .await?;
+                        }
+                        tables.insert(event.table.clone(), output);
                     }
-                    metrics
-                        .source_events
-                        .with_label_values(&[pipeline, &event.table.to_string(), event.op.name()])
-                        .inc();
+                    let output = tables
+                        .get_mut(&event.table)
+                        .expect("inserted above when missing");
+                    output.count(&event.table, event.op, pipeline, metrics);
                     last_commit_ts = Some(event.source.ts_ms);
                     let (key, value) = encode_change(&event, now_ms());
                     // A truncate has no key; partition 0 keeps its copy ordered there.
@@ -80,7 +84,7 @@ pub async fn publish<S: Source>(
                             .await?;
                     }
                     let delivery = producer
-                        .send(&topic, key.as_deref(), &value, partition, None)
+                        .send(&output.topic, key.as_deref(), &value, partition, None)
                         .await?;
                     if queue
                         .send(InFlight::Delivery(delivery, Instant::now()))
@@ -117,6 +121,34 @@ pub async fn publish<S: Source>(
         source.confirm(position);
     }
     result.and(acked_result)
+}
+
+/// What the publisher needs per source table, looked up once: its topic (routes applied)
+/// and its event counters, so a change costs no label formatting or topic naming.
+struct TableOutput {
+    topic: String,
+    /// `tidelink_source_events_total` per operation (indexed by `Op as usize`), created
+    /// when the table first has one.
+    events: [Option<prometheus::IntCounter>; 5],
+}
+
+impl TableOutput {
+    fn new(kafka: &KafkaConfig, table: &TableId) -> Self {
+        Self {
+            topic: topic_of(kafka, &table.schema, &table.name),
+            events: Default::default(),
+        }
+    }
+
+    fn count(&mut self, table: &TableId, op: Op, pipeline: &str, metrics: &Metrics) {
+        self.events[op as usize]
+            .get_or_insert_with(|| {
+                metrics
+                    .source_events
+                    .with_label_values(&[pipeline, &table.to_string(), op.name()])
+            })
+            .inc();
+    }
 }
 
 async fn acknowledge<P: Copy + std::fmt::Display>(

@@ -679,15 +679,13 @@ impl<S: Sink> Worker<S> {
         m.sink_batch_size
             .with_label_values(&[pipeline, sink])
             .observe(changes.len() as f64);
-        let mut counts: HashMap<(String, Op), u64> = HashMap::new();
+        let mut counts: HashMap<(&TableId, Op), u64> = HashMap::new();
         for change in changes {
-            *counts
-                .entry((change.table.to_string(), change.op))
-                .or_default() += 1;
+            *counts.entry((&change.table, change.op)).or_default() += 1;
         }
         for ((table, op), n) in counts {
             m.sink_applied_rows
-                .with_label_values(&[pipeline, sink, &table, op.name()])
+                .with_label_values(&[pipeline, sink, &table.to_string(), op.name()])
                 .inc_by(n);
         }
         let now = now_ms();
