@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tidelink_runtime::{run_pipelines, Metrics, Role, Shutdown};
 
+// jemalloc: the daemon allocates and frees row images and messages at a high rate from
+// several threads, where glibc's malloc spent a fifth of the workers' CPU (docs/tuning.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Change-data-capture from PostgreSQL through Kafka into target databases.
 #[derive(Parser)]
 #[command(name = "tidelink", version, about)]
