@@ -4,16 +4,18 @@
 //! delete-then-insert the same way.
 
 use crate::{Op, Row, SinkChange, SinkError, TableId, UNAVAILABLE_VALUE};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// What a key's changes in a batch amount to.
+/// What a key's changes in a batch amount to. Images are borrowed from the batch's changes
+/// unless unavailable (TOAST) columns had to be filled in from an earlier change.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Pending {
+pub enum Pending<'a> {
     /// Insert or update to this image.
-    Upsert(Row),
+    Upsert(Cow<'a, Row>),
     /// A backfill read: written only where the target has no row with this key, so a
     /// change the stream applied first is never overwritten by an older snapshot.
-    InsertIfAbsent(Row),
+    InsertIfAbsent(Cow<'a, Row>),
     /// Delete the row.
     Delete,
 }
@@ -27,7 +29,7 @@ pub struct TableBatch<'a> {
     /// Keys (their JSON text) in the order first seen.
     pub order: Vec<String>,
     /// Per key: the key columns and what to do.
-    pub pending: HashMap<String, (Row, Pending)>,
+    pub pending: HashMap<String, (&'a Row, Pending<'a>)>,
 }
 
 /// Groups changes by table and coalesces them per key; a change without key or image is
@@ -52,23 +54,26 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
                 change.origin, change.table
             )));
         }
-        let key_text = serde_json::Value::Object(change.key.clone()).to_string();
+        let key_text = serde_json::to_string(&change.key).expect("a JSON map always serializes");
         let next = match (change.op, &change.after) {
             (Op::Delete, _) => Pending::Delete,
             (Op::Read, Some(after)) => match batch.pending.get(&key_text) {
                 // A streamed change in this batch is newer than any snapshot of the row.
                 Some((_, Pending::Upsert(_))) => continue,
                 // Deleted and read again: the read is the row's state now.
-                Some((_, Pending::Delete)) => Pending::Upsert(after.clone()),
-                _ => Pending::InsertIfAbsent(after.clone()),
+                Some((_, Pending::Delete)) => Pending::Upsert(Cow::Borrowed(after)),
+                _ => Pending::InsertIfAbsent(Cow::Borrowed(after)),
             },
             (_, Some(after)) => {
-                let mut row = after.clone();
+                let mut row = Cow::Borrowed(after);
                 if let Some((_, Pending::Upsert(previous))) = batch.pending.get(&key_text) {
-                    for (column, value) in row.iter_mut() {
-                        if value.as_str() == Some(UNAVAILABLE_VALUE) {
-                            if let Some(earlier) = previous.get(column) {
-                                *value = earlier.clone();
+                    let unavailable = |v: &serde_json::Value| v.as_str() == Some(UNAVAILABLE_VALUE);
+                    if after.values().any(unavailable) {
+                        for (column, value) in row.to_mut().iter_mut() {
+                            if unavailable(value) {
+                                if let Some(earlier) = previous.get(column) {
+                                    *value = earlier.clone();
+                                }
                             }
                         }
                     }
@@ -87,7 +92,7 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
         if !batch.pending.contains_key(&key_text) {
             batch.order.push(key_text.clone());
         }
-        batch.pending.insert(key_text, (change.key.clone(), next));
+        batch.pending.insert(key_text, (&change.key, next));
     }
     Ok(batches)
 }
