@@ -48,10 +48,17 @@ clean-test-logs:
 BENCH_BUILD = $(CARGO) build --release -p tidelink -p tidelink-integration-tests --bins
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
+# The chart (a PNG next to the report) is drawn by scripts/bench-chart.py with matplotlib.
+CHART_DEPS = python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
+
 bench: deps
 	$(BENCH_BUILD)
 	TIDELINK_BIN=$(TARGET_DIR)/release/tidelink $(TARGET_DIR)/release/bench --rows 1000000 --out docs/benchmarks.md
+	$(CHART_DEPS)
+	python3 scripts/bench-chart.py docs/benchmarks.md docs/benchmarks.png
 
 bench-quick: deps
 	$(BENCH_BUILD)
 	TIDELINK_BIN=$(TARGET_DIR)/release/tidelink $(TARGET_DIR)/release/bench --rows 50000 --out $(TARGET_DIR)/bench-quick.md
+	$(CHART_DEPS)
+	python3 scripts/bench-chart.py $(TARGET_DIR)/bench-quick.md $(TARGET_DIR)/bench-quick.png

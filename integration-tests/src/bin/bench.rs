@@ -934,6 +934,15 @@ async fn main() {
                 what.trim().replace('|', "\\|")
             );
         }
+        // `make bench` draws the rates as a PNG beside the report (scripts/bench-chart.py).
+        let chart = std::path::Path::new(&out).with_extension("png");
+        if let Some(name) = chart.file_name() {
+            let _ = writeln!(
+                md,
+                "\n![Rates of this run, log scale]({})",
+                name.to_string_lossy()
+            );
+        }
         let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply.");
         std::fs::write(&out, md).expect("write results");
         println!("written to {out}");
