@@ -2,7 +2,7 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction]` (N inserts,
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|mariadb]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once).
 
 use std::fmt::Write as _;
@@ -794,6 +794,20 @@ async fn main() {
             ),
             format!("{rss:.0} MiB"),
             &format!("{seconds:.1} s until applied"),
+        );
+        return;
+    }
+    if arg("--only").as_deref() == Some("mariadb") {
+        let (m_tidelink, m_native, m_changes) = mariadb_pair(rows, work.path()).await;
+        r.add(
+            "MariaDB → tidelink → MariaDB",
+            rate(m_changes, m_tidelink),
+            &format!("{m_tidelink:.1} s"),
+        );
+        r.add(
+            "MariaDB native replication (GTID), same workload",
+            rate(m_changes, m_native),
+            &format!("{m_native:.1} s"),
         );
         return;
     }
