@@ -144,14 +144,8 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                 .strip_prefix(kafka.topic_prefix.as_str())
                 .and_then(|rest| rest.strip_prefix('.'))
                 .map(|rest| rest.split('.').collect::<Vec<_>>());
-            let valid = segments.is_some_and(|parts| {
-                parts.len() == 2
-                    && parts.iter().all(|p| {
-                        !p.is_empty()
-                            && p.chars()
-                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                    })
-            });
+            let valid =
+                segments.is_some_and(|parts| parts.len() == 2 && parts.iter().all(|p| is_name(p)));
             if !valid {
                 report(
                     format!("{at}.topic"),
