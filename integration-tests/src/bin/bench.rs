@@ -594,6 +594,23 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
 }
 
 /// MariaDB → tidelink → MariaDB versus native MariaDB replication, same workload.
+/// Runs [`mariadb_pair`] and adds its two rates to the report; returns the seconds of
+/// tidelink and of native replication.
+async fn report_mariadb(r: &mut Results, rows: u64, work: &std::path::Path) -> (f64, f64) {
+    let (m_tidelink, m_native, m_changes) = mariadb_pair(rows, work).await;
+    r.add(
+        "MariaDB → tidelink → MariaDB",
+        rate(m_changes, m_tidelink),
+        &format!("{m_tidelink:.1} s"),
+    );
+    r.add(
+        "MariaDB native replication (GTID), same workload",
+        rate(m_changes, m_native),
+        &format!("{m_native:.1} s"),
+    );
+    (m_tidelink, m_native)
+}
+
 async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
     use mysql_async::prelude::Queryable;
     let table = "CREATE TABLE shop.bench (id bigint PRIMARY KEY, account varchar(40) NOT NULL, amount decimal(12,2) NOT NULL, status varchar(10) NOT NULL) ENGINE=InnoDB";
@@ -798,17 +815,7 @@ async fn main() {
         return;
     }
     if arg("--only").as_deref() == Some("mariadb") {
-        let (m_tidelink, m_native, m_changes) = mariadb_pair(rows, work.path()).await;
-        r.add(
-            "MariaDB → tidelink → MariaDB",
-            rate(m_changes, m_tidelink),
-            &format!("{m_tidelink:.1} s"),
-        );
-        r.add(
-            "MariaDB native replication (GTID), same workload",
-            rate(m_changes, m_native),
-            &format!("{m_native:.1} s"),
-        );
+        report_mariadb(&mut r, rows, work.path()).await;
         return;
     }
     if arg("--only").as_deref() == Some("e2e") {
@@ -921,17 +928,7 @@ async fn main() {
         "",
     );
     report_direct(&mut r, rows, work.path()).await;
-    let (m_tidelink, m_native, m_changes) = mariadb_pair(rows, work.path()).await;
-    r.add(
-        "MariaDB → tidelink → MariaDB",
-        rate(m_changes, m_tidelink),
-        &format!("{m_tidelink:.1} s"),
-    );
-    r.add(
-        "MariaDB native replication (GTID), same workload",
-        rate(m_changes, m_native),
-        &format!("{m_native:.1} s"),
-    );
+    let (m_tidelink, m_native) = report_mariadb(&mut r, rows, work.path()).await;
     r.add(
         "  tidelink / native MariaDB (goal ≥ 1.0)",
         format!("{:.2}×", m_native / m_tidelink),
