@@ -687,11 +687,11 @@ impl PgPipeline {
                 let t = table_digest(&target, table, order_by).await;
                 if s != t {
                     equal = false;
-                    report.push_str(&format!(
-                        "{table}: source {} rows, target {} rows",
-                        s.0, t.0
-                    ));
-                    if Instant::now() >= deadline {
+                    report.push_str(&match t.0 {
+                        -1 => format!("{table}: source {} rows, no target table", s.0),
+                        n => format!("{table}: source {} rows, target {n} rows", s.0),
+                    });
+                    if Instant::now() >= deadline && t.0 >= 0 {
                         let (sr, tr) = (
                             table_rows(&source, table, order_by).await,
                             table_rows(&target, table, order_by).await,

@@ -41,3 +41,46 @@ async fn routed_tables_share_one_topic_and_arrive_in_their_own_tables() {
     // 2,000 inserts, 100 updates and 142 deletes, all in the routed topic.
     assert_eq!(p.messages_in_topics(&["it.public.orders"]), 2242);
 }
+
+/// A sink that creates its tables learns a routed shard's definitions when the shard's first
+/// change arrives, even though another shard already made the shared topic known.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_shard_in_a_known_routed_topic_gets_its_target_table_created() {
+    let p = PgPipeline::start_with(
+        "CREATE TABLE orders_2024 (id int PRIMARY KEY, amount int);
+         CREATE TABLE orders_2025 (id int PRIMARY KEY, amount int, note text);",
+        "",
+    )
+    .await;
+    let config = p.write_config_without_snapshot("routes.yaml", "          create_tables: true\n");
+    let yaml = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        yaml.replace(
+            "      partitions: 4\n",
+            "      partitions: 4\n      routes:\n        - tables: [public.orders_*]\n          topic: it.public.orders\n",
+        ),
+    )
+    .expect("write config");
+    let daemon = p.run_ready(&config, "run.log").await;
+    let app = p.source.client("app").await;
+    app.batch_execute("INSERT INTO orders_2024 SELECT g, g FROM generate_series(1, 500) g")
+        .await
+        .expect("first shard");
+    p.wait_in_sync(&[("orders_2024", "id")], Duration::from_secs(120))
+        .await;
+    // The second shard's first change: its definitions were never published before.
+    app.batch_execute(
+        "INSERT INTO orders_2025 SELECT g, g * 10, 'n' || g FROM generate_series(1, 500) g;
+         UPDATE orders_2024 SET amount = -amount WHERE id % 10 = 0;",
+    )
+    .await
+    .expect("second shard");
+    p.wait_in_sync(
+        &[("orders_2024", "id"), ("orders_2025", "id")],
+        Duration::from_secs(120),
+    )
+    .await;
+    drop(daemon);
+    assert_eq!(p.messages_in_topics(&["it.public.orders"]), 1050);
+}

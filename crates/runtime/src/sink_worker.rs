@@ -26,7 +26,7 @@ use tidelink_core::{
     MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
     TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
 };
-use tidelink_kafka::topics::{schemas_topic, table_topics_pattern, topic_of};
+use tidelink_kafka::topics::{schemas_topic, table_topics_pattern};
 use tidelink_kafka::{
     admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
 };
@@ -70,6 +70,9 @@ struct Prepared<'m> {
     offsets: Vec<OffsetAdvance>,
     source_ts: Vec<Option<i64>>,
     undecodable: Vec<(&'m OwnedMessage, String)>,
+    /// Replayed source tables with no column definitions read yet (only tracked when the
+    /// sink creates tables).
+    lacking_definitions: Vec<TableId>,
 }
 
 struct Worker<S: Sink> {
@@ -86,6 +89,9 @@ struct Worker<S: Sink> {
     /// Source tables' column definitions from `<prefix>.schemas`, read when the target may
     /// need to create a table (`create_tables`).
     definitions: HashMap<TableId, Arc<[u8]>>,
+    /// Tables whose definitions a re-read of `<prefix>.schemas` did not find (changes not
+    /// published by tidelink): not looked for again.
+    definitions_absent: std::collections::HashSet<TableId>,
     /// Per source table: whether this sink replays it, its target table and transform.
     routes: HashMap<TableId, Arc<TableRoute>>,
     /// Column definitions shaped by a transform, per table, with the definitions they were
@@ -146,6 +152,7 @@ pub async fn run_worker<S: Sink + 'static>(
         assigned: HashMap::new(),
         applied_through: HashMap::new(),
         definitions: HashMap::new(),
+        definitions_absent: Default::default(),
         routes: HashMap::new(),
         shaped_definitions: HashMap::new(),
         buffer: Vec::new(),
@@ -266,7 +273,9 @@ impl<S: Sink> Worker<S> {
             offsets: Vec::new(),
             source_ts: Vec::with_capacity(messages.len()),
             undecodable: Vec::new(),
+            lacking_definitions: Vec::new(),
         };
+        let creates_tables = self.creates_tables();
         let mut next: HashMap<TopicPartition, i64> = HashMap::new();
         let mut raised: HashMap<TopicPartition, SourceOrder> = HashMap::new();
         for message in messages {
@@ -302,6 +311,13 @@ impl<S: Sink> Worker<S> {
                     }
                     let (mut op, mut after) = (decoded.op, decoded.after);
                     let mut source_columns = self.definitions.get(&decoded.table).cloned();
+                    if source_columns.is_none()
+                        && creates_tables
+                        && !self.definitions_absent.contains(&decoded.table)
+                        && !prepared.lacking_definitions.contains(&decoded.table)
+                    {
+                        prepared.lacking_definitions.push(decoded.table.clone());
+                    }
                     if let Some(transform) = &route.transform {
                         if let Err(reason) = transform.check_key(&decoded.key) {
                             prepared.undecodable.push((
@@ -351,28 +367,24 @@ impl<S: Sink> Worker<S> {
         prepared
     }
 
-    /// Reads `<prefix>.schemas` again when a buffered table has no definitions yet and the
-    /// sink may create tables.
-    async fn refresh_definitions(
-        &mut self,
-        messages: &[OwnedMessage],
-    ) -> Result<(), TidelinkError> {
-        let create_tables = match self.ctx.sink.target() {
+    fn creates_tables(&self) -> bool {
+        match self.ctx.sink.target() {
             Some(tidelink_config::SinkTarget::Postgres(pg)) => pg.create_tables,
             Some(tidelink_config::SinkTarget::Mysql(my)) => my.create_tables,
             None => false,
-        };
-        if !create_tables {
-            return Ok(());
         }
-        let known: std::collections::HashSet<String> = self
-            .definitions
-            .keys()
-            .map(|t| topic_of(&self.ctx.kafka, &t.schema, &t.name))
-            .collect();
-        let unknown = messages.iter().any(|m| !known.contains(m.topic()));
-        if !unknown {
-            return Ok(());
+    }
+
+    /// Prepares `messages`; when one of their tables has no column definitions yet (a sink
+    /// that creates tables needs them), reads `<prefix>.schemas` again and prepares anew.
+    /// Decided per table, not per topic: routed tables share a topic.
+    async fn prepare_with_definitions<'m>(
+        &mut self,
+        messages: &'m [OwnedMessage],
+    ) -> Result<Prepared<'m>, TidelinkError> {
+        let prepared = self.prepare(messages);
+        if prepared.lacking_definitions.is_empty() {
+            return Ok(prepared);
         }
         let topic = schemas_topic(&self.ctx.kafka.topic_prefix);
         let latest = admin::read_latest_by_key(&self.ctx.kafka, &topic).await?;
@@ -382,12 +394,18 @@ impl<S: Sink> Worker<S> {
                     .insert(TableId::new(schema, name), Arc::from(value));
             }
         }
-        Ok(())
+        for table in prepared.lacking_definitions {
+            if !self.definitions.contains_key(&table) {
+                tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %table, %topic,
+                    "no column definitions for this table; its target table cannot be created and must exist");
+                self.definitions_absent.insert(table);
+            }
+        }
+        Ok(self.prepare(messages))
     }
 
     async fn apply_buffer(&mut self) -> Result<(), TidelinkError> {
         let mut messages = std::mem::take(&mut self.buffer);
-        self.refresh_definitions(&messages).await?;
         let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
         let mut attempt = 0;
         loop {
@@ -404,7 +422,7 @@ impl<S: Sink> Worker<S> {
                 }
                 continue;
             }
-            let prepared = self.prepare(&messages);
+            let prepared = self.prepare_with_definitions(&messages).await?;
             for (message, reason) in &prepared.undecodable {
                 let id = (partition_of(message), message.offset());
                 if !dead_lettered.contains(&id) {
@@ -464,7 +482,9 @@ impl<S: Sink> Worker<S> {
             loop {
                 self.load_applied_through(std::slice::from_ref(&message))
                     .await?;
-                let prepared = self.prepare(std::slice::from_ref(&message));
+                let prepared = self
+                    .prepare_with_definitions(std::slice::from_ref(&message))
+                    .await?;
                 let (changes, offsets, source_ts) =
                     (prepared.changes, prepared.offsets, prepared.source_ts);
                 let started = Instant::now();
