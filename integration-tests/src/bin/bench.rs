@@ -206,12 +206,46 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
         &broker.bootstrap(),
         &target.dsn("replica"),
     );
+    // For tuning: BENCH_SPLIT_ROLES=1 runs the source and the sink in two processes and
+    // prints each one's peak RSS.
+    let split = std::env::var("BENCH_SPLIT_ROLES").is_ok_and(|v| v == "1");
+    let config_text = config.display().to_string();
+    let role = if split { "source" } else { "all" };
     let daemon = Daemon::start(
-        &["run", "-c", &config.display().to_string()],
+        &["run", "-c", &config_text, "--role", role],
         &work.join("tidelink.log"),
     );
     wait_ready(metrics).await;
-    let cpu_before = cpu_seconds(daemon.pid());
+    let sink_daemon = split.then(|| {
+        let sink_metrics = free_port();
+        let sink_config = work.join("bench-sink.yaml");
+        std::fs::write(
+            &sink_config,
+            std::fs::read_to_string(&config).expect("config").replace(
+                &format!("listen: 127.0.0.1:{metrics}"),
+                &format!("listen: 127.0.0.1:{sink_metrics}"),
+            ),
+        )
+        .expect("sink config");
+        let daemon = Daemon::start(
+            &[
+                "run",
+                "-c",
+                &sink_config.display().to_string(),
+                "--role",
+                "sink",
+            ],
+            &work.join("tidelink-sink.log"),
+        );
+        (daemon, sink_metrics)
+    });
+    if let Some((_, port)) = &sink_daemon {
+        wait_ready(*port).await;
+    }
+    let pids: Vec<u32> = std::iter::once(daemon.pid())
+        .chain(sink_daemon.as_ref().map(|(d, _)| d.pid()))
+        .collect();
+    let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let started = Instant::now();
     let changes = pg_workload(&s, rows).await;
     assert!(
@@ -219,8 +253,14 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
         "tidelink did not catch up"
     );
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(daemon.pid()) - cpu_before;
+    let cpu = pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>() - cpu_before;
     let rss = peak_rss_mib(daemon.pid());
+    if let Some((sink, _)) = &sink_daemon {
+        println!(
+            "split roles: source process peak RSS {rss:.0} MiB, sink process {:.0} MiB",
+            peak_rss_mib(sink.pid())
+        );
+    }
     // Latency at half the measured rate, single-row transactions, for 15 s.
     let latency_rate = ((changes as f64 / seconds) / 2.0).clamp(100.0, 20_000.0) as u64;
     let per_tick = (latency_rate / 100).max(1);
@@ -258,6 +298,9 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
         .await
         .expect("latency");
     let (p50, p99): (f64, f64) = (row.get(0), row.get(1));
+    if let Some((sink, _)) = sink_daemon {
+        let _ = sink.terminate(Duration::from_secs(30));
+    }
     let _ = daemon.terminate(Duration::from_secs(30));
     EndToEnd {
         seconds,
