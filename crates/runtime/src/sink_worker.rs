@@ -132,7 +132,9 @@ pub async fn run_worker<S: Sink + 'static>(
     let dead_letter_topic = ctx.sink.dead_letter_topic(&ctx.pipeline, &ctx.kafka);
     admin::ensure_topics(&ctx.kafka, std::slice::from_ref(&dead_letter_topic)).await?;
     let dead_letters = EventProducer::new(&ctx.kafka)?;
-    let (events_tx, mut events) = mpsc::channel(ctx.sink.batch_size.max(1024) * 2);
+    // One batch waits here while the previous one is applied; librdkafka's fetch queue holds
+    // the next (client_config.rs). Deeper queues only add memory (docs/tuning.md).
+    let (events_tx, mut events) = mpsc::channel(ctx.sink.batch_size.max(1024));
     let loader = Arc::new(BlockingOffsetLoader {
         sink: tokio::sync::Mutex::new(offset_sink),
         runtime: tokio::runtime::Handle::current(),
