@@ -8,8 +8,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tidelink_runtime::{run_pipelines, Metrics, Role, Shutdown};
 
+#[cfg(not(target_env = "msvc"))]
+mod allocator_metrics;
+
 // jemalloc: the daemon allocates and frees row images and messages at a high rate from
-// several threads, where glibc's malloc spent a fifth of the workers' CPU (docs/tuning.md).
+// several threads, where glibc's malloc spent a fifth of the workers' CPU. It also serves
+// the C libraries' malloc (librdkafka's buffers): under glibc those held most of the
+// daemon's memory, fragmented over per-thread arenas (docs/tuning.md).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -419,6 +424,8 @@ async fn run(
             .await
             .with_context(|| format!("cannot listen on {listen} for /metrics (metrics.listen)"))?;
         drop(listener);
+        #[cfg(not(target_env = "msvc"))]
+        allocator_metrics::spawn(&metrics.registry, shutdown.clone());
         let server = metrics.clone().serve(listen, shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = server.await {
