@@ -1,14 +1,14 @@
 //! The daemon's heap as its allocator (jemalloc) sees it, on `/metrics`: what tidelink's
-//! own Rust code holds (`allocated`) and the pages the allocator keeps for it (`resident`).
-//! The process RSS minus `resident` is what C libraries (librdkafka, OpenSSL) and thread
-//! stacks use, so the three together show where memory goes.
+//! code and the C libraries it links (librdkafka, OpenSSL; jemalloc serves their `malloc`
+//! too) hold (`allocated`), and the pages the allocator keeps for them (`resident`). The
+//! process RSS minus `resident` is mostly code and thread stacks.
 
 use prometheus::{IntGauge, Opts, Registry};
 use std::time::Duration;
 use tidelink_runtime::Shutdown;
 use tikv_jemalloc_ctl::{epoch, stats};
 
-/// Bytes the daemon's Rust code has allocated and not freed.
+/// Bytes the daemon (its own code and librdkafka) has allocated and not freed.
 pub const ALLOCATED: &str = "tidelink_allocator_allocated_bytes";
 /// Bytes in physically resident pages the allocator holds (allocated, fragmentation and
 /// freed pages not yet returned to the system).
@@ -26,7 +26,7 @@ pub fn spawn(registry: &Registry, shutdown: Shutdown) {
     };
     let allocated = gauge(
         ALLOCATED,
-        "Bytes tidelink's own code has allocated (jemalloc stats.allocated)",
+        "Bytes tidelink and librdkafka have allocated (jemalloc stats.allocated)",
     );
     let resident = gauge(
         RESIDENT,
