@@ -1,15 +1,14 @@
 //! Topic routing: two shards of a table share one topic (`kafka.routes`), keys that collide
 //! across the shards stay apart, and the sink replays each change into its own table.
 
+use std::path::PathBuf;
 use std::time::Duration;
 use tidelink_integration_tests::PgPipeline;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn routed_tables_share_one_topic_and_arrive_in_their_own_tables() {
-    let schema = "CREATE TABLE orders_2024 (id int PRIMARY KEY, amount int);
-                  CREATE TABLE orders_2025 (id int PRIMARY KEY, amount int);";
-    let p = PgPipeline::start(schema).await;
-    let config = p.write_config_without_snapshot("routes.yaml", "");
+/// The pipeline's config, streaming only (no snapshot), with the `orders_*` shards routed
+/// into one topic `it.public.orders`.
+fn write_routed_config(p: &PgPipeline, sink_extra: &str) -> PathBuf {
+    let config = p.write_config_without_snapshot("routes.yaml", sink_extra);
     let yaml = std::fs::read_to_string(&config).expect("config");
     std::fs::write(
         &config,
@@ -19,6 +18,15 @@ async fn routed_tables_share_one_topic_and_arrive_in_their_own_tables() {
         ),
     )
     .expect("write config");
+    config
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routed_tables_share_one_topic_and_arrive_in_their_own_tables() {
+    let schema = "CREATE TABLE orders_2024 (id int PRIMARY KEY, amount int);
+                  CREATE TABLE orders_2025 (id int PRIMARY KEY, amount int);";
+    let p = PgPipeline::start(schema).await;
+    let config = write_routed_config(&p, "");
     let daemon = p.run_ready(&config, "run.log").await;
     // The same ids in both shards: one key, one partition, two tables.
     p.source
@@ -52,16 +60,7 @@ async fn a_new_shard_in_a_known_routed_topic_gets_its_target_table_created() {
         "",
     )
     .await;
-    let config = p.write_config_without_snapshot("routes.yaml", "          create_tables: true\n");
-    let yaml = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        yaml.replace(
-            "      partitions: 4\n",
-            "      partitions: 4\n      routes:\n        - tables: [public.orders_*]\n          topic: it.public.orders\n",
-        ),
-    )
-    .expect("write config");
+    let config = write_routed_config(&p, "          create_tables: true\n");
     let daemon = p.run_ready(&config, "run.log").await;
     let app = p.source.client("app").await;
     app.batch_execute("INSERT INTO orders_2024 SELECT g, g FROM generate_series(1, 500) g")
