@@ -2,7 +2,7 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|mariadb]` (N inserts,
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once).
 
 use std::fmt::Write as _;
@@ -347,6 +347,45 @@ async fn big_transaction(rows: u64, work: &std::path::Path) -> (f64, f64) {
     let rss = peak_rss_mib(daemon.pid());
     let _ = daemon.terminate(Duration::from_secs(30));
     (rss, seconds)
+}
+
+/// CPU the daemon spends while nothing changes: a PostgreSQL pipeline with one sink that
+/// has replayed a few rows, measured over 30 s (after 5 s to settle). Spinning threads,
+/// such as a poll loop that stops blocking near its deadline, show up here first.
+async fn idle_cpu(work: &std::path::Path) -> f64 {
+    const SECONDS: u64 = 30;
+    let (source, target, s, t) = two_clusters().await;
+    let broker = Broker::start();
+    let metrics = free_port();
+    let dir = work.join("idle");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = write_config(
+        &dir,
+        metrics,
+        &source.dsn("app"),
+        &broker.bootstrap(),
+        &target.dsn("replica"),
+    );
+    let daemon = Daemon::start(
+        &["run", "-c", &config.display().to_string()],
+        &dir.join("tidelink.log"),
+    );
+    wait_ready(metrics).await;
+    s.batch_execute(
+        "INSERT INTO bench SELECT g, 'account', 1.0, 'new', now() FROM generate_series(1, 10) g",
+    )
+    .await
+    .expect("a few rows");
+    assert!(
+        wait_equal(&s, &t, Duration::from_secs(120)).await,
+        "tidelink did not replay the first rows"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = cpu_seconds(daemon.pid());
+    tokio::time::sleep(Duration::from_secs(SECONDS)).await;
+    let used = cpu_seconds(daemon.pid()) - before;
+    let _ = daemon.terminate(Duration::from_secs(30));
+    used * 1000.0 / SECONDS as f64
 }
 
 /// The same workload through native logical replication (publication + subscription).
@@ -764,6 +803,15 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
 }
 
 /// Measures `--direct` against the COPY pipe and adds the three lines of the table.
+async fn report_idle(r: &mut Results, work: &std::path::Path) {
+    let ms_per_s = idle_cpu(work).await;
+    r.add(
+        "CPU of the idle daemon (one pipeline, one sink)",
+        format!("{ms_per_s:.1} ms/s"),
+        "",
+    );
+}
+
 async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     let (direct_s, copy_s) = direct_versus_copy(rows, work).await;
     r.add(
@@ -855,6 +903,10 @@ async fn main() {
             format!("{rss:.0} MiB"),
             &format!("{seconds:.1} s until applied"),
         );
+        return;
+    }
+    if arg("--only").as_deref() == Some("idle") {
+        report_idle(&mut r, work.path()).await;
         return;
     }
     if arg("--only").as_deref() == Some("mariadb") {
@@ -970,6 +1022,7 @@ async fn main() {
         format!("{:.0} ms", e2e.p99_ms),
         "",
     );
+    report_idle(&mut r, work.path()).await;
     report_direct(&mut r, rows, work.path()).await;
     let (m_tidelink, m_native) = report_mariadb(&mut r, rows, work.path()).await;
     r.add(
