@@ -53,7 +53,17 @@ pub mod names {
     /// 1 while a component is connected and streaming.
     pub const COMPONENT_UP: &str = "tidelink_component_up";
 
-    /// Every series tidelink exports.
+    /// Bytes the daemon (its own code and the C libraries whose `malloc` jemalloc serves)
+    /// has allocated and not freed. Registered by the binary, which owns the allocator.
+    pub const ALLOCATOR_ALLOCATED: &str = "tidelink_allocator_allocated_bytes";
+    /// Bytes in physically resident pages the allocator holds (allocated, fragmentation
+    /// and freed pages not yet returned to the system). Registered by the binary.
+    pub const ALLOCATOR_RESIDENT: &str = "tidelink_allocator_resident_bytes";
+
+    /// The allocator's series, which the `tidelink` binary registers beside [`ALL`].
+    pub const ALLOCATOR: &[&str] = &[ALLOCATOR_ALLOCATED, ALLOCATOR_RESIDENT];
+
+    /// Every series [`Metrics`](super::Metrics) registers.
     pub const ALL: &[&str] = &[
         SOURCE_EVENTS,
         SOURCE_LAG,

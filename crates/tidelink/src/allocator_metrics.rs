@@ -8,11 +8,9 @@ use std::time::Duration;
 use tidelink_runtime::Shutdown;
 use tikv_jemalloc_ctl::{epoch, stats};
 
-/// Bytes the daemon (its own code and librdkafka) has allocated and not freed.
-pub const ALLOCATED: &str = "tidelink_allocator_allocated_bytes";
-/// Bytes in physically resident pages the allocator holds (allocated, fragmentation and
-/// freed pages not yet returned to the system).
-pub const RESIDENT: &str = "tidelink_allocator_resident_bytes";
+use tidelink_runtime::metrics::names::{
+    ALLOCATOR_ALLOCATED as ALLOCATED, ALLOCATOR_RESIDENT as RESIDENT,
+};
 
 /// Registers the gauges and refreshes them every second until shutdown. Statistics the
 /// allocator cannot give are logged once and the gauges stay at zero.
