@@ -600,17 +600,7 @@ impl PgPipeline {
     /// A copy of `config` named `name` whose metrics listen on a port of their own, for a
     /// second process (`--role sink`) beside the first; returns its path and port.
     pub fn copy_with_own_metrics_port(&self, config: &Path, name: &str) -> (PathBuf, u16) {
-        let port = free_port();
-        let path = self.work.path().join(name);
-        std::fs::write(
-            &path,
-            std::fs::read_to_string(config).expect("config").replace(
-                &format!("listen: 127.0.0.1:{}", self.metrics_port),
-                &format!("listen: 127.0.0.1:{port}"),
-            ),
-        )
-        .expect("write config");
-        (path, port)
+        copy_config_with_metrics_port(config, self.metrics_port, &self.work.path().join(name))
     }
 
     /// Runs `tidelink verify -c <config> --pipeline <pipeline> <extra…>` to its end (up to
@@ -857,4 +847,19 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     Some(response)
+}
+
+/// Copies the config at `config` to `to`, moving its metrics listener from port `from` to a
+/// free one (for a second daemon on the same config); returns the copy and the new port.
+pub fn copy_config_with_metrics_port(config: &Path, from: u16, to: &Path) -> (PathBuf, u16) {
+    let port = free_port();
+    std::fs::write(
+        to,
+        std::fs::read_to_string(config).expect("config").replace(
+            &format!("listen: 127.0.0.1:{from}"),
+            &format!("listen: 127.0.0.1:{port}"),
+        ),
+    )
+    .expect("write config");
+    (to.to_path_buf(), port)
 }

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidelink_integration_tests::mariadb::MariaDb;
-use tidelink_integration_tests::{free_port, http_get, Broker, Daemon, PgCluster, PG_BIN};
+use tidelink_integration_tests::{
+    copy_config_with_metrics_port, free_port, http_get, Broker, Daemon, PgCluster, PG_BIN,
+};
 use tokio_postgres::Client;
 
 const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, account text NOT NULL, amount numeric(12,2) NOT NULL, \
@@ -217,16 +219,8 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
     );
     wait_ready(metrics).await;
     let sink_daemon = split.then(|| {
-        let sink_metrics = free_port();
-        let sink_config = work.join("bench-sink.yaml");
-        std::fs::write(
-            &sink_config,
-            std::fs::read_to_string(&config).expect("config").replace(
-                &format!("listen: 127.0.0.1:{metrics}"),
-                &format!("listen: 127.0.0.1:{sink_metrics}"),
-            ),
-        )
-        .expect("sink config");
+        let (sink_config, sink_metrics) =
+            copy_config_with_metrics_port(&config, metrics, &work.join("bench-sink.yaml"));
         let daemon = Daemon::start(
             &[
                 "run",
