@@ -307,39 +307,64 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
     }
 }
 
+/// A fresh PostgreSQL → tansu → PostgreSQL pipeline with its daemon running and ready; its
+/// config and log live in `dir`. Fields drop in order: the daemon first, the servers last.
+/// Bind it whole (`let p = …`): a destructuring `let` would drop the servers at once.
+struct FreshPipeline {
+    daemon: Daemon,
+    _broker: Broker,
+    s: Client,
+    t: Client,
+    _source: PgCluster,
+    _target: PgCluster,
+}
+
+impl FreshPipeline {
+    async fn start(dir: &std::path::Path) -> Self {
+        let (source, target, s, t) = two_clusters().await;
+        let broker = Broker::start();
+        let metrics = free_port();
+        std::fs::create_dir_all(dir).expect("dir");
+        let config = write_config(
+            dir,
+            metrics,
+            &source.dsn("app"),
+            &broker.bootstrap(),
+            &target.dsn("replica"),
+        );
+        let daemon = Daemon::start(
+            &["run", "-c", &config.display().to_string()],
+            &dir.join("tidelink.log"),
+        );
+        wait_ready(metrics).await;
+        Self {
+            daemon,
+            _broker: broker,
+            s,
+            t,
+            _source: source,
+            _target: target,
+        }
+    }
+}
+
 /// One transaction inserting `rows` rows through a fresh pipeline: the daemon's peak RSS
 /// until the target holds them all, and the seconds that took.
 async fn big_transaction(rows: u64, work: &std::path::Path) -> (f64, f64) {
-    let (source, target, s, t) = two_clusters().await;
-    let broker = Broker::start();
-    let metrics = free_port();
-    let dir = work.join("big-transaction");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = write_config(
-        &dir,
-        metrics,
-        &source.dsn("app"),
-        &broker.bootstrap(),
-        &target.dsn("replica"),
-    );
-    let daemon = Daemon::start(
-        &["run", "-c", &config.display().to_string()],
-        &dir.join("tidelink.log"),
-    );
-    wait_ready(metrics).await;
+    let p = FreshPipeline::start(&work.join("big-transaction")).await;
     let started = Instant::now();
-    s.batch_execute(&format!(
+    p.s.batch_execute(&format!(
         "INSERT INTO bench SELECT g, 'account ' || (g % 5000), (g % 100000) / 100.0, 'new', now() FROM generate_series(1, {rows}) g"
     ))
     .await
     .expect("one big transaction");
     assert!(
-        wait_equal(&s, &t, Duration::from_secs(3600)).await,
+        wait_equal(&p.s, &p.t, Duration::from_secs(3600)).await,
         "tidelink did not catch up with the big transaction"
     );
     let seconds = started.elapsed().as_secs_f64();
-    let rss = peak_rss_mib(daemon.pid());
-    let _ = daemon.terminate(Duration::from_secs(30));
+    let rss = peak_rss_mib(p.daemon.pid());
+    let _ = p.daemon.terminate(Duration::from_secs(30));
     (rss, seconds)
 }
 
@@ -348,37 +373,21 @@ async fn big_transaction(rows: u64, work: &std::path::Path) -> (f64, f64) {
 /// such as a poll loop that stops blocking near its deadline, show up here first.
 async fn idle_cpu(work: &std::path::Path) -> f64 {
     const SECONDS: u64 = 30;
-    let (source, target, s, t) = two_clusters().await;
-    let broker = Broker::start();
-    let metrics = free_port();
-    let dir = work.join("idle");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = write_config(
-        &dir,
-        metrics,
-        &source.dsn("app"),
-        &broker.bootstrap(),
-        &target.dsn("replica"),
-    );
-    let daemon = Daemon::start(
-        &["run", "-c", &config.display().to_string()],
-        &dir.join("tidelink.log"),
-    );
-    wait_ready(metrics).await;
-    s.batch_execute(
+    let p = FreshPipeline::start(&work.join("idle")).await;
+    p.s.batch_execute(
         "INSERT INTO bench SELECT g, 'account', 1.0, 'new', now() FROM generate_series(1, 10) g",
     )
     .await
     .expect("a few rows");
     assert!(
-        wait_equal(&s, &t, Duration::from_secs(120)).await,
+        wait_equal(&p.s, &p.t, Duration::from_secs(120)).await,
         "tidelink did not replay the first rows"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = cpu_seconds(daemon.pid());
+    let before = cpu_seconds(p.daemon.pid());
     tokio::time::sleep(Duration::from_secs(SECONDS)).await;
-    let used = cpu_seconds(daemon.pid()) - before;
-    let _ = daemon.terminate(Duration::from_secs(30));
+    let used = cpu_seconds(p.daemon.pid()) - before;
+    let _ = p.daemon.terminate(Duration::from_secs(30));
     used * 1000.0 / SECONDS as f64
 }
 
@@ -796,7 +805,7 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
     (tidelink, native, changes)
 }
 
-/// Measures `--direct` against the COPY pipe and adds the three lines of the table.
+/// Measures the idle daemon's CPU and adds its line of the table.
 async fn report_idle(r: &mut Results, work: &std::path::Path) {
     let ms_per_s = idle_cpu(work).await;
     r.add(
@@ -806,6 +815,7 @@ async fn report_idle(r: &mut Results, work: &std::path::Path) {
     );
 }
 
+/// Measures `--direct` against the COPY pipe and adds the three lines of the table.
 async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     let (direct_s, copy_s) = direct_versus_copy(rows, work).await;
     r.add(
