@@ -30,8 +30,8 @@ download() {
     echo "$work/$crate-$version"
 }
 
-# install CRATE SRC: applies vendor/patches/CRATE/*.patch to SRC and moves it to vendor/CRATE.
-install() {
+# patch_into_vendor CRATE SRC: applies vendor/patches/CRATE/*.patch to SRC and moves it to vendor/CRATE.
+patch_into_vendor() {
     local crate="$1" src="$2" patch count=0
     for patch in "$root/vendor/patches/$crate"/*.patch; do
         [ -e "$patch" ] || continue
@@ -54,8 +54,8 @@ rm -rf "$lib/tests" "$lib/examples" "$lib/win32" "$lib/packaging" "$lib/debian" 
     "$src/simple_producer.rs"
 mkdir -p "$lib/packaging"
 mv "$work/get_version.py" "$lib/packaging/get_version.py"
-install rdkafka-sys "$src"
+patch_into_vendor rdkafka-sys "$src"
 
 # The Rust client, whole (about 0.6 MB; its manifest names its tests and examples).
 src="$(download rdkafka "$RDKAFKA_VERSION" "$RDKAFKA_SHA256")"
-install rdkafka "$src"
+patch_into_vendor rdkafka "$src"
