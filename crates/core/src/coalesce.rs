@@ -26,25 +26,85 @@ pub struct TableBatch<'a> {
     pub table: &'a TableId,
     /// The source's column definitions, if a change carried them.
     pub source_columns: Option<std::sync::Arc<[u8]>>,
-    /// Keys (their JSON text) in the order first seen.
-    pub order: Vec<String>,
-    /// Per key: the key columns and what to do.
-    pub pending: HashMap<String, (&'a Row, Pending<'a>)>,
+    /// Per key, in the order first seen: the key columns and what to do.
+    pub entries: Vec<(&'a Row, Pending<'a>)>,
+}
+
+/// Rows written by one statement: same columns set, same conflict handling.
+pub struct UpsertGroup<'a> {
+    /// The columns the rows set (unavailable ones left out), in the rows' order.
+    pub columns: Vec<&'a str>,
+    /// Inserted only where the target has no row with the key (backfill reads).
+    pub if_absent: bool,
+    /// Per row: its key columns and its image.
+    pub rows: Vec<(&'a Row, &'a Row)>,
+}
+
+impl TableBatch<'_> {
+    /// The keys to delete, and the upserts grouped by statement (columns set and conflict
+    /// handling), groups in first-seen order. A row's shape is compared with the groups'
+    /// without building anything, so rows cost no allocation beyond their place in a group.
+    pub fn statements(&self) -> (Vec<&Row>, Vec<UpsertGroup<'_>>) {
+        let mut deletes = Vec::new();
+        let mut groups: Vec<UpsertGroup<'_>> = Vec::new();
+        let mut last = 0;
+        for (key, pending) in &self.entries {
+            let (row, if_absent) = match pending {
+                Pending::Delete => {
+                    deletes.push(*key);
+                    continue;
+                }
+                Pending::Upsert(row) => (row.as_ref(), false),
+                Pending::InsertIfAbsent(row) => (row.as_ref(), true),
+            };
+            let fits =
+                |g: &UpsertGroup<'_>| g.if_absent == if_absent && sets_exactly(row, &g.columns);
+            let i = if groups.get(last).is_some_and(fits) {
+                last
+            } else if let Some(i) = groups.iter().position(fits) {
+                i
+            } else {
+                groups.push(UpsertGroup {
+                    columns: set_columns(row).collect(),
+                    if_absent,
+                    rows: Vec::new(),
+                });
+                groups.len() - 1
+            };
+            groups[i].rows.push((*key, row));
+            last = i;
+        }
+        (deletes, groups)
+    }
+}
+
+/// The columns an image sets: all but the unavailable (unchanged TOAST) ones.
+fn set_columns(row: &Row) -> impl Iterator<Item = &str> {
+    row.iter()
+        .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
+        .map(|(c, _)| c.as_str())
+}
+
+fn sets_exactly(row: &Row, columns: &[&str]) -> bool {
+    let mut set = set_columns(row);
+    columns.iter().all(|c| set.next() == Some(*c)) && set.next().is_none()
 }
 
 /// Groups changes by table and coalesces them per key; a change without key or image is
 /// rejected.
 pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
     let mut batches: Vec<TableBatch<'_>> = Vec::new();
+    // Per table (same index as `batches`): each key's JSON text and its place in `entries`.
+    let mut keys: Vec<HashMap<String, usize>> = Vec::new();
     let mut index: HashMap<&TableId, usize> = HashMap::new();
     for change in changes {
         let i = *index.entry(&change.table).or_insert_with(|| {
             batches.push(TableBatch {
                 table: &change.table,
                 source_columns: change.source_columns.clone(),
-                order: Vec::new(),
-                pending: HashMap::new(),
+                entries: Vec::new(),
             });
+            keys.push(HashMap::new());
             batches.len() - 1
         });
         let batch = &mut batches[i];
@@ -55,18 +115,20 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
             )));
         }
         let key_text = serde_json::to_string(&change.key).expect("a JSON map always serializes");
+        let slot = keys[i].get(&key_text).copied();
+        let earlier = slot.map(|s| &batch.entries[s].1);
         let next = match (change.op, &change.after) {
             (Op::Delete, _) => Pending::Delete,
-            (Op::Read, Some(after)) => match batch.pending.get(&key_text) {
+            (Op::Read, Some(after)) => match earlier {
                 // A streamed change in this batch is newer than any snapshot of the row.
-                Some((_, Pending::Upsert(_))) => continue,
+                Some(Pending::Upsert(_)) => continue,
                 // Deleted and read again: the read is the row's state now.
-                Some((_, Pending::Delete)) => Pending::Upsert(Cow::Borrowed(after)),
+                Some(Pending::Delete) => Pending::Upsert(Cow::Borrowed(after)),
                 _ => Pending::InsertIfAbsent(Cow::Borrowed(after)),
             },
             (_, Some(after)) => {
                 let mut row = Cow::Borrowed(after);
-                if let Some((_, Pending::Upsert(previous))) = batch.pending.get(&key_text) {
+                if let Some(Pending::Upsert(previous)) = earlier {
                     let unavailable = |v: &serde_json::Value| v.as_str() == Some(UNAVAILABLE_VALUE);
                     if after.values().any(unavailable) {
                         for (column, value) in row.to_mut().iter_mut() {
@@ -89,10 +151,13 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
                 )))
             }
         };
-        if !batch.pending.contains_key(&key_text) {
-            batch.order.push(key_text.clone());
+        match slot {
+            Some(s) => batch.entries[s] = (&change.key, next),
+            None => {
+                keys[i].insert(key_text, batch.entries.len());
+                batch.entries.push((&change.key, next));
+            }
         }
-        batch.pending.insert(key_text, (&change.key, next));
     }
     Ok(batches)
 }
@@ -118,4 +183,124 @@ pub fn truncate_segments(
         start = end + 1;
         Some((segment, truncate))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MessageOrigin;
+    use serde_json::json;
+
+    fn change(op: Op, id: i64, after: Option<serde_json::Value>) -> SinkChange {
+        let mut key = Row::new();
+        key.insert("id".into(), json!(id));
+        SinkChange {
+            table: TableId::new("public", "t"),
+            op,
+            key,
+            after: after.map(|a| match a {
+                serde_json::Value::Object(row) => row,
+                _ => unreachable!("test images are objects"),
+            }),
+            origin: MessageOrigin {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+            },
+            source_columns: None,
+        }
+    }
+
+    fn upsert_rows<'a>(group: &UpsertGroup<'a>) -> Vec<&'a serde_json::Value> {
+        group.rows.iter().map(|(key, _)| &key["id"]).collect()
+    }
+
+    #[test]
+    fn last_state_per_key_in_first_seen_order() {
+        let changes = [
+            change(Op::Create, 1, Some(json!({"id": 1, "v": "a"}))),
+            change(Op::Create, 2, Some(json!({"id": 2, "v": "b"}))),
+            change(Op::Update, 1, Some(json!({"id": 1, "v": "c"}))),
+            change(Op::Delete, 2, None),
+            change(Op::Create, 3, Some(json!({"id": 3, "v": "d"}))),
+        ];
+        let batches = coalesce(&changes).expect("valid batch");
+        assert_eq!(batches.len(), 1);
+        let (deletes, groups) = batches[0].statements();
+        assert_eq!(deletes.len(), 1);
+        assert_eq!(deletes[0]["id"], json!(2));
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].columns, ["id", "v"]);
+        assert_eq!(upsert_rows(&groups[0]), [&json!(1), &json!(3)]);
+        assert_eq!(groups[0].rows[0].1["v"], json!("c"));
+    }
+
+    #[test]
+    fn statements_group_rows_by_the_columns_they_set() {
+        let unavailable = UNAVAILABLE_VALUE;
+        let changes = [
+            change(
+                Op::Update,
+                1,
+                Some(json!({"id": 1, "big": unavailable, "v": "a"})),
+            ),
+            change(Op::Update, 2, Some(json!({"id": 2, "big": "x", "v": "b"}))),
+            change(
+                Op::Update,
+                3,
+                Some(json!({"id": 3, "big": unavailable, "v": "c"})),
+            ),
+            change(Op::Read, 4, Some(json!({"id": 4, "big": "y", "v": "d"}))),
+        ];
+        let batches = coalesce(&changes).expect("valid batch");
+        let (deletes, groups) = batches[0].statements();
+        assert!(deletes.is_empty());
+        let shapes: Vec<(Vec<&str>, bool, Vec<&serde_json::Value>)> = groups
+            .iter()
+            .map(|g| (g.columns.clone(), g.if_absent, upsert_rows(g)))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (vec!["id", "v"], false, vec![&json!(1), &json!(3)]),
+                (vec!["big", "id", "v"], false, vec![&json!(2)]),
+                (vec!["big", "id", "v"], true, vec![&json!(4)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn unavailable_columns_are_filled_from_an_earlier_change_of_the_batch() {
+        let changes = [
+            change(Op::Create, 1, Some(json!({"id": 1, "big": "x", "v": "a"}))),
+            change(
+                Op::Update,
+                1,
+                Some(json!({"id": 1, "big": UNAVAILABLE_VALUE, "v": "b"})),
+            ),
+        ];
+        let batches = coalesce(&changes).expect("valid batch");
+        let (_, groups) = batches[0].statements();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].columns, ["big", "id", "v"]);
+        assert_eq!(groups[0].rows[0].1["big"], json!("x"));
+        assert_eq!(groups[0].rows[0].1["v"], json!("b"));
+    }
+
+    #[test]
+    fn a_read_never_overwrites_a_streamed_change_of_the_batch() {
+        let changes = [
+            change(Op::Update, 1, Some(json!({"id": 1, "v": "new"}))),
+            change(Op::Read, 1, Some(json!({"id": 1, "v": "old"}))),
+            change(Op::Delete, 2, None),
+            change(Op::Read, 2, Some(json!({"id": 2, "v": "again"}))),
+        ];
+        let batches = coalesce(&changes).expect("valid batch");
+        let (deletes, groups) = batches[0].statements();
+        assert!(deletes.is_empty());
+        assert_eq!(groups.len(), 1, "both are plain upserts");
+        assert!(!groups[0].if_absent);
+        assert_eq!(groups[0].rows[0].1["v"], json!("new"));
+        assert_eq!(groups[0].rows[1].1["v"], json!("again"));
+    }
 }

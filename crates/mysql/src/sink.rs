@@ -16,10 +16,10 @@ use crate::values::json_to_literal;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use std::collections::HashMap;
-use tidelink_core::coalesce::{coalesce, truncate_segments, Pending, TableBatch};
+use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
 use tidelink_core::{
     ColumnDefinition, OffsetAdvance, Row, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
-    TableId, TidelinkError, TopicPartition, UNAVAILABLE_VALUE,
+    TableId, TidelinkError, TopicPartition,
 };
 
 /// Statements are kept below this size (the server's max_allowed_packet is 16 MiB by
@@ -46,10 +46,6 @@ pub(crate) struct TargetTable {
     pub(crate) quoted: String,
     pub(crate) columns: HashMap<String, ColumnInfo>,
 }
-
-/// What one INSERT statement covers: the columns present, and whether it only inserts
-/// rows the target lacks (backfill reads).
-type StatementShape = (Vec<String>, bool);
 
 /// A MySQL or MariaDB target.
 pub struct MysqlSink {
@@ -240,34 +236,15 @@ impl MysqlSink {
             .target_table(batch.table, batch.source_columns.as_deref())
             .await?;
         let table = batch.table;
-        let mut deletes: Vec<String> = Vec::new();
-        let mut delete_columns: Vec<String> = Vec::new();
-        // Upserts grouped by (columns present, insert-if-absent).
-        let mut upserts: Vec<(StatementShape, Vec<String>)> = Vec::new();
-        for k in &batch.order {
-            let (key, pending) = &batch.pending[k];
-            match pending {
-                Pending::Delete => {
-                    if delete_columns.is_empty() {
-                        delete_columns = key.keys().cloned().collect();
-                    }
-                    deletes.push(tuple(&target, table, key, &delete_columns)?);
-                }
-                Pending::Upsert(row) | Pending::InsertIfAbsent(row) => {
-                    let columns: Vec<String> = row
-                        .iter()
-                        .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
-                        .map(|(c, _)| c.clone())
-                        .collect();
-                    let shape = (columns, matches!(pending, Pending::InsertIfAbsent(_)));
-                    let values = tuple(&target, table, row, &shape.0)?;
-                    match upserts.iter_mut().find(|(s, _)| *s == shape) {
-                        Some((_, rows)) => rows.push(values),
-                        None => upserts.push((shape, vec![values])),
-                    }
-                }
-            }
-        }
+        let (deleted_keys, upserts) = batch.statements();
+        let delete_columns: Vec<&str> = deleted_keys
+            .first()
+            .map(|key| key.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let deletes = deleted_keys
+            .iter()
+            .map(|key| tuple(&target, table, key, &delete_columns))
+            .collect::<Result<Vec<_>, _>>()?;
         if !deletes.is_empty() {
             let head = format!(
                 "DELETE FROM {} WHERE ({}) IN (",
@@ -279,9 +256,19 @@ impl MysqlSink {
                     .await?;
             }
         }
-        for ((columns, if_absent), rows) in upserts {
-            let key_columns: Vec<&String> = columns
+        for UpsertGroup {
+            columns,
+            if_absent,
+            rows,
+        } in upserts
+        {
+            let rows = rows
                 .iter()
+                .map(|(_, row)| tuple(&target, table, row, &columns))
+                .collect::<Result<Vec<_>, _>>()?;
+            let key_columns: Vec<&str> = columns
+                .iter()
+                .copied()
                 .filter(|c| target.columns.get(*c).is_some_and(|t| t.key))
                 .collect();
             let updates: Vec<String> = if if_absent {
@@ -299,7 +286,7 @@ impl MysqlSink {
                     .collect()
             };
             let on_duplicate = if updates.is_empty() {
-                let first = quote_ident(&columns[0]);
+                let first = quote_ident(columns[0]);
                 format!(" ON DUPLICATE KEY UPDATE {first} = {first}")
             } else {
                 format!(" ON DUPLICATE KEY UPDATE {}", updates.join(", "))
@@ -351,10 +338,10 @@ pub(crate) fn tuple(
     target: &TargetTable,
     table: &TableId,
     row: &Row,
-    columns: &[String],
+    columns: &[impl AsRef<str>],
 ) -> Result<String, SinkError> {
     let mut out = String::from("(");
-    for (i, c) in columns.iter().enumerate() {
+    for (i, c) in columns.iter().map(AsRef::as_ref).enumerate() {
         let column = target.columns.get(c).ok_or_else(|| {
             SinkError::Rejected(format!("target table {table} has no column `{c}`"))
         })?;
@@ -393,10 +380,10 @@ pub(crate) fn statements(head: &str, tail: &str, items: &[String]) -> Vec<String
     out
 }
 
-pub(crate) fn quoted_list(items: &[String]) -> String {
+pub(crate) fn quoted_list(items: &[impl AsRef<str>]) -> String {
     items
         .iter()
-        .map(|s| quote_ident(s))
+        .map(|s| quote_ident(s.as_ref()))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -21,10 +21,10 @@ use crate::catalog::TypeCache;
 use crate::connection::{connect, describe, is_transient_state, quote_ident, quote_table};
 use crate::types::{json_to_text, target_kind, TargetKind};
 use std::collections::HashMap;
-use tidelink_core::coalesce::{coalesce, truncate_segments, Pending, TableBatch};
+use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
 use tidelink_core::{
     OffsetAdvance, Row, Sink, SinkChange, SinkError, SourceOrder, TableId, TidelinkError,
-    TopicPartition, UNAVAILABLE_VALUE,
+    TopicPartition,
 };
 use tokio_postgres::{Client, Statement};
 
@@ -64,13 +64,6 @@ pub struct PgSink {
     types: TypeCache,
     statements: HashMap<String, Statement>,
 }
-
-/// A row's key and its new image.
-type KeyedRow<'a> = (&'a Row, &'a Row);
-
-/// What one INSERT statement covers: the columns present, and whether it only inserts rows
-/// the target lacks (backfill reads).
-type StatementShape = (Vec<String>, bool);
 
 impl PgSink {
     /// Connects and creates the state tables when absent.
@@ -249,7 +242,7 @@ impl PgSink {
         let mut tables = Vec::new();
         let mut ops = Vec::new();
         for c in changes {
-            topics.push(Some(c.origin.topic.clone()));
+            topics.push(Some(c.origin.topic.to_string()));
             partitions.push(Some(c.origin.partition.to_string()));
             offsets.push(Some(c.origin.offset.to_string()));
             tables.push(Some(c.table.to_string()));
@@ -272,28 +265,9 @@ impl PgSink {
         let target = self
             .target_table(batch.table, batch.source_columns.as_deref())
             .await?;
-        let mut deletes: Vec<&Row> = Vec::new();
-        let mut upserts: HashMap<StatementShape, Vec<KeyedRow<'_>>> = HashMap::new();
-        for k in &batch.order {
-            let (key, pending) = &batch.pending[k];
-            match pending {
-                Pending::Delete => deletes.push(key),
-                Pending::Upsert(row) | Pending::InsertIfAbsent(row) => {
-                    let if_absent = matches!(pending, Pending::InsertIfAbsent(_));
-                    let columns: Vec<String> = row
-                        .iter()
-                        .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
-                        .map(|(c, _)| c.clone())
-                        .collect();
-                    upserts
-                        .entry((columns, if_absent))
-                        .or_default()
-                        .push((key, row));
-                }
-            }
-        }
+        let (deletes, mut groups) = batch.statements();
         if !deletes.is_empty() {
-            let key_columns: Vec<String> = deletes[0].keys().cloned().collect();
+            let key_columns: Vec<&str> = deletes[0].keys().map(String::as_str).collect();
             let params =
                 column_params(&target, batch.table, &key_columns, deletes.iter().copied())?;
             let sql = format!(
@@ -307,14 +281,19 @@ impl PgSink {
             self.execute(sql, &params, &format!("deleting from {}", batch.table))
                 .await?;
         }
-        let mut groups: Vec<(StatementShape, Vec<KeyedRow<'_>>)> = upserts.into_iter().collect();
-        groups.sort_by(|a, b| a.0.cmp(&b.0));
-        for ((columns, if_absent), rows) in groups {
-            let key_columns: Vec<String> = rows[0].0.keys().cloned().collect();
+        groups.sort_by(|a, b| (&a.columns, a.if_absent).cmp(&(&b.columns, b.if_absent)));
+        for UpsertGroup {
+            columns,
+            if_absent,
+            rows,
+        } in groups
+        {
+            let key_columns: Vec<&str> = rows[0].0.keys().map(String::as_str).collect();
             let params =
                 column_params(&target, batch.table, &columns, rows.iter().map(|(_, r)| *r))?;
-            let updates: Vec<&String> = columns
+            let updates: Vec<&str> = columns
                 .iter()
+                .copied()
                 .filter(|c| !key_columns.contains(c))
                 .collect();
             let conflict = if updates.is_empty() || if_absent {
@@ -472,12 +451,12 @@ impl Sink for PgSink {
 fn column_params<'r>(
     target: &TargetTable,
     table: &TableId,
-    columns: &[String],
+    columns: &[&str],
     rows: impl Iterator<Item = &'r Row>,
 ) -> Result<Vec<Vec<Option<String>>>, SinkError> {
     let mut kinds = Vec::with_capacity(columns.len());
     for c in columns {
-        let column = target.columns.get(c).ok_or_else(|| {
+        let column = target.columns.get(*c).ok_or_else(|| {
             SinkError::Rejected(format!("target table {table} has no column `{c}`"))
         })?;
         kinds.push(&column.kind);
@@ -485,7 +464,7 @@ fn column_params<'r>(
     let mut params: Vec<Vec<Option<String>>> = vec![Vec::new(); columns.len()];
     for row in rows {
         for (i, c) in columns.iter().enumerate() {
-            let value = row.get(c).unwrap_or(&serde_json::Value::Null);
+            let value = row.get(*c).unwrap_or(&serde_json::Value::Null);
             let text = json_to_text(value, kinds[i])
                 .map_err(|e| SinkError::Rejected(format!("{table}.{c}: {e}")))?;
             params[i].push(text);
@@ -494,13 +473,13 @@ fn column_params<'r>(
     Ok(params)
 }
 
-fn casts(target: &TargetTable, columns: &[String]) -> String {
+fn casts(target: &TargetTable, columns: &[&str]) -> String {
     columns
         .iter()
         .map(|c| {
             let sql_type = target
                 .columns
-                .get(c)
+                .get(*c)
                 .map(|t| t.sql_type.as_str())
                 .unwrap_or("text");
             format!("u.{}::{}", quote_ident(c), sql_type)
@@ -516,10 +495,10 @@ fn placeholders(n: usize, first: usize) -> String {
         .join(", ")
 }
 
-fn quoted_list(items: &[String]) -> String {
+fn quoted_list(items: &[impl AsRef<str>]) -> String {
     items
         .iter()
-        .map(|s| quote_ident(s))
+        .map(|s| quote_ident(s.as_ref()))
         .collect::<Vec<_>>()
         .join(", ")
 }
