@@ -102,8 +102,8 @@ pub struct SinkChange {
 /// The Kafka coordinates of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageOrigin {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared by the changes of a batch).
+    pub topic: std::sync::Arc<str>,
     /// Partition.
     pub partition: i32,
     /// Offset.

@@ -2,7 +2,9 @@
 //!
 //! A dedicated thread drives an rdkafka consumer (cooperative-sticky assignment, no
 //! automatic offset commits) and forwards what happens, in order, over a bounded channel:
-//! partition assignments with the offsets the sink stored, messages, revocations. The
+//! partition assignments with the offsets the sink stored, messages (in runs of up to
+//! [`MAX_MESSAGES_PER_EVENT`], so a busy stream costs one channel hand-over per run rather
+//! than per message), revocations. The
 //! rebalance callback asks the sink for its stored offsets *before* assigning, so fetching
 //! starts exactly where the target's last committed batch ended; Kafka's own committed
 //! offsets are written only for monitoring (consumer lag) and never read back.
@@ -36,8 +38,8 @@ pub enum ConsumerEvent {
     Assigned(Vec<(TopicPartition, Option<i64>)>),
     /// These partitions were taken away; drop anything buffered for them.
     Revoked(Vec<TopicPartition>),
-    /// A message of an assigned partition.
-    Message(OwnedMessage),
+    /// Messages of assigned partitions, in the order polled (at least one).
+    Messages(Vec<OwnedMessage>),
     /// A consumer error worth reporting (the consumer keeps running).
     Error(String),
 }
@@ -46,7 +48,7 @@ struct RebalanceContext {
     loader: Arc<dyn OffsetLoader>,
     events: mpsc::Sender<ConsumerEvent>,
     stop: Arc<AtomicBool>,
-    /// Messages polled while the worker's channel was full (see `poll_loop`).
+    /// Messages polled and not yet handed to the worker (see `poll_loop`).
     held: Arc<Mutex<VecDeque<OwnedMessage>>>,
 }
 
@@ -293,7 +295,18 @@ impl Drop for SinkConsumer {
 /// How long the worker may leave its channel full before fetching pauses.
 const PAUSE_AFTER: Duration = Duration::from_secs(10);
 
+/// The most messages handed to the worker in one event: what one poll round takes from
+/// librdkafka's prefetched queue without waiting.
+pub const MAX_MESSAGES_PER_EVENT: usize = 256;
+
 /// Polls the consumer and hands events to the worker, waiting while its channel is full.
+///
+/// Polled messages queue in `held` and are handed over in runs, oldest first. The
+/// rebalance callback (which runs inside `poll`) drops held messages of the partitions
+/// that change hands before it reports the change, so a message of an older assignment
+/// never reaches the worker after the event that ended it; messages of other partitions
+/// keep their order.
+///
 /// When the worker stays behind for [`PAUSE_AFTER`] (its target is down), fetching pauses
 /// instead of the poll blocking: the group keeps seeing a live member however long the
 /// target is away (no `max.poll.interval.ms` expiry), the few messages already polled are
@@ -306,71 +319,77 @@ fn poll_loop(
     held: &Mutex<VecDeque<OwnedMessage>>,
 ) {
     let mut paused = false;
+    // Since when the worker's channel has been full.
+    let mut blocked_since: Option<std::time::Instant> = None;
+    let mut pause = Duration::from_micros(50);
     while !stop.load(Ordering::Relaxed) {
+        let holding = held.lock().map(|h| h.len()).unwrap_or(0);
         if paused {
-            // Hand over what is held, oldest first; resume once all of it is.
-            let mut closed = false;
-            if let Ok(mut held) = held.lock() {
-                while let Some(message) = held.pop_front() {
-                    match events.try_send(ConsumerEvent::Message(message)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(ConsumerEvent::Message(message))) => {
-                            held.push_front(message);
-                            break;
-                        }
-                        Err(_) => {
-                            closed = true;
-                            break;
-                        }
-                    }
+            // Nothing is fetched while paused: this poll keeps the group's session alive,
+            // serves rebalances and paces the hand-over retries.
+            poll_into(consumer, held, events, Duration::from_millis(100), 1);
+        } else if holding < MAX_MESSAGES_PER_EVENT {
+            // Wait for the first message only when nothing is waiting to be handed over;
+            // then take what librdkafka already has, without waiting.
+            let wait = if holding == 0 {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            poll_into(
+                consumer,
+                held,
+                events,
+                wait,
+                MAX_MESSAGES_PER_EVENT - holding,
+            );
+        }
+        // Hand over what is held, oldest first, in runs.
+        loop {
+            let run: Vec<OwnedMessage> = match held.lock() {
+                Ok(mut held) => {
+                    let n = held.len().min(MAX_MESSAGES_PER_EVENT);
+                    held.drain(..n).collect()
                 }
-                if held.is_empty() {
+                Err(_) => Vec::new(),
+            };
+            if run.is_empty() {
+                blocked_since = None;
+                pause = Duration::from_micros(50);
+                if paused {
                     if let Ok(assignment) = consumer.assignment() {
                         let _ = consumer.resume(&assignment);
                     }
                     paused = false;
                     tracing::info!("the sink worker caught up: fetching resumed");
                 }
-            }
-            if closed {
                 break;
             }
-        }
-        let event = match consumer.poll(Duration::from_millis(100)) {
-            None => continue,
-            Some(Ok(message)) => ConsumerEvent::Message(message.detach()),
-            Some(Err(e)) => ConsumerEvent::Error(e.to_string()),
-        };
-        if paused {
-            if let ConsumerEvent::Message(message) = event {
-                if let Ok(mut held) = held.lock() {
-                    held.push_back(message);
+            match events.try_send(ConsumerEvent::Messages(run)) {
+                Ok(()) => {
+                    blocked_since = None;
+                    pause = Duration::from_micros(50);
                 }
-            }
-            continue;
-        }
-        let waiting = std::time::Instant::now();
-        let mut pause = Duration::from_micros(50);
-        let mut event = event;
-        loop {
-            match events.try_send(event) {
-                Ok(()) => break,
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     stop.store(true, Ordering::Relaxed);
                     break;
                 }
-                Err(mpsc::error::TrySendError::Full(_)) if stop.load(Ordering::Relaxed) => break,
                 Err(mpsc::error::TrySendError::Full(back)) => {
-                    if waiting.elapsed() < PAUSE_AFTER {
+                    if let (ConsumerEvent::Messages(run), Ok(mut held)) = (back, held.lock()) {
+                        for message in run.into_iter().rev() {
+                            held.push_front(message);
+                        }
+                    }
+                    if paused || stop.load(Ordering::Relaxed) {
+                        // Polling again (nothing is fetched while paused) keeps the
+                        // group's session alive and serves rebalances.
+                        break;
+                    }
+                    let since = *blocked_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < PAUSE_AFTER {
                         std::thread::sleep(pause);
                         pause = (pause * 2).min(Duration::from_millis(5));
-                        event = back;
                         continue;
-                    }
-                    if let ConsumerEvent::Message(message) = back {
-                        if let Ok(mut held) = held.lock() {
-                            held.push_back(message);
-                        }
                     }
                     if let Ok(assignment) = consumer.assignment() {
                         let _ = consumer.pause(&assignment);
@@ -388,5 +407,39 @@ fn poll_loop(
     consumer.unsubscribe();
     for _ in 0..20 {
         let _ = consumer.poll(Duration::from_millis(50));
+    }
+}
+
+/// Polls up to `max` messages into `held`: the first within `wait`, the rest only if
+/// librdkafka has them already. A consumer error ends the round and is reported.
+fn poll_into(
+    consumer: &BaseConsumer<RebalanceContext>,
+    held: &Mutex<VecDeque<OwnedMessage>>,
+    events: &mpsc::Sender<ConsumerEvent>,
+    wait: Duration,
+    max: usize,
+) {
+    let mut timeout = wait;
+    for _ in 0..max {
+        match consumer.poll(timeout) {
+            None => return,
+            Some(Ok(message)) => {
+                // Locked per message: the rebalance callback, run inside `poll`, edits it.
+                if let Ok(mut held) = held.lock() {
+                    held.push_back(message.detach());
+                }
+            }
+            Some(Err(e)) => {
+                let error = e.to_string();
+                if events
+                    .try_send(ConsumerEvent::Error(error.clone()))
+                    .is_err()
+                {
+                    tracing::warn!(error, "consumer error");
+                }
+                return;
+            }
+        }
+        timeout = Duration::ZERO;
     }
 }

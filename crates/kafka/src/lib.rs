@@ -9,6 +9,6 @@ pub mod envelope;
 pub mod producer;
 pub mod topics;
 
-pub use consumer::{ConsumerEvent, OffsetLoader, SinkConsumer};
+pub use consumer::{ConsumerEvent, OffsetLoader, SinkConsumer, MAX_MESSAGES_PER_EVENT};
 pub use envelope::{decode_change, encode_change, DecodedChange};
 pub use producer::EventProducer;

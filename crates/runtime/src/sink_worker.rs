@@ -29,6 +29,7 @@ use tidelink_core::{
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern};
 use tidelink_kafka::{
     admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
+    MAX_MESSAGES_PER_EVENT,
 };
 use tokio::sync::mpsc;
 
@@ -104,6 +105,19 @@ struct Worker<S: Sink> {
     orphan_check: Option<(Instant, GroupProgress)>,
 }
 
+/// One partition's part of a batch being prepared.
+struct BatchProgress {
+    partition: TopicPartition,
+    /// The topic, shared by the origins of the partition's changes.
+    topic: Arc<str>,
+    /// The next offset after the batch's last message of the partition.
+    next: i64,
+    /// The highest source order the target records as applied, before this batch.
+    through: Option<SourceOrder>,
+    /// The highest source order among the batch's changes so far.
+    raised: Option<SourceOrder>,
+}
+
 /// Column definitions as received, and as a transform shapes them for the target.
 type ShapedDefinitions = (Arc<[u8]>, Arc<[u8]>);
 
@@ -134,7 +148,12 @@ pub async fn run_worker<S: Sink + 'static>(
     let dead_letters = EventProducer::new(&ctx.kafka)?;
     // One batch waits here while the previous one is applied; librdkafka's fetch queue holds
     // the next (client_config.rs). Deeper queues only add memory (docs/tuning.md).
-    let (events_tx, mut events) = mpsc::channel(ctx.sink.batch_size.max(1024));
+    let runs = ctx
+        .sink
+        .batch_size
+        .max(1024)
+        .div_ceil(MAX_MESSAGES_PER_EVENT);
+    let (events_tx, mut events) = mpsc::channel(runs);
     let loader = Arc::new(BlockingOffsetLoader {
         sink: tokio::sync::Mutex::new(offset_sink),
         runtime: tokio::runtime::Handle::current(),
@@ -242,13 +261,26 @@ impl<S: Sink> Worker<S> {
                     self.assigned.remove(&p);
                 }
             }
-            ConsumerEvent::Message(message) => {
-                let p = partition_of(&message);
-                match self.assigned.get(&p) {
+            ConsumerEvent::Messages(messages) => {
+                // Runs of messages mostly come from one partition: look it up once per run.
+                let mut last: Option<(&TopicPartition, Option<i64>)> = None;
+                for message in messages {
+                    let next = match last {
+                        Some((p, next)) if is_of(&message, p) => next,
+                        _ => {
+                            let Some((p, next)) =
+                                self.assigned.iter().find(|(p, _)| is_of(&message, p))
+                            else {
+                                continue; // not (or no longer) this worker's partition
+                            };
+                            last = Some((p, *next));
+                            *next
+                        }
+                    };
                     // Already applied (a redelivery after a seek): skip.
-                    Some(Some(next)) if message.offset() < *next => {}
-                    Some(_) => self.buffer.push(message),
-                    None => {}
+                    if next.is_none_or(|next| message.offset() >= next) {
+                        self.buffer.push(message);
+                    }
                 }
             }
             ConsumerEvent::Error(e) => {
@@ -278,17 +310,37 @@ impl<S: Sink> Worker<S> {
             lacking_definitions: Vec::new(),
         };
         let creates_tables = self.creates_tables();
-        let mut next: HashMap<TopicPartition, i64> = HashMap::new();
-        let mut raised: HashMap<TopicPartition, SourceOrder> = HashMap::new();
+        // Per partition of the batch, found again for each message without allocating.
+        let mut progress: Vec<BatchProgress> = Vec::new();
+        let mut last = usize::MAX;
         for message in messages {
-            let p = partition_of(message);
-            next.insert(p.clone(), message.offset() + 1);
+            if progress
+                .get(last)
+                .is_none_or(|b| !is_of(message, &b.partition))
+            {
+                last = match progress.iter().position(|b| is_of(message, &b.partition)) {
+                    Some(i) => i,
+                    None => {
+                        let partition = partition_of(message);
+                        progress.push(BatchProgress {
+                            topic: Arc::from(partition.topic.as_str()),
+                            through: self.applied_through.get(&partition).copied().flatten(),
+                            partition,
+                            next: 0,
+                            raised: None,
+                        });
+                        progress.len() - 1
+                    }
+                };
+            }
+            let batch_progress = &mut progress[last];
+            batch_progress.next = message.offset() + 1;
             let Some(value) = message.payload() else {
                 continue; // tombstone: nothing to apply
             };
             let origin = MessageOrigin {
-                topic: p.topic.clone(),
-                partition: p.partition,
+                topic: batch_progress.topic.clone(),
+                partition: message.partition(),
                 offset: message.offset(),
             };
             match decode_change(message.key(), value) {
@@ -297,15 +349,12 @@ impl<S: Sink> Worker<S> {
                     .push((message, format!("cannot decode: {reason}"))),
                 Ok(decoded) => {
                     if let Some(order) = decoded.source_order {
-                        let through = raised
-                            .get(&p)
-                            .copied()
-                            .or_else(|| self.applied_through.get(&p).copied().flatten());
+                        let through = batch_progress.raised.or(batch_progress.through);
                         if through.is_some_and(|t| order.already_applied(&t)) {
                             prepared.replays_skipped += 1;
                             continue;
                         }
-                        raised.insert(p.clone(), order);
+                        batch_progress.raised = Some(order);
                     }
                     let route = self.route(&decoded.table);
                     if !route.replayed {
@@ -357,13 +406,13 @@ impl<S: Sink> Worker<S> {
                 }
             }
         }
-        prepared.offsets = next
+        prepared.offsets = progress
             .into_iter()
-            .map(|(partition, next)| OffsetAdvance {
-                expected: self.assigned.get(&partition).copied().flatten(),
-                applied_through: raised.get(&partition).copied(),
-                partition,
-                next,
+            .map(|b| OffsetAdvance {
+                expected: self.assigned.get(&b.partition).copied().flatten(),
+                applied_through: b.raised,
+                partition: b.partition,
+                next: b.next,
             })
             .collect();
         prepared
