@@ -19,21 +19,42 @@ struct EnvelopeOut<'a> {
 
 /// Encodes an event as (key, value). A truncate has no key.
 pub fn encode_change(event: &ChangeEvent, now_ms: i64) -> (Option<Vec<u8>>, Vec<u8>) {
-    let key = if event.key.is_empty() {
-        None
-    } else {
-        Some(serde_json::to_vec(&event.key).expect("a JSON map always serializes"))
-    };
-    let value = serde_json::to_vec(&EnvelopeOut {
-        before: &event.before,
-        after: &event.after,
-        source: &event.source,
-        op: event.op.code(),
-        ts_ms: now_ms,
-        transaction: None,
-    })
-    .expect("an envelope always serializes");
-    (key, value)
+    let mut encoder = EnvelopeEncoder::default();
+    let (key, value) = encoder.encode(event, now_ms);
+    (key.map(<[u8]>::to_vec), value.to_vec())
+}
+
+/// Encodes events into two buffers it keeps, so a stream of changes costs no allocation
+/// for its messages once the buffers have grown to the largest envelope.
+#[derive(Default)]
+pub struct EnvelopeEncoder {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl EnvelopeEncoder {
+    /// Encodes an event as (key, value), valid until the next call. A truncate has no key.
+    pub fn encode(&mut self, event: &ChangeEvent, now_ms: i64) -> (Option<&[u8]>, &[u8]) {
+        self.key.clear();
+        self.value.clear();
+        if !event.key.is_empty() {
+            serde_json::to_writer(&mut self.key, &event.key).expect("a JSON map always serializes");
+        }
+        serde_json::to_writer(
+            &mut self.value,
+            &EnvelopeOut {
+                before: &event.before,
+                after: &event.after,
+                source: &event.source,
+                op: event.op.code(),
+                ts_ms: now_ms,
+                transaction: None,
+            },
+        )
+        .expect("an envelope always serializes");
+        let key = (!event.key.is_empty()).then_some(self.key.as_slice());
+        (key, &self.value)
+    }
 }
 
 #[derive(Deserialize)]
@@ -193,6 +214,23 @@ mod tests {
             },
             columns: None,
         }
+    }
+
+    #[test]
+    fn a_reused_encoder_writes_each_event_afresh() {
+        let long = event();
+        let mut short = event();
+        short.op = Op::Truncate;
+        short.key = Row::new();
+        short.after = None;
+        let mut encoder = EnvelopeEncoder::default();
+        for e in [&long, &short, &long] {
+            let (key, value) = encoder.encode(e, 5);
+            let (expected_key, expected_value) = encode_change(e, 5);
+            assert_eq!(key.map(<[u8]>::to_vec), expected_key);
+            assert_eq!(value, expected_value.as_slice());
+        }
+        assert_eq!(encoder.encode(&short, 5).0, None, "a truncate has no key");
     }
 
     #[test]

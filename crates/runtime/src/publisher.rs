@@ -15,7 +15,7 @@ use tidelink_config::KafkaConfig;
 use tidelink_core::{Op, Source, SourceMessage, TableColumns, TableId, TidelinkError};
 use tidelink_kafka::producer::PendingDelivery;
 use tidelink_kafka::topics::{schemas_topic, topic_of};
-use tidelink_kafka::{admin, encode_change, EventProducer};
+use tidelink_kafka::{admin, EnvelopeEncoder, EventProducer};
 use tokio::sync::{mpsc, watch};
 
 /// Unacknowledged changes the publisher lets the source run ahead of Kafka. Each holds its
@@ -51,6 +51,7 @@ pub async fn publish<S: Source>(
     let mut ensured_topics: HashSet<String> = HashSet::new();
     let mut published: HashMap<TableId, Arc<TableColumns>> = HashMap::new();
     let mut last_commit_ts: Option<i64> = None;
+    let mut encoder = EnvelopeEncoder::default();
     let result: Result<(), TidelinkError> = async {
         while !shutdown.is_triggered() {
             if acked.has_changed().unwrap_or(false) {
@@ -76,7 +77,7 @@ pub async fn publish<S: Source>(
                         .expect("inserted above when missing");
                     output.count(&event.table, event.op, pipeline, metrics);
                     last_commit_ts = Some(event.source.ts_ms);
-                    let (key, value) = encode_change(&event, now_ms());
+                    let (key, value) = encoder.encode(&event, now_ms());
                     // A truncate has no key; partition 0 keeps its copy ordered there.
                     let partition = (event.op == Op::Truncate).then_some(0);
                     if let Some(columns) = &event.columns {
@@ -84,7 +85,7 @@ pub async fn publish<S: Source>(
                             .await?;
                     }
                     let delivery = producer
-                        .send(&output.topic, key.as_deref(), &value, partition, None)
+                        .send(&output.topic, key, value, partition, None)
                         .await?;
                     if queue
                         .send(InFlight::Delivery(delivery, Instant::now()))
