@@ -1,19 +1,21 @@
 //! The publisher: reads a source, sends every change to its Kafka topic, and confirms a
 //! source checkpoint only when Kafka acknowledged every change before it.
 //!
-//! Acknowledgements are awaited in emission order by a companion task fed through a
-//! bounded queue; the queue's bound is the backpressure that stops the source from reading
-//! further ahead of Kafka than that. A failed delivery stops the publisher without
-//! confirming anything past the last fully acknowledged checkpoint, so a restart resumes
-//! from there: changes may repeat, none are lost.
+//! Changes go through a [`SequencedProducer`], which numbers them and keeps the number
+//! below which Kafka acknowledged all of them. Each checkpoint is queued with the number
+//! of the next change; a companion task confirms it once the mark reaches that number.
+//! The producer's window of unacknowledged changes is the backpressure that stops the
+//! source from reading further ahead of Kafka than that. A refused delivery stops the
+//! publisher without confirming anything past the last fully acknowledged checkpoint, so a
+//! restart resumes from there: changes may repeat, none are lost.
 
 use crate::{Metrics, Shutdown};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tidelink_config::KafkaConfig;
 use tidelink_core::{Op, Source, SourceMessage, TableColumns, TableId, TidelinkError};
-use tidelink_kafka::producer::PendingDelivery;
+use tidelink_kafka::producer::{AckMark, SequencedProducer};
 use tidelink_kafka::topics::{schemas_topic, topic_of};
 use tidelink_kafka::{admin, EnvelopeEncoder, EventProducer};
 use tokio::sync::{mpsc, watch};
@@ -24,13 +26,18 @@ use tokio::sync::{mpsc, watch};
 /// of throughput (docs/tuning.md).
 const MAX_IN_FLIGHT: usize = 20_000;
 
-enum InFlight<P> {
-    Delivery(PendingDelivery, Instant),
-    Checkpoint(P, Option<i64>),
+/// A source checkpoint waiting for Kafka's acknowledgements.
+struct PendingCheckpoint<P> {
+    position: P,
+    /// Confirmable once every change numbered below this is acknowledged.
+    below: u64,
+    /// Commit time of the last change before it, for the source lag.
+    commit_ts: Option<i64>,
 }
 
-/// Publishes until shutdown or an error. Returns after Kafka acknowledged (or failed)
-/// everything sent and the last acknowledged checkpoint was confirmed.
+/// Publishes until shutdown or an error. Returns after Kafka acknowledged (or refused)
+/// everything sent and the last acknowledged checkpoint was confirmed. Column definitions
+/// go through `producer`; changes through a producer of this run's own.
 pub async fn publish<S: Source>(
     source: &mut S,
     producer: &EventProducer,
@@ -39,10 +46,17 @@ pub async fn publish<S: Source>(
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Result<(), TidelinkError> {
-    let (queue, pending) = mpsc::channel::<InFlight<S::Position>>(MAX_IN_FLIGHT);
+    let produced = metrics.kafka_produced.with_label_values(&[pipeline]);
+    let latency = metrics.kafka_produce_latency.with_label_values(&[pipeline]);
+    let mut changes = SequencedProducer::new(kafka, MAX_IN_FLIGHT, move |took| {
+        produced.inc();
+        latency.observe(took.as_secs_f64());
+    })?;
+    let (checkpoints, pending) = mpsc::channel::<PendingCheckpoint<S::Position>>(MAX_IN_FLIGHT);
     let (acked_tx, mut acked) = watch::channel::<Option<S::Position>>(None);
     let acker = tokio::spawn(acknowledge(
         pending,
+        changes.mark(),
         acked_tx,
         pipeline.to_string(),
         metrics.clone(),
@@ -84,23 +98,15 @@ pub async fn publish<S: Source>(
                         publish_definitions(producer, kafka, &mut published, &event.table, columns)
                             .await?;
                     }
-                    let delivery = producer
-                        .send(&output.topic, key, value, partition, None)
-                        .await?;
-                    if queue
-                        .send(InFlight::Delivery(delivery, Instant::now()))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
+                    changes.send(&output.topic, key, value, partition).await?;
                 }
                 SourceMessage::Checkpoint(position) => {
-                    if queue
-                        .send(InFlight::Checkpoint(position, last_commit_ts.take()))
-                        .await
-                        .is_err()
-                    {
+                    let checkpoint = PendingCheckpoint {
+                        position,
+                        below: changes.next_number(),
+                        commit_ts: last_commit_ts.take(),
+                    };
+                    if checkpoints.send(checkpoint).await.is_err() {
                         break;
                     }
                 }
@@ -110,7 +116,7 @@ pub async fn publish<S: Source>(
         Ok(())
     }
     .await;
-    drop(queue);
+    drop(checkpoints);
     // Wait for Kafka's answers to what was sent, then confirm the last checkpoint.
     let acked_result = match acker.await {
         Ok(r) => r,
@@ -118,10 +124,21 @@ pub async fn publish<S: Source>(
             "acknowledgement task failed: {e}"
         ))),
     };
+    let sent_result = match acked_result {
+        Ok(()) => {
+            changes
+                .mark()
+                .acknowledged_below(changes.next_number())
+                .await
+        }
+        Err(e) => Err(e),
+    };
     if let Some(position) = *acked.borrow_and_update() {
         source.confirm(position);
     }
-    result.and(acked_result)
+    // Dropping a producer joins its delivery thread: not on a runtime worker.
+    let _ = tokio::task::spawn_blocking(move || drop(changes)).await;
+    result.and(sent_result)
 }
 
 /// What the publisher needs per source table, looked up once: its topic (routes applied)
@@ -152,32 +169,20 @@ impl TableOutput {
     }
 }
 
+/// Confirms checkpoints in order, each once the changes before it are acknowledged.
 async fn acknowledge<P: Copy + std::fmt::Display>(
-    mut pending: mpsc::Receiver<InFlight<P>>,
+    mut pending: mpsc::Receiver<PendingCheckpoint<P>>,
+    mark: AckMark,
     acked: watch::Sender<Option<P>>,
     pipeline: String,
     metrics: Metrics,
 ) -> Result<(), TidelinkError> {
-    let produced = metrics.kafka_produced.with_label_values(&[&pipeline]);
-    let latency = metrics
-        .kafka_produce_latency
-        .with_label_values(&[&pipeline]);
-    while let Some(item) = pending.recv().await {
-        match item {
-            InFlight::Delivery(delivery, sent) => {
-                delivery.acknowledged().await?;
-                produced.inc();
-                latency.observe(sent.elapsed().as_secs_f64());
-            }
-            InFlight::Checkpoint(position, commit_ts) => {
-                let _ = acked.send(Some(position));
-                if let Some(ts) = commit_ts {
-                    metrics
-                        .source_lag
-                        .with_label_values(&[&pipeline])
-                        .set((now_ms() - ts).max(0) as f64 / 1000.0);
-                }
-            }
+    let lag = metrics.source_lag.with_label_values(&[&pipeline]);
+    while let Some(checkpoint) = pending.recv().await {
+        mark.acknowledged_below(checkpoint.below).await?;
+        let _ = acked.send(Some(checkpoint.position));
+        if let Some(ts) = checkpoint.commit_ts {
+            lag.set((now_ms() - ts).max(0) as f64 / 1000.0);
         }
     }
     Ok(())
