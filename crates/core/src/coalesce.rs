@@ -28,6 +28,8 @@ pub struct TableBatch<'a> {
     pub source_columns: Option<std::sync::Arc<[u8]>>,
     /// Per key, in the order first seen: the key columns and what to do.
     pub entries: Vec<(&'a Row, Pending<'a>)>,
+    /// Each key's JSON text and its place in `entries`.
+    places: HashMap<String, usize>,
 }
 
 /// Rows written by one statement: same columns set, same conflict handling.
@@ -81,8 +83,12 @@ impl TableBatch<'_> {
 /// The columns an image sets: all but the unavailable (unchanged TOAST) ones.
 fn set_columns(row: &Row) -> impl Iterator<Item = &str> {
     row.iter()
-        .filter(|(_, v)| v.as_str() != Some(UNAVAILABLE_VALUE))
+        .filter(|(_, v)| !is_unavailable(v))
         .map(|(c, _)| c.as_str())
+}
+
+fn is_unavailable(value: &serde_json::Value) -> bool {
+    value.as_str() == Some(UNAVAILABLE_VALUE)
 }
 
 fn sets_exactly(row: &Row, columns: &[&str]) -> bool {
@@ -94,8 +100,6 @@ fn sets_exactly(row: &Row, columns: &[&str]) -> bool {
 /// rejected.
 pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
     let mut batches: Vec<TableBatch<'_>> = Vec::new();
-    // Per table (same index as `batches`): each key's JSON text and its place in `entries`.
-    let mut keys: Vec<HashMap<String, usize>> = Vec::new();
     let mut index: HashMap<&TableId, usize> = HashMap::new();
     for change in changes {
         let i = *index.entry(&change.table).or_insert_with(|| {
@@ -103,8 +107,8 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
                 table: &change.table,
                 source_columns: change.source_columns.clone(),
                 entries: Vec::new(),
+                places: HashMap::new(),
             });
-            keys.push(HashMap::new());
             batches.len() - 1
         });
         let batch = &mut batches[i];
@@ -115,7 +119,7 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
             )));
         }
         let key_text = serde_json::to_string(&change.key).expect("a JSON map always serializes");
-        let slot = keys[i].get(&key_text).copied();
+        let slot = batch.places.get(&key_text).copied();
         let earlier = slot.map(|s| &batch.entries[s].1);
         let next = match (change.op, &change.after) {
             (Op::Delete, _) => Pending::Delete,
@@ -129,10 +133,9 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
             (_, Some(after)) => {
                 let mut row = Cow::Borrowed(after);
                 if let Some(Pending::Upsert(previous)) = earlier {
-                    let unavailable = |v: &serde_json::Value| v.as_str() == Some(UNAVAILABLE_VALUE);
-                    if after.values().any(unavailable) {
+                    if after.values().any(is_unavailable) {
                         for (column, value) in row.to_mut().iter_mut() {
-                            if unavailable(value) {
+                            if is_unavailable(value) {
                                 if let Some(earlier) = previous.get(column) {
                                     *value = earlier.clone();
                                 }
@@ -154,7 +157,7 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
         match slot {
             Some(s) => batch.entries[s] = (&change.key, next),
             None => {
-                keys[i].insert(key_text, batch.entries.len());
+                batch.places.insert(key_text, batch.entries.len());
                 batch.entries.push((&change.key, next));
             }
         }

@@ -134,3 +134,9 @@ pub fn forward_log(level: rdkafka::config::RDKafkaLogLevel, facility: &str, mess
         L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
     }
 }
+
+/// Reports a librdkafka client error to `tracing` (target `librdkafka`); the client keeps
+/// retrying on its own.
+pub fn forward_error(error: rdkafka::error::KafkaError, reason: &str) {
+    tracing::warn!(target: "librdkafka", %error, "{reason}");
+}

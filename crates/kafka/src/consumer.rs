@@ -71,7 +71,7 @@ impl ClientContext for RebalanceContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
+        crate::client_config::forward_error(error, reason);
     }
 }
 

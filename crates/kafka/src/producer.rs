@@ -51,6 +51,20 @@ impl PendingDelivery {
     }
 }
 
+/// After librdkafka declined to enqueue a message for `topic`: waits a little when its
+/// queue was full (the caller tries again), fails on any other reason.
+async fn wait_for_queue_room(error: KafkaError, topic: &str) -> Result<(), TidelinkError> {
+    match error {
+        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(())
+        }
+        e => Err(TidelinkError::permanent(format!(
+            "cannot enqueue a message for {topic}: {e}"
+        ))),
+    }
+}
+
 /// Sends change events to Kafka.
 #[derive(Clone)]
 pub struct EventProducer {
@@ -88,14 +102,7 @@ impl EventProducer {
             }
             match self.producer.send_result(record) {
                 Ok(future) => return Ok(PendingDelivery(future)),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((e, _)) => {
-                    return Err(TidelinkError::permanent(format!(
-                        "cannot enqueue a message for {topic}: {e}"
-                    )))
-                }
+                Err((e, _)) => wait_for_queue_room(e, topic).await?,
             }
         }
     }
@@ -126,7 +133,7 @@ impl EventProducer {
 /// the producer holds at most `max_in_flight` unacknowledged messages.
 ///
 /// The mark never passes a message Kafka refused: the refusal is kept and reported to
-/// every later wait, so nothing after it is ever confirmed. Same guarantees as
+/// every wait for a number beyond the mark, so nothing from it on is ever confirmed. Same guarantees as
 /// [`EventProducer`] (idempotent, `acks=all`, retried without end); meant for one
 /// publishing run, after which it is dropped.
 pub struct SequencedProducer {
@@ -146,6 +153,21 @@ struct AckState {
     mark_moved: Notify,
     /// Wakes the sender waiting for room in the window.
     room: Notify,
+}
+
+impl AckState {
+    /// Fails with Kafka's refusal once a message was refused.
+    fn refusal(&self) -> Result<(), TidelinkError> {
+        match self.refused.lock() {
+            Ok(refused) => match refused.as_ref() {
+                Some(reason) => Err(TidelinkError::permanent(reason.clone())),
+                None => Ok(()),
+            },
+            Err(_) => Err(TidelinkError::permanent(
+                "the acknowledgement window was poisoned",
+            )),
+        }
+    }
 }
 
 /// Unacknowledged messages, in the order sent.
@@ -169,7 +191,7 @@ impl ClientContext for AckCounter {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
+        client_config::forward_error(error, reason);
     }
 }
 
@@ -266,7 +288,7 @@ impl SequencedProducer {
                 }
             };
             let Some(number) = number else {
-                self.check_refused()?;
+                self.counter.refusal()?;
                 room.await;
                 continue;
             };
@@ -284,16 +306,7 @@ impl SequencedProducer {
                     // Never handed over, so no delivery report will come: take it back
                     // (it is the newest; `&mut self` keeps sends one at a time).
                     self.lock_window()?.sent.pop_back();
-                    if matches!(
-                        e,
-                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
-                    ) {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        continue;
-                    }
-                    return Err(TidelinkError::permanent(format!(
-                        "cannot enqueue a message for {topic}: {e}"
-                    )));
+                    wait_for_queue_room(e, topic).await?;
                 }
             }
         }
@@ -318,10 +331,6 @@ impl SequencedProducer {
             .lock()
             .map_err(|_| TidelinkError::permanent("the acknowledgement window was poisoned"))
     }
-
-    fn check_refused(&self) -> Result<(), TidelinkError> {
-        AckMark(self.counter.clone()).check_refused()
-    }
 }
 
 /// Waits for a [`SequencedProducer`]'s acknowledged-through mark (one waiter at a time).
@@ -336,20 +345,8 @@ impl AckMark {
             if self.0.through.load(Ordering::Acquire) >= number {
                 return Ok(());
             }
-            self.check_refused()?;
+            self.0.refusal()?;
             moved.await;
-        }
-    }
-
-    fn check_refused(&self) -> Result<(), TidelinkError> {
-        match self.0.refused.lock() {
-            Ok(refused) => match refused.as_ref() {
-                Some(reason) => Err(TidelinkError::permanent(reason.clone())),
-                None => Ok(()),
-            },
-            Err(_) => Err(TidelinkError::permanent(
-                "the acknowledgement window was poisoned",
-            )),
         }
     }
 }
