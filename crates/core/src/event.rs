@@ -5,8 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
-/// A row image: column name to value, in the table's column order.
+/// A row image: column name to value (a sorted map: serialized by column name).
 pub type Row = serde_json::Map<String, serde_json::Value>;
 
 /// Placeholder for a column whose value the source did not send (PostgreSQL sends no value
@@ -18,14 +19,14 @@ pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TableId {
     /// Schema (PostgreSQL) or database (MySQL family).
-    pub schema: String,
+    pub schema: Arc<str>,
     /// Table name.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl TableId {
     /// Builds a table id.
-    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(schema: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         Self {
             schema: schema.into(),
             name: name.into(),
@@ -83,25 +84,27 @@ impl Op {
     }
 }
 
-/// Where a change came from, as the envelope's `source` block reports it.
+/// Where a change came from, as the envelope's `source` block reports it. Its text is
+/// shared (`Arc<str>`): a source builds the block once per table and each change clones it
+/// by reference counts, not by copying seven strings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SourceInfo {
     /// tidelink version that produced the event.
-    pub version: String,
+    pub version: Arc<str>,
     /// `postgresql` or `mysql`.
-    pub connector: String,
+    pub connector: Arc<str>,
     /// Pipeline name (Debezium's logical server name).
-    pub name: String,
+    pub name: Arc<str>,
     /// Commit time of the source transaction, milliseconds since the Unix epoch.
     pub ts_ms: i64,
     /// `"true"` for snapshot/backfill rows, `"false"` for streamed changes.
-    pub snapshot: String,
+    pub snapshot: Arc<str>,
     /// Source database name.
-    pub db: String,
+    pub db: Arc<str>,
     /// Source schema.
-    pub schema: String,
+    pub schema: Arc<str>,
     /// Source table.
-    pub table: String,
+    pub table: Arc<str>,
     /// Transaction id, where the source has one.
     #[serde(rename = "txId", skip_serializing_if = "Option::is_none", default)]
     pub tx_id: Option<u64>,
@@ -110,14 +113,14 @@ pub struct SourceInfo {
     pub lsn: Option<u64>,
     /// MySQL family: binlog file of the event.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     /// MySQL family: position in the binlog file where the transaction's row event starts.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pos: Option<u64>,
     /// MySQL family: GTID of the transaction (`domain-server-seq` on MariaDB,
     /// `uuid:number` on MySQL).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub gtid: Option<String>,
+    pub gtid: Option<Arc<str>>,
     /// MySQL family: id of the server that wrote the event.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub server_id: Option<u32>,
@@ -140,7 +143,7 @@ impl SourceInfo {
     pub fn order(&self) -> Option<SourceOrder> {
         SourceOrder::of(
             &self.connector,
-            self.snapshot == "false",
+            &*self.snapshot == "false",
             self.lsn,
             self.file.as_deref(),
             self.pos,

@@ -5,17 +5,9 @@
 //! by Debezium with schemas enabled can be replayed too.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::sync::Arc;
 use tidelink_core::{ChangeEvent, Op, Row, SourceInfo, SourceOrder, TableId};
-
-#[derive(Serialize)]
-struct EnvelopeOut<'a> {
-    before: &'a Option<Row>,
-    after: &'a Option<Row>,
-    source: &'a SourceInfo,
-    op: &'static str,
-    ts_ms: i64,
-    transaction: Option<()>,
-}
 
 /// Encodes an event as (key, value). A truncate has no key.
 pub fn encode_change(event: &ChangeEvent, now_ms: i64) -> (Option<Vec<u8>>, Vec<u8>) {
@@ -25,11 +17,14 @@ pub fn encode_change(event: &ChangeEvent, now_ms: i64) -> (Option<Vec<u8>>, Vec<
 }
 
 /// Encodes events into two buffers it keeps, so a stream of changes costs no allocation
-/// for its messages once the buffers have grown to the largest envelope.
+/// for its messages once the buffers have grown to the largest envelope. The text of the
+/// `source` block that stays the same from change to change (version, connector, pipeline,
+/// database, table) is encoded once per table and copied after that.
 #[derive(Default)]
 pub struct EnvelopeEncoder {
     key: Vec<u8>,
     value: Vec<u8>,
+    source_text: SourceText,
 }
 
 impl EnvelopeEncoder {
@@ -38,78 +33,234 @@ impl EnvelopeEncoder {
         self.key.clear();
         self.value.clear();
         if !event.key.is_empty() {
-            serde_json::to_writer(&mut self.key, &event.key).expect("a JSON map always serializes");
+            write_json(&mut self.key, &event.key);
         }
-        serde_json::to_writer(
-            &mut self.value,
-            &EnvelopeOut {
-                before: &event.before,
-                after: &event.after,
-                source: &event.source,
-                op: event.op.code(),
-                ts_ms: now_ms,
-                transaction: None,
-            },
-        )
-        .expect("an envelope always serializes");
+        let out = &mut self.value;
+        out.extend_from_slice(b"{\"before\":");
+        write_json(out, &event.before);
+        out.extend_from_slice(b",\"after\":");
+        write_json(out, &event.after);
+        out.extend_from_slice(b",\"source\":");
+        self.source_text.write(out, &event.source);
+        out.extend_from_slice(b",\"op\":\"");
+        out.extend_from_slice(event.op.code().as_bytes());
+        out.extend_from_slice(b"\",\"ts_ms\":");
+        write_json(out, &now_ms);
+        out.extend_from_slice(b",\"transaction\":null}");
         let key = (!event.key.is_empty()).then_some(self.key.as_slice());
         (key, &self.value)
     }
 }
 
-#[derive(Deserialize)]
-struct SourceIn {
-    schema: String,
-    table: String,
-    #[serde(default)]
-    ts_ms: Option<i64>,
-    // What places a streamed change in the source's log (see `SourceOrder`). Read
-    // leniently: a foreign envelope with other types here is still a change.
-    #[serde(default)]
-    connector: Option<serde_json::Value>,
-    #[serde(default)]
-    snapshot: Option<serde_json::Value>,
-    #[serde(default)]
-    lsn: Option<serde_json::Value>,
-    #[serde(default)]
-    file: Option<serde_json::Value>,
-    #[serde(default)]
-    pos: Option<serde_json::Value>,
-    #[serde(default)]
-    seq: Option<serde_json::Value>,
-    #[serde(default)]
-    binlog_server_id: Option<serde_json::Value>,
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("rows, text and numbers always serialize");
 }
 
-impl SourceIn {
-    fn order(&self) -> Option<SourceOrder> {
-        fn number(v: &Option<serde_json::Value>) -> Option<u64> {
-            v.as_ref().and_then(|v| v.as_u64())
+/// `,"name":value`, or nothing for a field the event does not have.
+fn optional_field<T: Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, value: Option<&T>) {
+    if let Some(value) = value {
+        out.push(b',');
+        write_json(out, name);
+        out.push(b':');
+        write_json(out, value);
+    }
+}
+
+/// The fields of a `source` block that stay the same for a table's changes, in the order
+/// [`SourceText::write`] takes them.
+const OPENING_FIELDS: [&str; 7] = [
+    "version",
+    "connector",
+    "name",
+    "snapshot",
+    "db",
+    "schema",
+    "table",
+];
+
+/// The opening of a `source` block up to its changing fields, kept for the text it was
+/// made of (compared by pointer: a source shares one text per table among its changes).
+#[derive(Default)]
+struct SourceText {
+    made_of: Option<[Arc<str>; 7]>,
+    opening: Vec<u8>,
+}
+
+impl SourceText {
+    /// Writes `source` as a JSON object with the same fields as its `Serialize` form.
+    fn write(&mut self, out: &mut Vec<u8>, source: &SourceInfo) {
+        let parts = [
+            &source.version,
+            &source.connector,
+            &source.name,
+            &source.snapshot,
+            &source.db,
+            &source.schema,
+            &source.table,
+        ];
+        let same = self
+            .made_of
+            .as_ref()
+            .is_some_and(|made_of| made_of.iter().zip(parts).all(|(a, b)| Arc::ptr_eq(a, b)));
+        if !same {
+            self.opening.clear();
+            for (i, (name, text)) in OPENING_FIELDS.iter().zip(parts).enumerate() {
+                self.opening.push(if i == 0 { b'{' } else { b',' });
+                write_json(&mut self.opening, name);
+                self.opening.push(b':');
+                write_json(&mut self.opening, &**text);
+            }
+            self.made_of = Some(parts.map(Arc::clone));
         }
-        fn text(v: &Option<serde_json::Value>) -> Option<&str> {
-            v.as_ref().and_then(|v| v.as_str())
-        }
-        SourceOrder::of(
-            text(&self.connector)?,
-            text(&self.snapshot) == Some("false")
-                || self.snapshot.as_ref().and_then(|v| v.as_bool()) == Some(false),
-            number(&self.lsn),
-            text(&self.file),
-            number(&self.pos),
-            number(&self.seq),
-            number(&self.binlog_server_id).and_then(|n| u32::try_from(n).ok()),
-        )
+        out.extend_from_slice(&self.opening);
+        out.extend_from_slice(b",\"ts_ms\":");
+        write_json(out, &source.ts_ms);
+        optional_field(out, "txId", source.tx_id.as_ref());
+        optional_field(out, "lsn", source.lsn.as_ref());
+        optional_field(out, "file", source.file.as_deref());
+        optional_field(out, "pos", source.pos.as_ref());
+        optional_field(out, "gtid", source.gtid.as_deref());
+        optional_field(out, "server_id", source.server_id.as_ref());
+        optional_field(out, "row", source.row.as_ref());
+        optional_field(out, "seq", source.seq.as_ref());
+        optional_field(out, "binlog_server_id", source.binlog_server_id.as_ref());
+        out.push(b'}');
     }
 }
 
 #[derive(Deserialize)]
-struct EnvelopeIn {
+struct SourceIn<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    #[serde(default)]
+    ts_ms: Option<i64>,
+    // What places a streamed change in the source's log (see `SourceOrder`). Read
+    // leniently: a foreign envelope with other types here is still a change.
+    #[serde(default, borrow)]
+    connector: Lenient<'a>,
+    #[serde(default, borrow)]
+    snapshot: Lenient<'a>,
+    #[serde(default, borrow)]
+    lsn: Lenient<'a>,
+    #[serde(default, borrow)]
+    file: Lenient<'a>,
+    #[serde(default, borrow)]
+    pos: Lenient<'a>,
+    #[serde(default, borrow)]
+    seq: Lenient<'a>,
+    #[serde(default, borrow)]
+    binlog_server_id: Lenient<'a>,
+}
+
+impl SourceIn<'_> {
+    fn order(&self) -> Option<SourceOrder> {
+        SourceOrder::of(
+            self.connector.text()?,
+            matches!(self.snapshot.text(), Some("false"))
+                || matches!(self.snapshot, Lenient::Bool(false)),
+            self.lsn.number(),
+            self.file.text(),
+            self.pos.number(),
+            self.seq.number(),
+            self.binlog_server_id
+                .number()
+                .and_then(|n| u32::try_from(n).ok()),
+        )
+    }
+}
+
+/// A `source` field that may hold anything: text (borrowed from the message when it has
+/// no escapes), a whole number, a boolean, or something else that is skipped.
+#[derive(Default)]
+enum Lenient<'a> {
+    #[default]
+    Other,
+    Text(Cow<'a, str>),
+    Number(u64),
+    Bool(bool),
+}
+
+impl Lenient<'_> {
+    fn text(&self) -> Option<&str> {
+        match self {
+            Lenient::Text(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn number(&self) -> Option<u64> {
+        match self {
+            Lenient::Number(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Lenient<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Lenient<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Lenient::Bool(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Lenient::Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(u64::try_from(v).map_or(Lenient::Other, Lenient::Number))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Lenient::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Lenient::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Lenient::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Lenient::Other)
+            }
+        }
+        deserializer.deserialize_any(Visit(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
     // Sinks apply the key and the new image; the old image is skipped, not built.
     #[serde(default, rename = "before")]
     _before: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     after: Option<Row>,
-    source: SourceIn,
+    #[serde(borrow)]
+    source: SourceIn<'a>,
     op: Op,
 }
 
@@ -137,49 +288,88 @@ pub struct DecodedChange {
 
 /// Decodes a message; the error says what is wrong with it.
 pub fn decode_change(key: Option<&[u8]>, value: &[u8]) -> Result<DecodedChange, String> {
-    let envelope: EnvelopeIn = match serde_json::from_slice(value) {
-        Ok(e) => e,
-        Err(direct) => match serde_json::from_slice::<Wrapped<EnvelopeIn>>(value) {
-            Ok(w) => w.payload,
-            Err(_) => return Err(format!("value is not a change envelope: {direct}")),
-        },
-    };
-    let key = match key {
-        Some(bytes) if !bytes.is_empty() => match serde_json::from_slice::<Row>(bytes) {
-            // Debezium with schemas enabled: {"schema": …, "payload": {key columns}}.
-            Ok(mut row)
-                if row.len() == 2 && row.contains_key("schema") && row.contains_key("payload") =>
-            {
-                match row.remove("payload") {
-                    Some(serde_json::Value::Object(payload)) => payload,
-                    _ => return Err("key's `payload` is not an object of key columns".into()),
-                }
+    ChangeDecoder::default().decode(key, value)
+}
+
+/// How many tables a decoder remembers, so that the changes of a table share its name.
+const REMEMBERED_TABLES: usize = 32;
+
+/// Decodes messages one after another; the changes of one table share one [`TableId`]
+/// instead of each allocating its names.
+#[derive(Default)]
+pub struct ChangeDecoder {
+    tables: Vec<TableId>,
+}
+
+impl ChangeDecoder {
+    /// Decodes a message; the error says what is wrong with it.
+    pub fn decode(&mut self, key: Option<&[u8]>, value: &[u8]) -> Result<DecodedChange, String> {
+        // Checked as UTF-8 once, in bulk, so the parser need not check each string again.
+        let value =
+            std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8 text: {e}"))?;
+        let envelope: EnvelopeIn = match serde_json::from_str(value) {
+            Ok(e) => e,
+            Err(direct) => match serde_json::from_str::<Wrapped<EnvelopeIn>>(value) {
+                Ok(w) => w.payload,
+                Err(_) => return Err(format!("value is not a change envelope: {direct}")),
+            },
+        };
+        let key = match key {
+            Some(bytes) if !bytes.is_empty() => decode_key(bytes)?,
+            _ => Row::new(),
+        };
+        if key.is_empty() && envelope.op != Op::Truncate {
+            return Err(format!(
+                "{} change of {}.{} has no key",
+                envelope.op.name(),
+                envelope.source.schema,
+                envelope.source.table
+            ));
+        }
+        if envelope.after.is_none() && matches!(envelope.op, Op::Create | Op::Update | Op::Read) {
+            return Err(format!("{} change without `after`", envelope.op.name()));
+        }
+        Ok(DecodedChange {
+            source_order: envelope.source.order(),
+            table: self.table(&envelope.source.schema, &envelope.source.table),
+            op: envelope.op,
+            key,
+            after: envelope.after,
+            source_ts_ms: envelope.source.ts_ms,
+        })
+    }
+
+    fn table(&mut self, schema: &str, name: &str) -> TableId {
+        if let Some(known) = self
+            .tables
+            .iter()
+            .find(|t| &*t.name == name && &*t.schema == schema)
+        {
+            return known.clone();
+        }
+        let table = TableId::new(schema, name);
+        if self.tables.len() < REMEMBERED_TABLES {
+            self.tables.push(table.clone());
+        }
+        table
+    }
+}
+
+fn decode_key(bytes: &[u8]) -> Result<Row, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("key is not UTF-8 text: {e}"))?;
+    match serde_json::from_str::<Row>(text) {
+        // Debezium with schemas enabled: {"schema": …, "payload": {key columns}}.
+        Ok(mut row)
+            if row.len() == 2 && row.contains_key("schema") && row.contains_key("payload") =>
+        {
+            match row.remove("payload") {
+                Some(serde_json::Value::Object(payload)) => Ok(payload),
+                _ => Err("key's `payload` is not an object of key columns".into()),
             }
-            Ok(row) => row,
-            Err(e) => return Err(format!("key is not a JSON object of key columns: {e}")),
-        },
-        _ => Row::new(),
-    };
-    if key.is_empty() && envelope.op != Op::Truncate {
-        return Err(format!(
-            "{} change of {}.{} has no key",
-            envelope.op.name(),
-            envelope.source.schema,
-            envelope.source.table
-        ));
+        }
+        Ok(row) => Ok(row),
+        Err(e) => Err(format!("key is not a JSON object of key columns: {e}")),
     }
-    if envelope.after.is_none() && matches!(envelope.op, Op::Create | Op::Update | Op::Read) {
-        return Err(format!("{} change without `after`", envelope.op.name()));
-    }
-    let source_order = envelope.source.order();
-    Ok(DecodedChange {
-        source_order,
-        table: TableId::new(envelope.source.schema, envelope.source.table),
-        op: envelope.op,
-        key,
-        after: envelope.after,
-        source_ts_ms: envelope.source.ts_ms,
-    })
 }
 
 #[cfg(test)]
@@ -231,6 +421,63 @@ mod tests {
             assert_eq!(value, expected_value.as_slice());
         }
         assert_eq!(encoder.encode(&short, 5).0, None, "a truncate has no key");
+    }
+
+    /// The envelope as serde's derived `Serialize` writes it: what the encoder must equal.
+    #[derive(Serialize)]
+    struct ReferenceEnvelope<'a> {
+        before: &'a Option<Row>,
+        after: &'a Option<Row>,
+        source: &'a SourceInfo,
+        op: &'static str,
+        ts_ms: i64,
+        transaction: Option<()>,
+    }
+
+    #[test]
+    fn the_encoder_writes_every_source_field_as_serde_would() {
+        let postgres = event();
+        let mut mysql = event();
+        mysql.before = mysql.after.clone();
+        mysql.source = SourceInfo {
+            version: "0.1.0".into(),
+            connector: "mysql".into(),
+            name: "shop \"east\"".into(),
+            ts_ms: 1_700_000_000_001,
+            snapshot: "false".into(),
+            db: "shop".into(),
+            schema: "shop".into(),
+            table: "odd\\name\u{e9}".into(),
+            file: Some("binlog.000002".into()),
+            pos: Some(4711),
+            gtid: Some("0-1-77".into()),
+            server_id: Some(1),
+            row: Some(2),
+            seq: Some(5),
+            binlog_server_id: Some(1),
+            ..Default::default()
+        };
+        let mut snapshot = event();
+        snapshot.source.snapshot = "true".into();
+        snapshot.source.tx_id = None;
+        snapshot.source.lsn = None;
+        snapshot.source.seq = None;
+        let mut encoder = EnvelopeEncoder::default();
+        // Alternating tables: the kept opening of the block must follow each change.
+        for e in [&postgres, &mysql, &postgres, &snapshot, &postgres] {
+            let (_, value) = encoder.encode(e, 9);
+            let written: serde_json::Value = serde_json::from_slice(value).expect("json");
+            let expected = serde_json::to_value(ReferenceEnvelope {
+                before: &e.before,
+                after: &e.after,
+                source: &e.source,
+                op: e.op.code(),
+                ts_ms: 9,
+                transaction: None,
+            })
+            .expect("serializes");
+            assert_eq!(written, expected);
+        }
     }
 
     #[test]

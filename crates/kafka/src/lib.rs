@@ -10,5 +10,5 @@ pub mod producer;
 pub mod topics;
 
 pub use consumer::{ConsumerEvent, OffsetLoader, SinkConsumer, MAX_MESSAGES_PER_EVENT};
-pub use envelope::{decode_change, encode_change, DecodedChange, EnvelopeEncoder};
+pub use envelope::{decode_change, encode_change, ChangeDecoder, DecodedChange, EnvelopeEncoder};
 pub use producer::EventProducer;

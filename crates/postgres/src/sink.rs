@@ -20,6 +20,7 @@
 use crate::catalog::TypeCache;
 use crate::connection::{connect, describe, is_transient_state, quote_ident, quote_table};
 use crate::types::{json_to_text, target_kind, TargetKind};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
 use tidelink_core::{
@@ -153,7 +154,7 @@ impl PgSink {
     async fn execute(
         &mut self,
         sql: String,
-        params: &[Vec<Option<String>>],
+        params: &[impl tokio_postgres::types::ToSql + Sync],
         what: &str,
     ) -> Result<u64, SinkError> {
         let statement = self.statement(sql).await?;
@@ -343,7 +344,7 @@ impl PgSink {
                     .await?;
                 self.execute(
                     format!("TRUNCATE {}", target.quoted),
-                    &[],
+                    NO_PARAMS,
                     &format!("truncating {}", truncate.table),
                 )
                 .await?;
@@ -423,12 +424,13 @@ impl Sink for PgSink {
         self.client()
             .await
             .map_err(|e| SinkError::Transient(e.message))?;
-        self.execute("BEGIN".into(), &[], "starting a transaction")
+        self.execute("BEGIN".into(), NO_PARAMS, "starting a transaction")
             .await?;
         let result = self.apply_in_transaction(changes, offsets).await;
         match result {
             Ok(()) => {
-                self.execute("COMMIT".into(), &[], "committing").await?;
+                self.execute("COMMIT".into(), NO_PARAMS, "committing")
+                    .await?;
                 Ok(())
             }
             Err(e) => {
@@ -448,12 +450,15 @@ impl Sink for PgSink {
     }
 }
 
+/// Parameters of a statement that has none.
+const NO_PARAMS: &[&str] = &[];
+
 fn column_params<'r>(
     target: &TargetTable,
     table: &TableId,
     columns: &[&str],
     rows: impl Iterator<Item = &'r Row>,
-) -> Result<Vec<Vec<Option<String>>>, SinkError> {
+) -> Result<Vec<Vec<Option<Cow<'r, str>>>>, SinkError> {
     let mut kinds = Vec::with_capacity(columns.len());
     for c in columns {
         let column = target.columns.get(*c).ok_or_else(|| {
@@ -461,7 +466,10 @@ fn column_params<'r>(
         })?;
         kinds.push(&column.kind);
     }
-    let mut params: Vec<Vec<Option<String>>> = vec![Vec::new(); columns.len()];
+    let (rows_expected, _) = rows.size_hint();
+    let mut params: Vec<Vec<Option<Cow<'r, str>>>> = (0..columns.len())
+        .map(|_| Vec::with_capacity(rows_expected))
+        .collect();
     for row in rows {
         for (i, c) in columns.iter().enumerate() {
             let value = row.get(*c).unwrap_or(&serde_json::Value::Null);

@@ -17,6 +17,7 @@
 
 use base64::Engine as _;
 use serde_json::Value;
+use std::borrow::Cow;
 
 /// How a column's values are represented in the envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +96,16 @@ fn classify_depth(oid: u32, lookup: &dyn Fn(u32) -> Option<TypeRow>, depth: usiz
     ValueKind::Text
 }
 
-/// Converts a value's PostgreSQL text form into its envelope JSON form.
-pub fn text_to_json(text: &str, kind: &ValueKind) -> Value {
+/// Converts a value's PostgreSQL text form into its envelope JSON form; given a `String`,
+/// a value that stays text keeps it instead of copying it.
+pub fn text_to_json(text: impl AsRef<str> + Into<String>, kind: &ValueKind) -> Value {
+    match kind {
+        ValueKind::Decimal | ValueKind::Text => Value::String(text.into()),
+        _ => parse_text(text.as_ref(), kind),
+    }
+}
+
+fn parse_text(text: &str, kind: &ValueKind) -> Value {
     match kind {
         ValueKind::Bool => match text {
             "t" | "true" => Value::Bool(true),
@@ -285,33 +294,37 @@ fn target_kind_depth(
     }
 }
 
-/// Converts an envelope JSON value into the text form the target column accepts.
+/// Converts an envelope JSON value into the text form the target column accepts, borrowing
+/// the value's own text where it is that form already.
 /// Returns `Ok(None)` for NULL and an error for a value the column cannot take.
-pub fn json_to_text(value: &Value, kind: &TargetKind) -> Result<Option<String>, String> {
+pub fn json_to_text<'v>(
+    value: &'v Value,
+    kind: &TargetKind,
+) -> Result<Option<Cow<'v, str>>, String> {
     Ok(match value {
         Value::Null => None,
-        Value::Bool(b) => Some(if *b { "true" } else { "false" }.to_string()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
         Value::String(s) => Some(match kind {
             TargetKind::Bytes => {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(s)
                     .map_err(|e| format!("bytea value is not base64: {e}"))?;
-                encode_bytea_hex(&bytes)
+                Cow::Owned(encode_bytea_hex(&bytes))
             }
-            _ => s.clone(),
+            _ => Cow::Borrowed(s),
         }),
-        Value::Array(items) => match kind {
-            TargetKind::Json => Some(value.to_string()),
+        Value::Array(items) => Some(Cow::Owned(match kind {
+            TargetKind::Json => value.to_string(),
             TargetKind::Array(element) => {
                 let mut out = String::from("{");
                 write_array(items, element, &mut out)?;
                 out.push('}');
-                Some(out)
+                out
             }
-            _ => Some(value.to_string()),
-        },
-        Value::Object(_) => Some(value.to_string()),
+            _ => value.to_string(),
+        })),
+        Value::Object(_) => Some(Cow::Owned(value.to_string())),
     })
 }
 
@@ -414,10 +427,10 @@ mod tests {
         for _ in 0..50_000 {
             let input = mutator.input(&seeds);
             let text = String::from_utf8_lossy(&input);
-            let json = text_to_json(&text, &kind);
+            let json = text_to_json(text.as_ref(), &kind);
             let _ = json_to_text(&json, &TargetKind::Array(Box::new(TargetKind::Bytes)));
-            let _ = text_to_json(&text, &ValueKind::Bytes);
-            let _ = text_to_json(&text, &ValueKind::Float);
+            let _ = text_to_json(text.as_ref(), &ValueKind::Bytes);
+            let _ = text_to_json(text.as_ref(), &ValueKind::Float);
         }
     }
 

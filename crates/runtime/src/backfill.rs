@@ -29,6 +29,7 @@ use crate::publisher::{now_ms, publish_definitions};
 use crate::{Metrics, Shutdown};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidelink_config::{PipelineConfig, SinkTarget, SourceKind};
 use tidelink_core::{ChangeEvent, Op, SourceInfo, TableId, TidelinkError};
@@ -306,22 +307,23 @@ pub async fn backfill(
             reader.definitions(),
         )
         .await?;
-        let source = |op_ts: i64| SourceInfo {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            connector: side.connector.into(),
-            name: pipeline.name.clone(),
-            ts_ms: op_ts,
-            snapshot: "true".into(),
+        let block = SourceInfo {
+            version: Arc::from(env!("CARGO_PKG_VERSION")),
+            connector: Arc::from(side.connector),
+            name: Arc::from(pipeline.name.as_str()),
+            snapshot: Arc::from("true"),
             db: if side.database.is_empty() {
                 table.schema.clone()
             } else {
-                side.database.clone()
+                Arc::from(side.database.as_str())
             },
             schema: table.schema.clone(),
             table: table.name.clone(),
-            tx_id: None,
-            lsn: None,
             ..Default::default()
+        };
+        let source = |op_ts: i64| SourceInfo {
+            ts_ms: op_ts,
+            ..block.clone()
         };
         // Rows with larger keys are inserted after this point and reach sinks through the
         // stream: the copy stops at the largest key there is now.

@@ -28,7 +28,7 @@ use tidelink_core::{
 };
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern};
 use tidelink_kafka::{
-    admin, decode_change, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
+    admin, ChangeDecoder, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
     MAX_MESSAGES_PER_EVENT,
 };
 use tokio::sync::mpsc;
@@ -95,6 +95,8 @@ struct Worker<S: Sink> {
     definitions_absent: std::collections::HashSet<TableId>,
     /// Per source table: whether this sink replays it, its target table and transform.
     routes: HashMap<TableId, Arc<TableRoute>>,
+    /// Decodes the envelopes; keeps the tables' names so changes share them.
+    decoder: ChangeDecoder,
     /// Column definitions shaped by a transform, per table, with the definitions they were
     /// made from.
     shaped_definitions: HashMap<TableId, ShapedDefinitions>,
@@ -175,6 +177,7 @@ pub async fn run_worker<S: Sink + 'static>(
         definitions: HashMap::new(),
         definitions_absent: Default::default(),
         routes: HashMap::new(),
+        decoder: ChangeDecoder::default(),
         shaped_definitions: HashMap::new(),
         buffer: Vec::new(),
         idle_since: Some(Instant::now()),
@@ -343,7 +346,7 @@ impl<S: Sink> Worker<S> {
                 partition: message.partition(),
                 offset: message.offset(),
             };
-            match decode_change(message.key(), value) {
+            match self.decoder.decode(message.key(), value) {
                 Err(reason) => prepared
                     .undecodable
                     .push((message, format!("cannot decode: {reason}"))),

@@ -67,7 +67,7 @@ pub struct StartReport {
 }
 
 struct Transaction {
-    gtid: Option<String>,
+    gtid: Option<Arc<str>>,
     mariadb_gtid: Option<MariadbGtid>,
     standalone: bool,
 }
@@ -286,7 +286,23 @@ impl MysqlSource {
         else {
             return Ok(());
         };
-        let gtid = self.tx.as_ref().and_then(|t| t.gtid.clone());
+        // The `source` block shared by the rows of this event; each row sets its index.
+        let source = SourceInfo {
+            version: Arc::from(env!("CARGO_PKG_VERSION")),
+            connector: Arc::from("mysql"),
+            name: Arc::from(self.settings.pipeline.as_str()),
+            ts_ms,
+            snapshot: Arc::from("false"),
+            db: table.schema.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            file: Some(Arc::from(self.file.as_str())),
+            pos: Some(header_pos),
+            gtid: self.tx.as_ref().and_then(|t| t.gtid.clone()),
+            server_id: Some(server_id),
+            binlog_server_id: Some(self.binlog_server_id),
+            ..Default::default()
+        };
         // Numbers the events of this rows event (a key change makes two of one row), so
         // (file, position, seq) orders every event of the binlog.
         let mut seq = 0u64;
@@ -300,21 +316,8 @@ impl MysqlSource {
             let before = before.map(|r| image(&r, &schema)).transpose()?;
             let after = after.map(|r| image(&r, &schema)).transpose()?;
             let source = SourceInfo {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                connector: "mysql".into(),
-                name: self.settings.pipeline.clone(),
-                ts_ms,
-                snapshot: "false".into(),
-                db: table.schema.clone(),
-                schema: table.schema.clone(),
-                table: table.name.clone(),
-                file: Some(self.file.clone()),
-                pos: Some(header_pos),
-                gtid: gtid.clone(),
-                server_id: Some(server_id),
-                binlog_server_id: Some(self.binlog_server_id),
                 row: Some(index as u32),
-                ..Default::default()
+                ..source.clone()
             };
             let mut event = |op: Op, key: Row, before: Option<Row>, after: Option<Row>| {
                 seq += 1;
@@ -380,7 +383,7 @@ impl MysqlSource {
                 ))
             })?;
             self.tx = Some(Transaction {
-                gtid: Some(gtid.to_string()),
+                gtid: Some(Arc::from(gtid.to_string())),
                 mariadb_gtid: Some(gtid),
                 standalone: gtid.standalone,
             });
@@ -431,7 +434,7 @@ impl MysqlSource {
                     hex(&sid[10..16])
                 );
                 self.tx = Some(Transaction {
-                    gtid: Some(format!("{uuid}:{}", gtid.gno())),
+                    gtid: Some(Arc::from(format!("{uuid}:{}", gtid.gno()))),
                     mariadb_gtid: None,
                     standalone: false,
                 });

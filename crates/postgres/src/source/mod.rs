@@ -74,6 +74,8 @@ struct RelationInfo {
     key: Vec<usize>,
     /// Column definitions sent with every event of the table.
     definitions: Arc<TableColumns>,
+    /// The envelope's `source` block for the table, without the transaction's fields.
+    source: SourceInfo,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +90,6 @@ struct OpenTransaction {
 /// The streaming PostgreSQL source. Build it with [`PgSource::start`].
 pub struct PgSource {
     settings: PgSourceSettings,
-    database: String,
     client: ReplicationClient,
     /// A regular connection for catalog look-ups while streaming.
     catalog: tokio_postgres::Client,
@@ -97,7 +98,10 @@ pub struct PgSource {
     transaction: Option<OpenTransaction>,
     ready: VecDeque<SourceMessage<Lsn>>,
     confirmed: Lsn,
-    version: String,
+    /// The pipeline name, database and version, shared by every change's `source` block.
+    name: Arc<str>,
+    db: Arc<str>,
+    version: Arc<str>,
 }
 
 impl PgSource {
@@ -111,7 +115,7 @@ impl PgSource {
             tracing::warn!(pipeline = %settings.pipeline, "{warning}");
         }
         let config = parse_dsn(&settings.dsn)?;
-        let database = config.get_dbname().unwrap_or("postgres").to_string();
+        let database: Arc<str> = Arc::from(config.get_dbname().unwrap_or("postgres"));
         let catalog = connection::connect(&settings.dsn, "source catalog").await?;
         let client = open_stream(&settings, &config).await?;
         tracing::info!(
@@ -126,15 +130,16 @@ impl PgSource {
         Ok((
             Self {
                 confirmed: report.confirmed_flush_lsn,
+                name: Arc::from(settings.pipeline.as_str()),
                 settings,
-                database,
                 client,
                 catalog,
                 types: TypeCache::default(),
                 relations: HashMap::new(),
                 transaction: None,
                 ready: VecDeque::new(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
+                db: database,
+                version: Arc::from(env!("CARGO_PKG_VERSION")),
             },
             report,
         ))
@@ -149,19 +154,12 @@ impl PgSource {
         }
     }
 
-    fn source_info(&self, table: &TableId, tx: OpenTransaction) -> SourceInfo {
+    fn source_info(rel: &RelationInfo, tx: OpenTransaction) -> SourceInfo {
         SourceInfo {
-            version: self.version.clone(),
-            connector: "postgresql".into(),
-            name: self.settings.pipeline.clone(),
             ts_ms: tx.commit_ts_ms,
-            snapshot: "false".into(),
-            db: self.database.clone(),
-            schema: table.schema.clone(),
-            table: table.name.clone(),
             tx_id: Some(u64::from(tx.xid)),
             lsn: Some(tx.final_lsn),
-            ..Default::default()
+            ..rel.source.clone()
         }
     }
 
@@ -210,6 +208,16 @@ impl PgSource {
             .collect();
         let table = TableId::new(rel.namespace, rel.name);
         tracing::debug!(%table, columns = columns.len(), "relation described");
+        let source = SourceInfo {
+            version: self.version.clone(),
+            connector: Arc::from("postgresql"),
+            name: self.name.clone(),
+            snapshot: Arc::from("false"),
+            db: self.db.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            ..Default::default()
+        };
         self.relations.insert(
             rel.id,
             RelationInfo {
@@ -217,6 +225,7 @@ impl PgSource {
                 columns,
                 key,
                 definitions: Arc::new(TableColumns::new(definitions)),
+                source,
             },
         );
         Ok(())
@@ -248,32 +257,32 @@ impl PgSource {
         match message {
             PgOutputMessage::Insert { relation, new } => {
                 let rel = self.relation(relation, "Insert")?;
-                let after = build_row(rel, &new, None)?;
                 let key = key_of(rel, &new)?;
+                let after = build_row(rel, new, None)?;
                 let event = ChangeEvent {
                     table: rel.table.clone(),
                     op: Op::Create,
                     key,
                     before: None,
                     after: Some(after),
-                    source: self.source_info(&rel.table, tx),
+                    source: Self::source_info(rel, tx),
                     columns: Some(rel.definitions.clone()),
                 };
                 self.emit(event);
             }
             PgOutputMessage::Update { relation, old, new } => {
                 let rel = self.relation(relation, "Update")?;
-                let after = build_row(rel, &new, old.as_ref())?;
                 let key = key_of(rel, &new)?;
-                let before = match &old {
-                    Some(old) => Some(build_old_row(rel, old)?),
-                    None => None,
-                };
                 let old_key = match &old {
                     Some(old) => Some(key_of(rel, &old.values)?),
                     None => None,
                 };
-                let source = self.source_info(&rel.table, tx);
+                let after = build_row(rel, new, old.as_ref())?;
+                let before = match old {
+                    Some(old) => Some(build_old_row(rel, old)?),
+                    None => None,
+                };
+                let source = Self::source_info(rel, tx);
                 let table = rel.table.clone();
                 let columns = Some(rel.definitions.clone());
                 match old_key {
@@ -317,9 +326,9 @@ impl PgSource {
                     table: rel.table.clone(),
                     op: Op::Delete,
                     key,
-                    before: Some(build_old_row(rel, &old)?),
+                    before: Some(build_old_row(rel, old)?),
                     after: None,
-                    source: self.source_info(&rel.table, tx),
+                    source: Self::source_info(rel, tx),
                     columns: Some(rel.definitions.clone()),
                 };
                 self.emit(event);
@@ -333,7 +342,7 @@ impl PgSource {
                         key: Row::new(),
                         before: None,
                         after: None,
-                        source: self.source_info(&rel.table, tx),
+                        source: Self::source_info(rel, tx),
                         columns: Some(rel.definitions.clone()),
                     };
                     self.emit(event);
@@ -497,10 +506,21 @@ async fn open_stream(
 
 fn value_of(value: &TupleValue, column: &ColumnInfo) -> Value {
     match value {
+        TupleValue::Text(text) => text_to_json(text.as_str(), &column.kind),
+        other => value_into(other.clone(), column),
+    }
+}
+
+/// The JSON form of a value, taking over its text where the text is that form.
+fn value_into(value: TupleValue, column: &ColumnInfo) -> Value {
+    match value {
         TupleValue::Null => Value::Null,
         TupleValue::UnchangedToast => Value::String(UNAVAILABLE_VALUE.to_string()),
         TupleValue::Text(text) => text_to_json(text, &column.kind),
-        TupleValue::Binary(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+        TupleValue::Binary(bytes) => Value::String(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }),
     }
 }
 
@@ -520,18 +540,18 @@ fn check_width(rel: &RelationInfo, values: &[TupleValue]) -> Result<(), Tidelink
 /// it (REPLICA IDENTITY FULL), otherwise marked unavailable so the sink keeps it.
 fn build_row(
     rel: &RelationInfo,
-    values: &[TupleValue],
+    values: Vec<TupleValue>,
     old: Option<&OldTuple>,
 ) -> Result<Row, TidelinkError> {
-    check_width(rel, values)?;
+    check_width(rel, &values)?;
     let mut row = Row::new();
     for (i, (column, value)) in rel.columns.iter().zip(values).enumerate() {
         let value = match (value, old) {
             (TupleValue::UnchangedToast, Some(old)) if !old.key_only => match old.values.get(i) {
                 Some(old_value @ TupleValue::Text(_)) => value_of(old_value, column),
-                _ => value_of(value, column),
+                _ => value_into(TupleValue::UnchangedToast, column),
             },
-            _ => value_of(value, column),
+            (value, _) => value_into(value, column),
         };
         row.insert(column.name.clone(), value);
     }
@@ -540,14 +560,14 @@ fn build_row(
 
 /// The old row: all columns under REPLICA IDENTITY FULL, only the identity columns
 /// otherwise (the others were not sent, which is not the same as NULL).
-fn build_old_row(rel: &RelationInfo, old: &OldTuple) -> Result<Row, TidelinkError> {
+fn build_old_row(rel: &RelationInfo, old: OldTuple) -> Result<Row, TidelinkError> {
     check_width(rel, &old.values)?;
     let mut row = Row::new();
-    for (column, value) in rel.columns.iter().zip(&old.values) {
+    for (column, value) in rel.columns.iter().zip(old.values) {
         if old.key_only && matches!(value, TupleValue::Null) {
             continue;
         }
-        row.insert(column.name.clone(), value_of(value, column));
+        row.insert(column.name.clone(), value_into(value, column));
     }
     Ok(row)
 }
