@@ -439,6 +439,8 @@ mod tests {
         let postgres = event();
         let mut mysql = event();
         mysql.before = mysql.after.clone();
+        // Every field spelled out (no `..Default::default()`): a field added to `SourceInfo`
+        // stops this test from compiling until `SourceText::write` writes it too.
         mysql.source = SourceInfo {
             version: "0.1.0".into(),
             connector: "mysql".into(),
@@ -455,7 +457,8 @@ mod tests {
             row: Some(2),
             seq: Some(5),
             binlog_server_id: Some(1),
-            ..Default::default()
+            tx_id: Some(88),
+            lsn: Some(99),
         };
         let mut snapshot = event();
         snapshot.source.snapshot = "true".into();
