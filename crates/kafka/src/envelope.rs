@@ -66,18 +66,6 @@ fn optional_field<T: Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, value: O
     }
 }
 
-/// The fields of a `source` block that stay the same for a table's changes, in the order
-/// [`SourceText::write`] takes them.
-const OPENING_FIELDS: [&str; 7] = [
-    "version",
-    "connector",
-    "name",
-    "snapshot",
-    "db",
-    "schema",
-    "table",
-];
-
 /// The opening of a `source` block up to its changing fields, kept for the text it was
 /// made of (compared by pointer: a source shares one text per table among its changes).
 #[derive(Default)]
@@ -89,28 +77,30 @@ struct SourceText {
 impl SourceText {
     /// Writes `source` as a JSON object with the same fields as its `Serialize` form.
     fn write(&mut self, out: &mut Vec<u8>, source: &SourceInfo) {
-        let parts = [
-            &source.version,
-            &source.connector,
-            &source.name,
-            &source.snapshot,
-            &source.db,
-            &source.schema,
-            &source.table,
+        let opening = [
+            ("version", &source.version),
+            ("connector", &source.connector),
+            ("name", &source.name),
+            ("snapshot", &source.snapshot),
+            ("db", &source.db),
+            ("schema", &source.schema),
+            ("table", &source.table),
         ];
-        let same = self
-            .made_of
-            .as_ref()
-            .is_some_and(|made_of| made_of.iter().zip(parts).all(|(a, b)| Arc::ptr_eq(a, b)));
+        let same = self.made_of.as_ref().is_some_and(|made_of| {
+            made_of
+                .iter()
+                .zip(opening)
+                .all(|(kept, (_, text))| Arc::ptr_eq(kept, text))
+        });
         if !same {
             self.opening.clear();
-            for (i, (name, text)) in OPENING_FIELDS.iter().zip(parts).enumerate() {
+            for (i, (name, text)) in opening.into_iter().enumerate() {
                 self.opening.push(if i == 0 { b'{' } else { b',' });
                 write_json(&mut self.opening, name);
                 self.opening.push(b':');
                 write_json(&mut self.opening, &**text);
             }
-            self.made_of = Some(parts.map(Arc::clone));
+            self.made_of = Some(opening.map(|(_, text)| text.clone()));
         }
         out.extend_from_slice(&self.opening);
         out.extend_from_slice(b",\"ts_ms\":");

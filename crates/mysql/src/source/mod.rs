@@ -78,7 +78,11 @@ pub struct MysqlSource {
     stream: BinlogStream,
     meta: Conn,
     mariadb: bool,
-    file: String,
+    /// The binlog file being read (shared with the changes' `source` blocks).
+    file: Arc<str>,
+    /// The parts of every change's `source` block that never change (version, connector,
+    /// pipeline name, snapshot flag), built once.
+    source_block: SourceInfo,
     table_maps: HashMap<u64, TableMapEvent<'static>>,
     schemas: HashMap<TableId, Arc<TableSchema>>,
     ready: VecDeque<SourceMessage<BinlogCheckpoint>>,
@@ -119,7 +123,14 @@ impl MysqlSource {
             .map(|t| (t.table.clone(), Arc::new(t.clone())))
             .collect();
         let source = Self {
-            file: position.file.clone(),
+            file: Arc::from(position.file.as_str()),
+            source_block: SourceInfo {
+                version: Arc::from(env!("CARGO_PKG_VERSION")),
+                connector: Arc::from("mysql"),
+                name: Arc::from(settings.pipeline.as_str()),
+                snapshot: Arc::from("false"),
+                ..Default::default()
+            },
             settings,
             stream,
             meta,
@@ -157,7 +168,7 @@ impl MysqlSource {
 
     fn checkpoint(&mut self, pos: u64) {
         let position = BinlogPosition {
-            file: self.file.clone(),
+            file: self.file.to_string(),
             pos,
             gtid: (self.mariadb && !self.gtid_state.is_empty())
                 .then(|| self.gtid_state.to_string()),
@@ -286,22 +297,23 @@ impl MysqlSource {
         else {
             return Ok(());
         };
+        // The id kept with the table's schema: its names are shared by all its changes.
+        let table = self
+            .schemas
+            .get_key_value(&table)
+            .map_or(table, |(known, _)| known.clone());
         // The `source` block shared by the rows of this event; each row sets its index.
         let source = SourceInfo {
-            version: Arc::from(env!("CARGO_PKG_VERSION")),
-            connector: Arc::from("mysql"),
-            name: Arc::from(self.settings.pipeline.as_str()),
             ts_ms,
-            snapshot: Arc::from("false"),
             db: table.schema.clone(),
             schema: table.schema.clone(),
             table: table.name.clone(),
-            file: Some(Arc::from(self.file.as_str())),
+            file: Some(self.file.clone()),
             pos: Some(header_pos),
             gtid: self.tx.as_ref().and_then(|t| t.gtid.clone()),
             server_id: Some(server_id),
             binlog_server_id: Some(self.binlog_server_id),
-            ..Default::default()
+            ..self.source_block.clone()
         };
         // Numbers the events of this rows event (a key change makes two of one row), so
         // (file, position, seq) orders every event of the binlog.
@@ -421,7 +433,7 @@ impl MysqlSource {
         })?;
         match data {
             Some(EventData::RotateEvent(rotate)) => {
-                self.file = clean_file_name(&rotate.name());
+                self.file = Arc::from(clean_file_name(&rotate.name()));
             }
             Some(EventData::GtidEvent(gtid)) => {
                 let sid = gtid.sid();

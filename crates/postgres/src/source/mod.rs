@@ -546,11 +546,13 @@ fn build_row(
     check_width(rel, &values)?;
     let mut row = Row::new();
     for (i, (column, value)) in rel.columns.iter().zip(values).enumerate() {
-        let value = match (value, old) {
-            (TupleValue::UnchangedToast, Some(old)) if !old.key_only => match old.values.get(i) {
-                Some(old_value @ TupleValue::Text(_)) => value_of(old_value, column),
-                _ => value_into(TupleValue::UnchangedToast, column),
-            },
+        let old_value = old
+            .filter(|old| !old.key_only)
+            .and_then(|old| old.values.get(i));
+        let value = match (value, old_value) {
+            (TupleValue::UnchangedToast, Some(old_value @ TupleValue::Text(_))) => {
+                value_of(old_value, column)
+            }
             (value, _) => value_into(value, column),
         };
         row.insert(column.name.clone(), value);
