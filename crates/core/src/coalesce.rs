@@ -28,8 +28,8 @@ pub struct TableBatch<'a> {
     pub source_columns: Option<std::sync::Arc<[u8]>>,
     /// Per key, in the order first seen: the key columns and what to do.
     pub entries: Vec<(&'a Row, Pending<'a>)>,
-    /// Each key's JSON text and its place in `entries`.
-    places: HashMap<String, usize>,
+    /// Each key's place in `entries`.
+    places: HashMap<&'a Row, usize>,
 }
 
 /// Rows written by one statement: same columns set, same conflict handling.
@@ -84,7 +84,7 @@ impl TableBatch<'_> {
 fn set_columns(row: &Row) -> impl Iterator<Item = &str> {
     row.iter()
         .filter(|(_, v)| !is_unavailable(v))
-        .map(|(c, _)| c.as_str())
+        .map(|(c, _)| c)
 }
 
 fn is_unavailable(value: &serde_json::Value) -> bool {
@@ -101,16 +101,29 @@ fn sets_exactly(row: &Row, columns: &[&str]) -> bool {
 pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError> {
     let mut batches: Vec<TableBatch<'_>> = Vec::new();
     let mut index: HashMap<&TableId, usize> = HashMap::new();
+    let mut last_table = 0;
     for change in changes {
-        let i = *index.entry(&change.table).or_insert_with(|| {
-            batches.push(TableBatch {
-                table: &change.table,
-                source_columns: change.source_columns.clone(),
-                entries: Vec::new(),
-                places: HashMap::new(),
-            });
-            batches.len() - 1
-        });
+        // A batch's changes mostly come in runs of one table: compare before hashing.
+        let i = if batches
+            .get(last_table)
+            .is_some_and(|b| *b.table == change.table)
+        {
+            last_table
+        } else {
+            *index.entry(&change.table).or_insert_with(|| {
+                // Most batches are one table's: room for every key up front, so the map is
+                // not rebuilt (and every key hashed again) as it grows.
+                let room = if batches.is_empty() { changes.len() } else { 0 };
+                batches.push(TableBatch {
+                    table: &change.table,
+                    source_columns: change.source_columns.clone(),
+                    entries: Vec::with_capacity(room),
+                    places: HashMap::with_capacity(room),
+                });
+                batches.len() - 1
+            })
+        };
+        last_table = i;
         let batch = &mut batches[i];
         if change.key.is_empty() {
             return Err(SinkError::Rejected(format!(
@@ -118,9 +131,11 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
                 change.origin, change.table
             )));
         }
-        let key_text = serde_json::to_string(&change.key).expect("a JSON map always serializes");
-        let slot = batch.places.get(&key_text).copied();
-        let earlier = slot.map(|s| &batch.entries[s].1);
+        // One lookup: a new key gets the next place in `entries` (filled below; every path
+        // that leaves a new key's place unfilled returns an error for the whole batch).
+        let next_place = batch.entries.len();
+        let slot = *batch.places.entry(&change.key).or_insert(next_place);
+        let earlier = (slot < next_place).then(|| &batch.entries[slot].1);
         let next = match (change.op, &change.after) {
             (Op::Delete, _) => Pending::Delete,
             (Op::Read, Some(after)) => match earlier {
@@ -154,12 +169,10 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
                 )))
             }
         };
-        match slot {
-            Some(s) => batch.entries[s] = (&change.key, next),
-            None => {
-                batch.places.insert(key_text, batch.entries.len());
-                batch.entries.push((&change.key, next));
-            }
+        if slot < next_place {
+            batch.entries[slot] = (&change.key, next);
+        } else {
+            batch.entries.push((&change.key, next));
         }
     }
     Ok(batches)
@@ -196,15 +209,12 @@ mod tests {
 
     fn change(op: Op, id: i64, after: Option<serde_json::Value>) -> SinkChange {
         let mut key = Row::new();
-        key.insert("id".into(), json!(id));
+        key.insert("id", json!(id));
         SinkChange {
             table: TableId::new("public", "t"),
             op,
             key,
-            after: after.map(|a| match a {
-                serde_json::Value::Object(row) => row,
-                _ => unreachable!("test images are objects"),
-            }),
+            after: after.map(|a| Row::from_json(a).expect("test images are objects")),
             origin: MessageOrigin {
                 topic: "t".into(),
                 partition: 0,

@@ -3,12 +3,10 @@
 //! envelope carries (see the README's type table), so the same event can be encoded for
 //! Kafka without a second conversion.
 
+use crate::Row;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
-
-/// A row image: column name to value (a sorted map: serialized by column name).
-pub type Row = serde_json::Map<String, serde_json::Value>;
 
 /// Placeholder for a column whose value the source did not send (PostgreSQL sends no value
 /// for an unchanged TOASTed column). Same string as Debezium, so its consumers understand

@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod fuzz;
 pub mod position;
+pub mod row;
 pub mod transform;
 
 pub use contract::{
@@ -18,8 +19,9 @@ pub use contract::{
 };
 pub use error::{ErrorKind, TidelinkError};
 pub use event::{
-    ChangeEvent, ColumnDefinition, Op, Row, SourceInfo, SourceOrder, TableColumns, TableId,
+    ChangeEvent, ColumnDefinition, Op, SourceInfo, SourceOrder, TableColumns, TableId,
     UNAVAILABLE_VALUE,
 };
 pub use position::Lsn;
+pub use row::Row;
 pub use transform::{Filter, Mask, TableTransform, Verdict};

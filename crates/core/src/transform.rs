@@ -693,7 +693,7 @@ mod tests {
     use serde_json::json;
 
     fn row(value: Value) -> Row {
-        value.as_object().cloned().unwrap()
+        Row::from_json(value).unwrap()
     }
 
     fn keeps(filter: &str, value: Value) -> bool {
@@ -772,7 +772,7 @@ mod tests {
         let mut image = row(json!({"id": 1, "secret": "s", "email": "a@b", "phone": "1"}));
         transform.shape(&mut image);
         assert_eq!(
-            Value::Object(image),
+            image.into_json(),
             json!({
                 "id": 1,
                 // printf 'a@b' | sha256sum

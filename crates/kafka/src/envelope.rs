@@ -352,10 +352,9 @@ fn decode_key(bytes: &[u8]) -> Result<Row, String> {
         Ok(mut row)
             if row.len() == 2 && row.contains_key("schema") && row.contains_key("payload") =>
         {
-            match row.remove("payload") {
-                Some(serde_json::Value::Object(payload)) => Ok(payload),
-                _ => Err("key's `payload` is not an object of key columns".into()),
-            }
+            row.remove("payload")
+                .and_then(Row::from_json)
+                .ok_or_else(|| "key's `payload` is not an object of key columns".into())
         }
         Ok(row) => Ok(row),
         Err(e) => Err(format!("key is not a JSON object of key columns: {e}")),
@@ -369,9 +368,9 @@ mod tests {
 
     fn event() -> ChangeEvent {
         let mut key = Row::new();
-        key.insert("id".into(), json!(7));
+        key.insert("id", json!(7));
         let mut after = key.clone();
-        after.insert("name".into(), json!("ada"));
+        after.insert("name", json!("ada"));
         ChangeEvent {
             table: TableId::new("public", "users"),
             op: Op::Update,

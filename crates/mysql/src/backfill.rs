@@ -72,7 +72,7 @@ impl TableReader {
                 let i = schema
                     .columns
                     .iter()
-                    .position(|c| &c.name == name)
+                    .position(|c| *c.name == **name)
                     .ok_or_else(|| {
                         TidelinkError::permanent(format!(
                             "--key-columns: {table} has no column `{name}`"
@@ -159,13 +159,13 @@ impl TableReader {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let values = row.unwrap();
-            let mut image = Row::new();
+            let mut image = Row::with_capacity(self.schema.columns.len());
             for (column, value) in self.schema.columns.iter().zip(values.iter()) {
                 let json = text_to_json(value, column)
                     .map_err(|e| TidelinkError::permanent(format!("{}: {e}", self.table)))?;
                 image.insert(column.name.clone(), json);
             }
-            let mut key = Row::new();
+            let mut key = Row::with_capacity(self.schema.key.len());
             let mut key_text = Vec::with_capacity(self.schema.key.len());
             for &i in &self.schema.key {
                 let name = &self.schema.columns[i].name;
@@ -180,7 +180,11 @@ impl TableReader {
 
     /// Column names in table order.
     pub fn column_names(&self) -> Vec<String> {
-        self.schema.columns.iter().map(|c| c.name.clone()).collect()
+        self.schema
+            .columns
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect()
     }
 
     /// `WHERE` clause for the keys after `after` and up to `upto` (empty for neither).
@@ -323,10 +327,7 @@ impl TableReader {
             let mut literals = Vec::with_capacity(self.schema.key.len());
             for &i in &self.schema.key {
                 let column = &self.schema.columns[i];
-                let value = key
-                    .get(&column.name)
-                    .cloned()
-                    .unwrap_or(serde_json::Value::Null);
+                let value = key[&*column.name].clone();
                 literals.push(json_to_literal(&value, column).map_err(TidelinkError::permanent)?);
             }
             tuples.push(format!("({})", literals.join(", ")));

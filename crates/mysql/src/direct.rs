@@ -100,13 +100,13 @@ impl MysqlDirectLoader {
             columns: schema
                 .columns
                 .iter()
-                .map(|c| (c.name.clone(), c.clone()))
+                .map(|c| (c.name.to_string(), c.clone()))
                 .collect(),
         };
         let columns: Vec<String> = schema
             .columns
             .iter()
-            .map(|c| c.name.clone())
+            .map(|c| c.name.to_string())
             .filter(|n| rows.first().is_none_or(|r| r.contains_key(n)))
             .collect();
         let mut tuples = Vec::with_capacity(rows.len());

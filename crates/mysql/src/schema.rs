@@ -12,8 +12,8 @@ use tidelink_core::{ColumnDefinition, TableColumns, TableId, TidelinkError};
 /// One column as the server defines it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnInfo {
-    /// Column name.
-    pub name: String,
+    /// Column name, shared by the rows of every change of the table.
+    pub name: Arc<str>,
     /// `DATA_TYPE`, lower case (`int`, `varchar`, `datetime`, …).
     pub data_type: String,
     /// `COLUMN_TYPE` as the server spells it (`int(10) unsigned`, `enum('a','b')`).
@@ -124,7 +124,7 @@ pub async fn load_table(
                 };
                 ColumnInfo {
                     key: key_rows.contains(&name),
-                    name,
+                    name: name.into(),
                     unsigned: lower.contains("unsigned"),
                     bits: if data_type == "bit" {
                         precision.unwrap_or(1) as u32
@@ -142,13 +142,13 @@ pub async fn load_table(
         .collect();
     let key = key_rows
         .iter()
-        .filter_map(|k| columns.iter().position(|c| &c.name == k))
+        .filter_map(|k| columns.iter().position(|c| *c.name == **k))
         .collect();
     let definitions = Arc::new(TableColumns::new(
         columns
             .iter()
             .map(|c| ColumnDefinition {
-                name: c.name.clone(),
+                name: c.name.to_string(),
                 sql_type: format!("mysql:{}", c.column_type),
                 key: c.key,
                 not_null: c.not_null,

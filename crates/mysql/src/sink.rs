@@ -156,7 +156,7 @@ impl MysqlSink {
             columns: schema
                 .columns
                 .into_iter()
-                .map(|c| (c.name.clone(), c))
+                .map(|c| (c.name.to_string(), c))
                 .collect(),
         };
         self.tables.insert(table.clone(), target.clone());
@@ -239,7 +239,7 @@ impl MysqlSink {
         let (deleted_keys, upserts) = batch.statements();
         let delete_columns: Vec<&str> = deleted_keys
             .first()
-            .map(|key| key.keys().map(String::as_str).collect())
+            .map(|key| key.keys().collect())
             .unwrap_or_default();
         let deletes = deleted_keys
             .iter()
@@ -345,7 +345,7 @@ pub(crate) fn tuple(
         let column = target.columns.get(c).ok_or_else(|| {
             SinkError::Rejected(format!("target table {table} has no column `{c}`"))
         })?;
-        let value = row.get(c).unwrap_or(&serde_json::Value::Null);
+        let value = &row[c];
         let literal = json_to_literal(value, column)
             .map_err(|e| SinkError::Rejected(format!("{table}: {e}")))?;
         if i > 0 {

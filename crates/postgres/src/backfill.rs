@@ -17,7 +17,8 @@ pub struct TableReader {
     client: tokio_postgres::Client,
     /// The table.
     pub table: TableId,
-    columns: Vec<(String, ValueKind)>,
+    /// Names (shared by every row read) and how values are decoded.
+    columns: Vec<(Arc<str>, ValueKind)>,
     /// Indexes of the primary-key columns, in key order.
     key: Vec<usize>,
     /// SQL type of each key column, for literals.
@@ -89,9 +90,9 @@ impl TableReader {
         let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
         let mut types = TypeCache::default();
         types.load(&client, &oids).await?;
-        let columns: Vec<(String, ValueKind)> = rows
+        let columns: Vec<(Arc<str>, ValueKind)> = rows
             .iter()
-            .map(|r| (r.get::<_, String>(0), types.classify(r.get(1))))
+            .map(|r| (Arc::from(r.get::<_, &str>(0)), types.classify(r.get(1))))
             .collect();
         let primary_key = if key_columns.is_empty() {
             let mut key = primary_key(&client, oid).await?;
@@ -110,7 +111,7 @@ impl TableReader {
         }
         let key: Vec<usize> = primary_key
             .iter()
-            .filter_map(|k| columns.iter().position(|(name, _)| name == k))
+            .filter_map(|k| columns.iter().position(|(name, _)| **name == **k))
             .collect();
         let key_types = key.iter().map(|&i| rows[i].get::<_, String>(2)).collect();
         let definitions = column_definitions(&client, oid)
@@ -331,7 +332,10 @@ impl TableReader {
 
     /// Column names in table order.
     pub fn column_names(&self) -> Vec<String> {
-        self.columns.iter().map(|(name, _)| name.clone()).collect()
+        self.columns
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .collect()
     }
 
     /// The rows with these keys (JSON values, as images carry them), for comparisons.
@@ -342,13 +346,13 @@ impl TableReader {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let names: Vec<&String> = self.key.iter().map(|&i| &self.columns[i].0).collect();
+        let names: Vec<&Arc<str>> = self.key.iter().map(|&i| &self.columns[i].0).collect();
         let list = keys
             .iter()
             .map(|key| {
                 let texts: Vec<String> = names
                     .iter()
-                    .map(|n| match key.get(*n) {
+                    .map(|n| match key.get(n) {
                         Some(serde_json::Value::String(s)) => s.clone(),
                         Some(other) => other.to_string(),
                         None => String::new(),
@@ -381,7 +385,7 @@ impl TableReader {
         let mut out = Vec::new();
         for message in messages {
             if let SimpleQueryMessage::Row(row) = message {
-                let mut image = Row::new();
+                let mut image = Row::with_capacity(self.columns.len());
                 for (i, (name, kind)) in self.columns.iter().enumerate() {
                     let value = row
                         .get(i)
@@ -389,7 +393,7 @@ impl TableReader {
                         .unwrap_or(serde_json::Value::Null);
                     image.insert(name.clone(), value);
                 }
-                let mut key = Row::new();
+                let mut key = Row::with_capacity(self.key.len());
                 let mut key_text = Vec::with_capacity(self.key.len());
                 for &i in &self.key {
                     let name = &self.columns[i].0;

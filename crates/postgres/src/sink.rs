@@ -268,7 +268,7 @@ impl PgSink {
             .await?;
         let (deletes, mut groups) = batch.statements();
         if !deletes.is_empty() {
-            let key_columns: Vec<&str> = deletes[0].keys().map(String::as_str).collect();
+            let key_columns: Vec<&str> = deletes[0].keys().collect();
             let params =
                 column_params(&target, batch.table, &key_columns, deletes.iter().copied())?;
             let sql = format!(
@@ -289,7 +289,7 @@ impl PgSink {
             rows,
         } in groups
         {
-            let key_columns: Vec<&str> = rows[0].0.keys().map(String::as_str).collect();
+            let key_columns: Vec<&str> = rows[0].0.keys().collect();
             let params =
                 column_params(&target, batch.table, &columns, rows.iter().map(|(_, r)| *r))?;
             let updates: Vec<&str> = columns
@@ -472,7 +472,7 @@ fn column_params<'r>(
         .collect();
     for row in rows {
         for (i, c) in columns.iter().enumerate() {
-            let value = row.get(*c).unwrap_or(&serde_json::Value::Null);
+            let value = &row[*c];
             let text = json_to_text(value, kinds[i])
                 .map_err(|e| SinkError::Rejected(format!("{table}.{c}: {e}")))?;
             params[i].push(text);

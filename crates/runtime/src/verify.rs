@@ -449,7 +449,7 @@ fn first_difference(source: &Row, target: &Row) -> Option<String> {
             continue;
         };
         if !same_value(value, copy) {
-            return Some(column.clone());
+            return Some(column.to_string());
         }
     }
     None

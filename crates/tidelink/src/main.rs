@@ -290,16 +290,13 @@ fn main() -> ExitCode {
                                 r.source, r.target, r.sink, r.rows, r.missing.len(), r.extra.len(), r.different.len()
                             );
                             for key in r.missing.iter().take(10) {
-                                println!("  missing    {}", serde_json::Value::Object(key.clone()));
+                                println!("  missing    {key}");
                             }
                             for key in r.extra.iter().take(10) {
-                                println!("  extra      {}", serde_json::Value::Object(key.clone()));
+                                println!("  extra      {key}");
                             }
                             for (key, column) in r.different.iter().take(10) {
-                                println!(
-                                    "  different  {} (column {column})",
-                                    serde_json::Value::Object(key.clone())
-                                );
+                                println!("  different  {key} (column {column})");
                             }
                         }
                     }

@@ -609,19 +609,16 @@ async fn apply_ceiling(rows: u64) -> (f64, u64) {
     let table = TableId::new("public", "bench");
     let change = |id: u64, op: Op, offset: i64| {
         let mut key = Row::new();
-        key.insert("id".into(), id.into());
+        key.insert("id", id.into());
         let after = (op != Op::Delete).then(|| {
             let mut row = key.clone();
-            row.insert("account".into(), format!("account {}", id % 5000).into());
+            row.insert("account", format!("account {}", id % 5000).into());
+            row.insert("amount", format!("{}.{:02}", id % 1000, id % 100).into());
             row.insert(
-                "amount".into(),
-                format!("{}.{:02}", id % 1000, id % 100).into(),
-            );
-            row.insert(
-                "status".into(),
+                "status",
                 if op == Op::Create { "new" } else { "paid" }.into(),
             );
-            row.insert("updated".into(), "2026-11-25 10:00:00.123456+00".into());
+            row.insert("updated", "2026-11-25 10:00:00.123456+00".into());
             row
         });
         SinkChange {

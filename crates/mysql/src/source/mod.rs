@@ -197,7 +197,10 @@ impl MysqlSource {
         let matches = |schema: &TableSchema| {
             schema.columns.len() == columns
                 && binlog_names.is_none_or(|names| {
-                    names.iter().zip(&schema.columns).all(|(n, c)| *n == c.name)
+                    names
+                        .iter()
+                        .zip(&schema.columns)
+                        .all(|(n, c)| **n == *c.name)
                 })
         };
         if let Some(schema) = self.schemas.get(table) {
@@ -220,14 +223,14 @@ impl MysqlSource {
             // them, exactly as they were written before a later ALTER.
             let mut by_name = Vec::with_capacity(names.len());
             for name in names {
-                let column = schema.columns.iter().find(|c| &c.name == name).ok_or_else(|| {
+                let column = schema.columns.iter().find(|c| *c.name == **name).ok_or_else(|| {
                     TidelinkError::permanent(format!(
                         "{table}: the binlog rows have column `{name}`, which the table no longer has; its type is unknown"
                     ))
                 })?;
                 by_name.push(column.clone());
             }
-            let key_names: Vec<String> = schema
+            let key_names: Vec<Arc<str>> = schema
                 .key
                 .iter()
                 .map(|&k| schema.columns[k].name.clone())
@@ -511,7 +514,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn image(row: &BinlogRow, schema: &TableSchema) -> Result<Row, TidelinkError> {
-    let mut out = Row::new();
+    let mut out = Row::with_capacity(schema.columns.len());
     for (i, column) in schema.columns.iter().enumerate() {
         let value = binlog_to_json(row.as_ref(i), column)
             .map_err(|e| TidelinkError::permanent(format!("{}: {e}", schema.table)))?;
@@ -526,10 +529,7 @@ fn key_of(row: &Row, schema: &TableSchema) -> Row {
         .iter()
         .map(|&i| {
             let name = &schema.columns[i].name;
-            (
-                name.clone(),
-                row.get(name).cloned().unwrap_or(serde_json::Value::Null),
-            )
+            (name.clone(), row[name].clone())
         })
         .collect()
 }

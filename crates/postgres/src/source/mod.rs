@@ -61,7 +61,8 @@ pub struct PgSourceSettings {
 /// A column as the source decodes it.
 #[derive(Debug, Clone)]
 struct ColumnInfo {
-    name: String,
+    /// Shared by the rows of every change of the table.
+    name: Arc<str>,
     kind: ValueKind,
 }
 
@@ -170,7 +171,7 @@ impl PgSource {
             .columns
             .iter()
             .map(|c| ColumnInfo {
-                name: c.name.clone(),
+                name: Arc::from(c.name.as_str()),
                 kind: self.types.classify(c.type_oid),
             })
             .collect();
@@ -185,7 +186,7 @@ impl PgSource {
         } else {
             primary_key
                 .iter()
-                .filter_map(|name| columns.iter().position(|c| &c.name == name))
+                .filter_map(|name| columns.iter().position(|c| *c.name == **name))
                 .collect()
         };
         let catalog_columns = catalog::column_definitions(&self.catalog, rel.id).await?;
@@ -195,11 +196,11 @@ impl PgSource {
             .map(|(i, c)| {
                 let (sql_type, not_null) = catalog_columns
                     .iter()
-                    .find(|(name, _, _)| name == &c.name)
+                    .find(|(name, _, _)| **name == *c.name)
                     .map(|(_, t, n)| (t.clone(), *n))
                     .unwrap_or_else(|| ("text".into(), false));
                 ColumnDefinition {
-                    name: c.name.clone(),
+                    name: c.name.to_string(),
                     sql_type,
                     key: key.contains(&i),
                     not_null,
@@ -544,7 +545,7 @@ fn build_row(
     old: Option<&OldTuple>,
 ) -> Result<Row, TidelinkError> {
     check_width(rel, &values)?;
-    let mut row = Row::new();
+    let mut row = Row::with_capacity(values.len());
     for (i, (column, value)) in rel.columns.iter().zip(values).enumerate() {
         let old_value = old
             .filter(|old| !old.key_only)
@@ -564,7 +565,7 @@ fn build_row(
 /// otherwise (the others were not sent, which is not the same as NULL).
 fn build_old_row(rel: &RelationInfo, old: OldTuple) -> Result<Row, TidelinkError> {
     check_width(rel, &old.values)?;
-    let mut row = Row::new();
+    let mut row = Row::with_capacity(old.values.len());
     for (column, value) in rel.columns.iter().zip(old.values) {
         if old.key_only && matches!(value, TupleValue::Null) {
             continue;
@@ -576,7 +577,7 @@ fn build_old_row(rel: &RelationInfo, old: OldTuple) -> Result<Row, TidelinkError
 
 fn key_of(rel: &RelationInfo, values: &[TupleValue]) -> Result<Row, TidelinkError> {
     check_width(rel, values)?;
-    let mut key = Row::new();
+    let mut key = Row::with_capacity(rel.key.len());
     for &i in &rel.key {
         let column = &rel.columns[i];
         key.insert(column.name.clone(), value_of(&values[i], column));
