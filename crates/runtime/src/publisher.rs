@@ -61,7 +61,9 @@ pub async fn publish<S: Source>(
         pipeline.to_string(),
         metrics.clone(),
     ));
-    let mut tables: HashMap<TableId, TableOutput> = HashMap::new();
+    let mut outputs: Vec<TableOutput> = Vec::new();
+    let mut output_of: HashMap<TableId, usize> = HashMap::new();
+    let mut last_output = 0;
     let mut ensured_topics: HashSet<String> = HashSet::new();
     let mut published: HashMap<TableId, Arc<TableColumns>> = HashMap::new();
     let mut last_commit_ts: Option<i64> = None;
@@ -78,25 +80,51 @@ pub async fn publish<S: Source>(
             }
             match source.next().await? {
                 SourceMessage::Change(event) => {
-                    if !tables.contains_key(&event.table) {
-                        let output = TableOutput::new(kafka, &event.table);
-                        if ensured_topics.insert(output.topic.clone()) {
-                            admin::ensure_topics(kafka, std::slice::from_ref(&output.topic))
-                                .await?;
-                        }
-                        tables.insert(event.table.clone(), output);
+                    // Changes come in runs of one table: compare before hashing.
+                    if outputs
+                        .get(last_output)
+                        .is_none_or(|o| o.table != event.table)
+                    {
+                        last_output = match output_of.get(&event.table) {
+                            Some(&i) => i,
+                            None => {
+                                let output = TableOutput::new(kafka, &event.table);
+                                if ensured_topics.insert(output.topic.clone()) {
+                                    admin::ensure_topics(
+                                        kafka,
+                                        std::slice::from_ref(&output.topic),
+                                    )
+                                    .await?;
+                                }
+                                outputs.push(output);
+                                output_of.insert(event.table.clone(), outputs.len() - 1);
+                                outputs.len() - 1
+                            }
+                        };
                     }
-                    let output = tables
-                        .get_mut(&event.table)
-                        .expect("inserted above when missing");
-                    output.count(&event.table, event.op, pipeline, metrics);
+                    let output = &mut outputs[last_output];
+                    output.count(event.op, pipeline, metrics);
                     last_commit_ts = Some(event.source.ts_ms);
                     let (key, value) = encoder.encode(&event, now_ms());
                     // A truncate has no key; partition 0 keeps its copy ordered there.
                     let partition = (event.op == Op::Truncate).then_some(0);
                     if let Some(columns) = &event.columns {
-                        publish_definitions(producer, kafka, &mut published, &event.table, columns)
+                        // A source shares one definition per table among its changes.
+                        if !output
+                            .definitions
+                            .as_ref()
+                            .is_some_and(|d| Arc::ptr_eq(d, columns))
+                        {
+                            publish_definitions(
+                                producer,
+                                kafka,
+                                &mut published,
+                                &event.table,
+                                columns,
+                            )
                             .await?;
+                            output.definitions = Some(columns.clone());
+                        }
                     }
                     changes.send(&output.topic, key, value, partition).await?;
                 }
@@ -144,7 +172,10 @@ pub async fn publish<S: Source>(
 /// What the publisher needs per source table, looked up once: its topic (routes applied)
 /// and its event counters, so a change costs no label formatting or topic naming.
 struct TableOutput {
+    table: TableId,
     topic: String,
+    /// The column definitions published for the table last (by this loop).
+    definitions: Option<Arc<TableColumns>>,
     /// `tidelink_source_events_total` per operation (indexed by `Op as usize`), created
     /// when the table first has one.
     events: [Option<prometheus::IntCounter>; 5],
@@ -153,12 +184,15 @@ struct TableOutput {
 impl TableOutput {
     fn new(kafka: &KafkaConfig, table: &TableId) -> Self {
         Self {
+            table: table.clone(),
             topic: topic_of(kafka, &table.schema, &table.name),
+            definitions: None,
             events: Default::default(),
         }
     }
 
-    fn count(&mut self, table: &TableId, op: Op, pipeline: &str, metrics: &Metrics) {
+    fn count(&mut self, op: Op, pipeline: &str, metrics: &Metrics) {
+        let table = &self.table;
         self.events[op as usize]
             .get_or_insert_with(|| {
                 metrics
