@@ -89,11 +89,6 @@ impl Row {
         self.place(column).ok().map(|i| self.cells.remove(i).1)
     }
 
-    /// Keeps the columns `keep` accepts.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str, &mut Value) -> bool) {
-        self.cells.retain_mut(|(name, value)| keep(name, value));
-    }
-
     /// Columns and values, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
         self.into_iter()

@@ -278,7 +278,7 @@ pub async fn backfill(
     admin::ensure_compacted_topic(kafka, &progress_topic).await?;
     let recorded: HashMap<String, Vec<u8>> =
         admin::read_latest_by_key(kafka, &progress_topic).await?;
-    let mut definitions = HashMap::new();
+    let mut schemas_topic_ready = false;
     let mut report = Vec::new();
     for table in tables {
         let mut progress: TableProgress = recorded
@@ -302,7 +302,8 @@ pub async fn backfill(
         publish_definitions(
             &producer,
             kafka,
-            &mut definitions,
+            &mut schemas_topic_ready,
+            &mut None,
             &table,
             reader.definitions(),
         )

@@ -65,7 +65,7 @@ pub async fn publish<S: Source>(
     let mut output_of: HashMap<TableId, usize> = HashMap::new();
     let mut last_output = 0;
     let mut ensured_topics: HashSet<String> = HashSet::new();
-    let mut published: HashMap<TableId, Arc<TableColumns>> = HashMap::new();
+    let mut schemas_topic_ready = false;
     let mut last_commit_ts: Option<i64> = None;
     let mut encoder = EnvelopeEncoder::default();
     let result: Result<(), TidelinkError> = async {
@@ -109,22 +109,15 @@ pub async fn publish<S: Source>(
                     // A truncate has no key; partition 0 keeps its copy ordered there.
                     let partition = (event.op == Op::Truncate).then_some(0);
                     if let Some(columns) = &event.columns {
-                        // A source shares one definition per table among its changes.
-                        if !output
-                            .definitions
-                            .as_ref()
-                            .is_some_and(|d| Arc::ptr_eq(d, columns))
-                        {
-                            publish_definitions(
-                                producer,
-                                kafka,
-                                &mut published,
-                                &event.table,
-                                columns,
-                            )
-                            .await?;
-                            output.definitions = Some(columns.clone());
-                        }
+                        publish_definitions(
+                            producer,
+                            kafka,
+                            &mut schemas_topic_ready,
+                            &mut output.definitions,
+                            &event.table,
+                            columns,
+                        )
+                        .await?;
                     }
                     changes.send(&output.topic, key, value, partition).await?;
                 }
@@ -174,7 +167,7 @@ pub async fn publish<S: Source>(
 struct TableOutput {
     table: TableId,
     topic: String,
-    /// The column definitions published for the table last (by this loop).
+    /// The column definitions this run published for the table last.
     definitions: Option<Arc<TableColumns>>,
     /// `tidelink_source_events_total` per operation (indexed by `Op as usize`), created
     /// when the table first has one.
@@ -223,24 +216,29 @@ async fn acknowledge<P: Copy + std::fmt::Display>(
 }
 
 /// Publishes a table's column definitions to `<prefix>.schemas` when they differ from what
-/// this run published last, and waits for Kafka's acknowledgement, so any sink that reads a
-/// change of the table can also find its definitions. Happens once per table and DDL.
+/// this run published for it last (`published`, which it updates), and waits for Kafka's
+/// acknowledgement, so any sink that reads a change of the table can also find its
+/// definitions. Happens once per table and DDL; a source shares one definition per table
+/// among its changes, so the usual case is one pointer comparison. `schemas_topic_ready`
+/// says whether this run made sure of the compacted topic already.
 pub(crate) async fn publish_definitions(
     producer: &EventProducer,
     kafka: &KafkaConfig,
-    published: &mut HashMap<TableId, Arc<TableColumns>>,
+    schemas_topic_ready: &mut bool,
+    published: &mut Option<Arc<TableColumns>>,
     table: &TableId,
     columns: &Arc<TableColumns>,
 ) -> Result<(), TidelinkError> {
     if published
-        .get(table)
+        .as_ref()
         .is_some_and(|p| Arc::ptr_eq(p, columns) || p.columns == columns.columns)
     {
         return Ok(());
     }
     let topic = schemas_topic(&kafka.topic_prefix);
-    if published.is_empty() {
+    if !*schemas_topic_ready {
         admin::ensure_compacted_topic(kafka, &topic).await?;
+        *schemas_topic_ready = true;
     }
     producer
         .send(
@@ -253,7 +251,7 @@ pub(crate) async fn publish_definitions(
         .await?
         .acknowledged()
         .await?;
-    published.insert(table.clone(), columns.clone());
+    *published = Some(columns.clone());
     Ok(())
 }
 

@@ -99,10 +99,9 @@ pub struct PgSource {
     transaction: Option<OpenTransaction>,
     ready: VecDeque<SourceMessage<Lsn>>,
     confirmed: Lsn,
-    /// The pipeline name, database and version, shared by every change's `source` block.
-    name: Arc<str>,
-    db: Arc<str>,
-    version: Arc<str>,
+    /// The parts of every change's `source` block that never change (version, connector,
+    /// pipeline name, snapshot flag, database), built once.
+    source_block: SourceInfo,
 }
 
 impl PgSource {
@@ -116,7 +115,14 @@ impl PgSource {
             tracing::warn!(pipeline = %settings.pipeline, "{warning}");
         }
         let config = parse_dsn(&settings.dsn)?;
-        let database: Arc<str> = Arc::from(config.get_dbname().unwrap_or("postgres"));
+        let source_block = SourceInfo {
+            version: Arc::from(env!("CARGO_PKG_VERSION")),
+            connector: Arc::from("postgresql"),
+            name: Arc::from(settings.pipeline.as_str()),
+            snapshot: Arc::from("false"),
+            db: Arc::from(config.get_dbname().unwrap_or("postgres")),
+            ..Default::default()
+        };
         let catalog = connection::connect(&settings.dsn, "source catalog").await?;
         let client = open_stream(&settings, &config).await?;
         tracing::info!(
@@ -131,7 +137,7 @@ impl PgSource {
         Ok((
             Self {
                 confirmed: report.confirmed_flush_lsn,
-                name: Arc::from(settings.pipeline.as_str()),
+                source_block,
                 settings,
                 client,
                 catalog,
@@ -139,8 +145,6 @@ impl PgSource {
                 relations: HashMap::new(),
                 transaction: None,
                 ready: VecDeque::new(),
-                db: database,
-                version: Arc::from(env!("CARGO_PKG_VERSION")),
             },
             report,
         ))
@@ -210,14 +214,9 @@ impl PgSource {
         let table = TableId::new(rel.namespace, rel.name);
         tracing::debug!(%table, columns = columns.len(), "relation described");
         let source = SourceInfo {
-            version: self.version.clone(),
-            connector: Arc::from("postgresql"),
-            name: self.name.clone(),
-            snapshot: Arc::from("false"),
-            db: self.db.clone(),
             schema: table.schema.clone(),
             table: table.name.clone(),
-            ..Default::default()
+            ..self.source_block.clone()
         };
         self.relations.insert(
             rel.id,
