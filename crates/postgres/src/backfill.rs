@@ -228,17 +228,16 @@ impl TableReader {
         self.rows(&sql).await
     }
 
-    /// Up to `limit` rows after `after` and up to `upto`, in key order, as `COPY` text
-    /// (every column, in table order): the bytes a PostgreSQL target's `COPY … FROM STDIN`
-    /// takes as they are. Also returns the number of rows and the last row's key in text
-    /// form for the next call.
+    /// Starts reading up to `limit` rows after `after` and up to `upto`, in key order, as
+    /// `COPY` text (every column, in table order): the bytes a PostgreSQL target's
+    /// `COPY … FROM STDIN` takes as they are. The text arrives in pieces of whole rows
+    /// ([`CopyChunk::next_piece`]), so a writer can start before the chunk is read.
     pub async fn copy_chunk(
         &self,
         after: Option<&[String]>,
         upto: Option<&[String]>,
         limit: usize,
-    ) -> Result<(bytes::Bytes, usize, Option<Vec<String>>), TidelinkError> {
-        use futures::StreamExt;
+    ) -> Result<CopyChunk, TidelinkError> {
         let columns = self
             .column_names()
             .iter()
@@ -251,29 +250,20 @@ impl TableReader {
             "COPY (SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}) TO STDOUT",
             quote_table(&self.table.schema, &self.table.name)
         );
-        let fail = |e: tokio_postgres::Error| {
-            classify(&e).context(format!("copying a chunk of {}", self.table))
-        };
-        let stream = self.client.copy_out(&sql).await.map_err(fail)?;
-        futures::pin_mut!(stream);
-        let mut data = bytes::BytesMut::new();
-        while let Some(part) = stream.next().await {
-            data.extend_from_slice(&part.map_err(fail)?);
-        }
-        let data = data.freeze();
-        let rows = data.iter().filter(|&&b| b == b'\n').count();
-        let last_key = data[..data.len().saturating_sub(1)]
-            .rsplit(|&b| b == b'\n')
-            .next()
-            .filter(|line| !line.is_empty())
-            .map(|line| {
-                let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
-                self.key
-                    .iter()
-                    .map(|&i| copy_unescape(fields.get(i).copied().unwrap_or_default()))
-                    .collect()
-            });
-        Ok((data, rows, last_key))
+        let stream = self
+            .client
+            .copy_out(&sql)
+            .await
+            .map_err(|e| classify(&e).context(format!("copying a chunk of {}", self.table)))?;
+        Ok(CopyChunk {
+            stream: Box::pin(stream),
+            table: self.table.clone(),
+            key: self.key.clone(),
+            piece: bytes::BytesMut::new(),
+            rows: 0,
+            last_row: None,
+            ended: false,
+        })
     }
 
     /// Count and md5, computed in the database, of the rows after `after` and up to `upto`
@@ -438,6 +428,69 @@ impl TableReader {
             }
         }
         Ok(keys.iter().map(|k| found.contains(k)).collect())
+    }
+}
+
+/// How much `COPY` text a piece holds (whole rows, so a little more).
+const COPY_PIECE_BYTES: usize = 256 * 1024;
+
+/// A chunk of `COPY` text being read from the source ([`TableReader::copy_chunk`]).
+pub struct CopyChunk {
+    stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+    table: TableId,
+    key: Vec<usize>,
+    piece: bytes::BytesMut,
+    rows: usize,
+    /// PostgreSQL sends one row per `CopyData` message: the last one read.
+    last_row: Option<bytes::Bytes>,
+    /// The stream has ended (it must not be polled again).
+    ended: bool,
+}
+
+impl CopyChunk {
+    /// The next piece of whole rows (about [`COPY_PIECE_BYTES`]), or `None` once the chunk
+    /// is read.
+    pub async fn next_piece(&mut self) -> Result<Option<bytes::Bytes>, TidelinkError> {
+        use futures::StreamExt;
+        while !self.ended {
+            let Some(part) = self.stream.next().await else {
+                self.ended = true;
+                break;
+            };
+            let part = part
+                .map_err(|e| classify(&e).context(format!("copying a chunk of {}", self.table)))?;
+            self.rows += part.iter().filter(|&&b| b == b'\n').count();
+            if self.piece.is_empty() {
+                self.piece.reserve(COPY_PIECE_BYTES + part.len());
+            }
+            self.piece.extend_from_slice(&part);
+            self.last_row = Some(part);
+            if self.piece.len() >= COPY_PIECE_BYTES {
+                return Ok(Some(self.piece.split().freeze()));
+            }
+        }
+        Ok((!self.piece.is_empty()).then(|| self.piece.split().freeze()))
+    }
+
+    /// Rows read so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The key of the last row read, in text form: where the next chunk starts.
+    pub fn last_key(&self) -> Option<Vec<String>> {
+        let row = self.last_row.as_ref()?;
+        let line = row[..row.len().saturating_sub(1)]
+            .rsplit(|&b| b == b'\n')
+            .next()
+            .filter(|line| !line.is_empty())?;
+        let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+        Some(
+            self.key
+                .iter()
+                .map(|&i| copy_unescape(fields.get(i).copied().unwrap_or_default()))
+                .collect(),
+        )
     }
 }
 

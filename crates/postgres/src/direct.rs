@@ -85,70 +85,41 @@ impl PgDirectLoader {
         Ok(())
     }
 
-    /// Streams `COPY` text of `columns` (as a PostgreSQL source produced it) into `table`
-    /// and records `progress`, in one transaction: the PostgreSQL → PostgreSQL fast path,
-    /// with no conversion in between.
-    pub async fn load_copy_text(
+    /// Starts one transaction that streams `COPY` text of `columns` (as a PostgreSQL source
+    /// produced it) into `table`: the PostgreSQL → PostgreSQL fast path, with no conversion
+    /// in between. Send the text with [`CopyLoad::send`] as it is read, then
+    /// [`CopyLoad::commit`] with the progress it reaches.
+    pub async fn begin_copy_text(
         &mut self,
         table: &TableId,
         columns: &[String],
-        data: bytes::Bytes,
-        progress: &DirectProgress,
-    ) -> Result<(), TidelinkError> {
+    ) -> Result<CopyLoad<'_>, TidelinkError> {
         let quoted = quote_table(&table.schema, &table.name);
         let column_list = columns
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
-        self.copy_with_progress(
-            table,
-            &format!("COPY {quoted} ({column_list}) FROM STDIN"),
-            data,
-            progress,
-        )
-        .await
+        self.begin_copy(table, &format!("COPY {quoted} ({column_list}) FROM STDIN"))
+            .await
     }
 
-    async fn copy_with_progress(
+    async fn begin_copy(
         &mut self,
         table: &TableId,
         copy: &str,
-        data: bytes::Bytes,
-        progress: &DirectProgress,
-    ) -> Result<(), TidelinkError> {
+    ) -> Result<CopyLoad<'_>, TidelinkError> {
         let fail = |e: tokio_postgres::Error| classify(&e).context(format!("copying into {table}"));
         self.client.batch_execute("BEGIN").await.map_err(fail)?;
-        let result = async {
-            let sink = self.client.copy_in(copy).await.map_err(fail)?;
-            futures::pin_mut!(sink);
-            sink.send(data).await.map_err(fail)?;
-            sink.finish().await.map_err(fail)?;
-            let after = progress
-                .after
-                .as_ref()
-                .map(|k| serde_json::to_string(k).expect("keys serialize"));
-            self.client
-                .execute(
-                    &format!(
-                        "INSERT INTO {}.direct_backfill (target_table, after_key, rows_loaded, done) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (target_table) DO UPDATE SET \
-                         after_key = EXCLUDED.after_key, rows_loaded = EXCLUDED.rows_loaded, \
-                         done = EXCLUDED.done, updated_at = now()",
-                        quote_ident(&self.state_schema)
-                    ),
-                    &[&table.to_string(), &after, &(progress.rows as i64), &progress.done],
-                )
-                .await
-                .map_err(fail)?;
-            Ok::<(), TidelinkError>(())
-        }
-        .await;
-        match result {
-            Ok(()) => self.client.batch_execute("COMMIT").await.map_err(fail),
+        match self.client.copy_in(copy).await {
+            Ok(sink) => Ok(CopyLoad {
+                loader: self,
+                sink: Box::pin(sink),
+                table: table.clone(),
+            }),
             Err(e) => {
                 let _ = self.client.batch_execute("ROLLBACK").await;
-                Err(e)
+                Err(fail(e))
             }
         }
     }
@@ -199,13 +170,94 @@ impl PgDirectLoader {
             .map(|(n, _)| quote_ident(n))
             .collect::<Vec<_>>()
             .join(", ");
-        self.copy_with_progress(
-            table,
-            &format!("COPY {quoted} ({column_list}) FROM STDIN"),
-            data.freeze(),
-            progress,
-        )
-        .await
+        let mut copy = self
+            .begin_copy(table, &format!("COPY {quoted} ({column_list}) FROM STDIN"))
+            .await?;
+        match copy.send(data.freeze()).await {
+            Ok(()) => copy.commit(progress).await,
+            Err(e) => {
+                copy.abort().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One transaction of a direct load: `COPY` text streaming into a table, then the progress
+/// it reached, committed together ([`PgDirectLoader::begin_copy_text`]).
+pub struct CopyLoad<'a> {
+    loader: &'a mut PgDirectLoader,
+    sink: std::pin::Pin<Box<tokio_postgres::CopyInSink<bytes::Bytes>>>,
+    table: TableId,
+}
+
+impl CopyLoad<'_> {
+    fn failed(&self, e: tokio_postgres::Error) -> TidelinkError {
+        classify(&e).context(format!("copying into {}", self.table))
+    }
+
+    /// Sends `COPY` text of whole rows.
+    pub async fn send(&mut self, data: bytes::Bytes) -> Result<(), TidelinkError> {
+        match self.sink.send(data).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// Ends the copy, records `progress` and commits; rolls back on any failure.
+    pub async fn commit(mut self, progress: &DirectProgress) -> Result<(), TidelinkError> {
+        let result = async {
+            self.sink
+                .as_mut()
+                .finish()
+                .await
+                .map_err(|e| self.failed(e))?;
+            let after = progress
+                .after
+                .as_ref()
+                .map(|k| serde_json::to_string(k).expect("keys serialize"));
+            self.loader
+                .client
+                .execute(
+                    &format!(
+                        "INSERT INTO {}.direct_backfill (target_table, after_key, rows_loaded, done) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (target_table) DO UPDATE SET \
+                         after_key = EXCLUDED.after_key, rows_loaded = EXCLUDED.rows_loaded, \
+                         done = EXCLUDED.done, updated_at = now()",
+                        quote_ident(&self.loader.state_schema)
+                    ),
+                    &[
+                        &self.table.to_string(),
+                        &after,
+                        &(progress.rows as i64),
+                        &progress.done,
+                    ],
+                )
+                .await
+                .map_err(|e| self.failed(e))?;
+            Ok::<(), TidelinkError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => self
+                .loader
+                .client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| self.failed(e)),
+            Err(e) => {
+                let _ = self.loader.client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Abandons the copy and rolls its transaction back.
+    pub async fn abort(self) {
+        let CopyLoad { loader, sink, .. } = self;
+        // A copy sink dropped unfinished tells the server the copy failed.
+        drop(sink);
+        let _ = loader.client.batch_execute("ROLLBACK").await;
     }
 }
 

@@ -575,7 +575,8 @@ async fn backfill_direct(
             Reader::Postgres(r) => r.column_names(),
             Reader::Mysql(_) => Vec::new(),
         };
-        // The reader runs ahead of the writer by up to `parallel` chunks.
+        // The reader runs ahead of the writer by up to `parallel` chunks (of COPY text: by
+        // up to COPY_PIECES_AHEAD pieces, the writer copying while the reader reads).
         let (chunks, mut received) = tokio::sync::mpsc::channel::<Result<DirectChunk, TidelinkError>>(
             options.parallel.max(1),
         );
@@ -584,23 +585,23 @@ async fn backfill_direct(
         let reading = tokio::spawn(async move {
             let Some(upto) = upto else { return };
             loop {
-                let chunk = match (&reader, copy_text) {
-                    (Reader::Postgres(r), true) => r
-                        .copy_chunk(after.as_deref(), Some(&upto), chunk_size)
-                        .await
-                        .map(|(data, rows, last)| DirectChunk::CopyText { data, rows, last }),
-                    _ => reader
-                        .chunk(after.as_deref(), Some(&upto), chunk_size)
-                        .await
-                        .map(DirectChunk::Rows),
-                };
+                if let (Reader::Postgres(r), true) = (&reader, copy_text) {
+                    match stream_copy_chunk(r, after.as_deref(), &upto, chunk_size, &chunks).await {
+                        Some(last) => after = Some(last),
+                        None => return,
+                    }
+                    continue;
+                }
+                let chunk = reader
+                    .chunk(after.as_deref(), Some(&upto), chunk_size)
+                    .await;
                 let last = match &chunk {
-                    Ok(c) if c.rows() == 0 => return,
-                    Ok(c) => c.last_key(),
+                    Ok(c) if c.is_empty() => return,
+                    Ok(c) => c.last().map(|(_, _, k)| k.clone()),
                     Err(_) => None,
                 };
                 let failed = chunk.is_err();
-                if chunks.send(chunk).await.is_err() || failed {
+                if chunks.send(chunk.map(DirectChunk::Rows)).await.is_err() || failed {
                     return;
                 }
                 after = last;
@@ -610,22 +611,28 @@ async fn backfill_direct(
         let rows_at_start = progress.rows;
         let mut last_report = Instant::now();
         while let Some(chunk) = received.recv().await {
-            let chunk = chunk?;
-            progress.rows += chunk.rows() as u64;
-            progress.after = chunk.last_key();
-            match chunk {
+            match chunk? {
                 DirectChunk::Rows(chunk) => {
+                    progress.rows += chunk.len() as u64;
+                    progress.after = chunk.last().map(|(_, _, k)| k.clone());
                     let rows = match &transform {
                         None => chunk.into_iter().map(|(_, image, _)| image).collect(),
                         Some(transform) => transformed_rows(&table, transform, chunk)?,
                     };
                     loader.load(&target, &rows, &progress).await?;
                 }
-                DirectChunk::CopyText { data, .. } => {
+                DirectChunk::CopyText(mut pieces) => {
                     let Loader::Postgres(l) = &mut loader else {
                         unreachable!("COPY text is only read for a PostgreSQL target")
                     };
-                    l.load_copy_text(&target, &columns, data, &progress).await?;
+                    let mut copy = l.begin_copy_text(&target, &columns).await?;
+                    match copy_pieces(&table, &mut pieces, &mut copy, &mut progress).await {
+                        Ok(()) => copy.commit(&progress).await?,
+                        Err(e) => {
+                            copy.abort().await;
+                            return Err(e);
+                        }
+                    }
                 }
             }
             if shutdown.is_triggered() {
@@ -702,26 +709,97 @@ fn transformed_rows(
 enum DirectChunk {
     /// Rows as JSON images.
     Rows(Chunk),
-    /// PostgreSQL `COPY` text of every column, with its row count and last key.
-    CopyText {
-        data: bytes::Bytes,
+    /// PostgreSQL `COPY` text of every column, arriving in pieces while it is read.
+    CopyText(tokio::sync::mpsc::Receiver<Result<CopyPiece, TidelinkError>>),
+}
+
+/// Part of a chunk of `COPY` text.
+enum CopyPiece {
+    /// Whole rows.
+    Text(bytes::Bytes),
+    /// The chunk is read: how many rows it held and the last one's key.
+    End {
         rows: usize,
         last: Option<Vec<String>>,
     },
 }
 
-impl DirectChunk {
-    fn rows(&self) -> usize {
-        match self {
-            DirectChunk::Rows(c) => c.len(),
-            DirectChunk::CopyText { rows, .. } => *rows,
-        }
-    }
+/// How many pieces of `COPY` text (about 256 KiB each) the reader may run ahead.
+const COPY_PIECES_AHEAD: usize = 16;
 
-    fn last_key(&self) -> Option<Vec<String>> {
-        match self {
-            DirectChunk::Rows(c) => c.last().map(|(_, _, k)| k.clone()),
-            DirectChunk::CopyText { last, .. } => last.clone(),
+/// Reads one chunk as `COPY` text: sends the chunk once its first piece is read (nothing
+/// for an empty range), then its pieces and its end, so the writer copies while the reader
+/// reads. Returns the chunk's last key; `None` when no rows are left, reading failed (the
+/// writer gets the error) or the writer is gone.
+async fn stream_copy_chunk(
+    reader: &tidelink_postgres::backfill::TableReader,
+    after: Option<&[String]>,
+    upto: &[String],
+    limit: usize,
+    chunks: &tokio::sync::mpsc::Sender<Result<DirectChunk, TidelinkError>>,
+) -> Option<Vec<String>> {
+    let mut copy = match reader.copy_chunk(after, Some(upto), limit).await {
+        Ok(copy) => copy,
+        Err(e) => {
+            let _ = chunks.send(Err(e)).await;
+            return None;
+        }
+    };
+    let mut next = match copy.next_piece().await {
+        Ok(Some(text)) => Ok(Some(text)),
+        Ok(None) => return None,
+        Err(e) => {
+            let _ = chunks.send(Err(e)).await;
+            return None;
+        }
+    };
+    let (pieces, received) = tokio::sync::mpsc::channel(COPY_PIECES_AHEAD);
+    chunks
+        .send(Ok(DirectChunk::CopyText(received)))
+        .await
+        .ok()?;
+    loop {
+        match next {
+            Ok(Some(text)) => pieces.send(Ok(CopyPiece::Text(text))).await.ok()?,
+            Ok(None) => {
+                let last = copy.last_key();
+                let end = CopyPiece::End {
+                    rows: copy.rows(),
+                    last: last.clone(),
+                };
+                pieces.send(Ok(end)).await.ok()?;
+                return last;
+            }
+            Err(e) => {
+                let _ = pieces.send(Err(e)).await;
+                return None;
+            }
+        }
+        next = copy.next_piece().await;
+    }
+}
+
+/// Sends a chunk's pieces into its copy as they arrive and moves `progress` past the chunk.
+async fn copy_pieces(
+    table: &TableId,
+    pieces: &mut tokio::sync::mpsc::Receiver<Result<CopyPiece, TidelinkError>>,
+    copy: &mut tidelink_postgres::direct::CopyLoad<'_>,
+    progress: &mut DirectProgress,
+) -> Result<(), TidelinkError> {
+    loop {
+        match pieces.recv().await {
+            Some(Ok(CopyPiece::Text(text))) => copy.send(text).await?,
+            Some(Ok(CopyPiece::End { rows, last })) => {
+                progress.rows += rows as u64;
+                progress.after = last;
+                return Ok(());
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(TidelinkError::permanent(format!(
+                    "reading a chunk of {table} stopped before its end"
+                )))
+            }
         }
     }
 }
