@@ -58,13 +58,14 @@ async fn pg_workload(client: &Client, rows: u64) -> u64 {
             .expect("update");
         start = end + 1;
     }
+    // Every 25th row, 1,000 per transaction.
     let deletes = rows / 25;
     let mut start = 1;
     while start <= deletes {
         let end = (start + 999).min(deletes);
         client
             .batch_execute(&format!(
-                "DELETE FROM bench WHERE id BETWEEN {} AND {}",
+                "DELETE FROM bench WHERE id BETWEEN {} AND {} AND id % 25 = 0",
                 start * 25,
                 end * 25
             ))
@@ -72,6 +73,13 @@ async fn pg_workload(client: &Client, rows: u64) -> u64 {
             .expect("delete");
         start = end + 1;
     }
+    // The rates below divide by this count: check that it is what the workload did.
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM bench", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left as u64, rows - deletes, "the workload's row count");
     rows * 2 + deletes
 }
 
@@ -770,12 +778,13 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
             conn.query_drop(format!("UPDATE shop.bench SET amount = amount + 1, status = 'paid' WHERE id BETWEEN {start} AND {end}")).await.expect("update");
             start = end + 1;
         }
+        // Every 25th row, 1,000 per transaction.
         let deletes = rows / 25;
         let mut start = 1;
         while start <= deletes {
             let end = (start + 999).min(deletes);
             conn.query_drop(format!(
-                "DELETE FROM shop.bench WHERE id BETWEEN {} AND {}",
+                "DELETE FROM shop.bench WHERE id BETWEEN {} AND {} AND id % 25 = 0",
                 start * 25,
                 end * 25
             ))
@@ -783,6 +792,11 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
             .expect("delete");
             start = end + 1;
         }
+        let left: Option<u64> = conn
+            .query_first("SELECT COUNT(*) FROM shop.bench")
+            .await
+            .expect("count");
+        assert_eq!(left, Some(rows - deletes), "the workload's row count");
         rows * 2 + deletes
     }
     async fn mdigest(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
