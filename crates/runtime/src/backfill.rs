@@ -563,6 +563,9 @@ async fn backfill_direct(
         let reader = side.open(&table, &options.key_columns).await?;
         let estimated = reader.estimated_rows();
         let upto = reader.max_key().await?;
+        // The chunk that reaches this key finishes the table: it records `done` itself, and
+        // the reader stops after it instead of reading one more (empty) range.
+        let last_key = upto.clone();
         // The sink's transforms apply to the rows copied, as to the changes it replays.
         let transform = sink.transform_for(&table);
         // PostgreSQL to PostgreSQL: COPY text passes through untouched.
@@ -587,8 +590,8 @@ async fn backfill_direct(
             loop {
                 if let (Reader::Postgres(r), true) = (&reader, copy_text) {
                     match stream_copy_chunk(r, after.as_deref(), &upto, chunk_size, &chunks).await {
-                        Some(last) => after = Some(last),
-                        None => return,
+                        Some(last) if last != upto => after = Some(last),
+                        _ => return,
                     }
                     continue;
                 }
@@ -601,7 +604,8 @@ async fn backfill_direct(
                     Err(_) => None,
                 };
                 let failed = chunk.is_err();
-                if chunks.send(chunk.map(DirectChunk::Rows)).await.is_err() || failed {
+                let finished = last.as_ref() == Some(&upto);
+                if chunks.send(chunk.map(DirectChunk::Rows)).await.is_err() || failed || finished {
                     return;
                 }
                 after = last;
@@ -615,6 +619,7 @@ async fn backfill_direct(
                 DirectChunk::Rows(chunk) => {
                     progress.rows += chunk.len() as u64;
                     progress.after = chunk.last().map(|(_, _, k)| k.clone());
+                    progress.done = progress.after.is_some() && progress.after == last_key;
                     let rows = match &transform {
                         None => chunk.into_iter().map(|(_, image, _)| image).collect(),
                         Some(transform) => transformed_rows(&table, transform, chunk)?,
@@ -627,7 +632,10 @@ async fn backfill_direct(
                     };
                     let mut copy = l.begin_copy_text(&target, &columns).await?;
                     match copy_pieces(&table, &mut pieces, &mut copy, &mut progress).await {
-                        Ok(()) => copy.commit(&progress).await?,
+                        Ok(()) => {
+                            progress.done = progress.after.is_some() && progress.after == last_key;
+                            copy.commit(&progress).await?
+                        }
                         Err(e) => {
                             copy.abort().await;
                             return Err(e);
@@ -665,8 +673,11 @@ async fn backfill_direct(
         reading
             .await
             .map_err(|e| TidelinkError::permanent(format!("reading {table} failed: {e}")))?;
-        progress.done = true;
-        loader.load(&target, &[], &progress).await?;
+        if !progress.done {
+            // The table ended before its last key (rows deleted meanwhile) or was empty.
+            progress.done = true;
+            loader.load(&target, &[], &progress).await?;
+        }
         if options.progress_bar {
             let shown = TableProgress {
                 after: None,
