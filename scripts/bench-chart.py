@@ -16,6 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+KEPT_MARKER = "<!-- Everything below this line is kept when `bench` rewrites this report. -->"
+
+
 def rates(report: str):
     rows = []
     for line in report.splitlines():
@@ -32,7 +35,8 @@ def rates(report: str):
 def main() -> None:
     report_path, out_path = sys.argv[1], sys.argv[2]
     with open(report_path, encoding="utf-8") as f:
-        report = f.read()
+        # Only this run's table: what stands below bench's marker is kept from earlier runs.
+        report = f.read().split(KEPT_MARKER)[0]
     rows = rates(report)
     if not rows:
         sys.exit(f"{report_path}: no rows with a rate (N/s) to draw")
