@@ -37,9 +37,12 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
         .set("session.timeout.ms", "30000")
         .set("heartbeat.interval.ms", "3000")
         .set("topic.metadata.refresh.interval.ms", "5000")
-        // librdkafka waits up to 500 ms for a fetch to fill by default: that wait is most
-        // of the commit-to-apply latency on a quiet stream.
-        .set("fetch.wait.max.ms", "50")
+        // How long the broker may hold a fetch that has nothing (or less than
+        // `fetch.min.bytes`) to return. librdkafka's default, 500 ms, was most of the
+        // commit-to-apply latency on a quiet stream. Kafka answers as soon as data is there,
+        // so this only paces an idle consumer's fetches; tansu holds every fetch for the
+        // whole wait, so there it adds 20-40 ms to each change (50 ms gave 50-100).
+        .set("fetch.wait.max.ms", "20")
         // Prefetched messages wait here while the target is slow or down; 16 MiB keeps a
         // worker busy and its memory small (librdkafka's default is 64 MiB).
         .set("queued.max.messages.kbytes", "16384");
