@@ -566,6 +566,7 @@ async fn backfill_direct(
         // The chunk that reaches this key finishes the table: it records `done` itself, and
         // the reader stops after it instead of reading one more (empty) range.
         let last_key = upto.clone();
+        let finishes = |after: &Option<Vec<String>>| after.is_some() && *after == last_key;
         // The sink's transforms apply to the rows copied, as to the changes it replays.
         let transform = sink.transform_for(&table);
         // PostgreSQL to PostgreSQL: COPY text passes through untouched.
@@ -619,7 +620,7 @@ async fn backfill_direct(
                 DirectChunk::Rows(chunk) => {
                     progress.rows += chunk.len() as u64;
                     progress.after = chunk.last().map(|(_, _, k)| k.clone());
-                    progress.done = progress.after.is_some() && progress.after == last_key;
+                    progress.done = finishes(&progress.after);
                     let rows = match &transform {
                         None => chunk.into_iter().map(|(_, image, _)| image).collect(),
                         Some(transform) => transformed_rows(&table, transform, chunk)?,
@@ -633,7 +634,7 @@ async fn backfill_direct(
                     let mut copy = l.begin_copy_text(&target, &columns).await?;
                     match copy_pieces(&table, &mut pieces, &mut copy, &mut progress).await {
                         Ok(()) => {
-                            progress.done = progress.after.is_some() && progress.after == last_key;
+                            progress.done = finishes(&progress.after);
                             copy.commit(&progress).await?
                         }
                         Err(e) => {
