@@ -150,16 +150,10 @@ async fn two_clusters() -> (PgCluster, PgCluster, Client, Client) {
     (source, target, s, t)
 }
 
-fn write_config(
-    dir: &std::path::Path,
-    metrics: u16,
-    source: &str,
-    brokers: &str,
-    target: &str,
-) -> PathBuf {
-    // For tuning: BENCH_KAFKA_PROPERTIES="linger.ms=50,batch.size=1000000" passes librdkafka
-    // properties to the pipeline.
-    let properties = match std::env::var("BENCH_KAFKA_PROPERTIES") {
+/// For tuning: BENCH_KAFKA_PROPERTIES="linger.ms=50,batch.size=1000000" passes librdkafka
+/// properties to the benchmark's pipelines, as the `properties` block of their `kafka`.
+fn tuning_kafka_properties() -> String {
+    match std::env::var("BENCH_KAFKA_PROPERTIES") {
         Ok(list) if !list.is_empty() => {
             let mut block = String::from("      properties:\n");
             for pair in list.split(',') {
@@ -171,7 +165,17 @@ fn write_config(
             block
         }
         _ => String::new(),
-    };
+    }
+}
+
+fn write_config(
+    dir: &std::path::Path,
+    metrics: u16,
+    source: &str,
+    brokers: &str,
+    target: &str,
+) -> PathBuf {
+    let properties = tuning_kafka_properties();
     // For tuning: BENCH_BATCH_WAIT_MS sets the sink's batch_wait_ms.
     let batch_wait = match std::env::var("BENCH_BATCH_WAIT_MS") {
         Ok(ms) if !ms.is_empty() => format!("        batch_wait_ms: {ms}\n"),
@@ -864,8 +868,8 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
     let broker = Broker::start();
     let metrics = free_port();
     let yaml = format!(
-        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: mbench\n    snapshot: never\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.*]\n    kafka:\n      brokers: {}\n      topic_prefix: mbench\n    sinks:\n      - name: target\n        batch_size: 5000\n        mysql:\n          dsn: {}\n",
-        source.dsn("shop"), broker.bootstrap(), target.dsn("shop")
+        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: mbench\n    snapshot: never\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.*]\n    kafka:\n      brokers: {}\n      topic_prefix: mbench\n{}    sinks:\n      - name: target\n        batch_size: 5000\n        mysql:\n          dsn: {}\n",
+        source.dsn("shop"), broker.bootstrap(), tuning_kafka_properties(), target.dsn("shop")
     );
     let config = work.join("mariadb.yaml");
     std::fs::write(&config, yaml).expect("config");
