@@ -3,7 +3,9 @@
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
 //! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb]` (N inserts,
-//! N updates, N/25 deletes; the big transaction inserts 2N rows at once).
+//! N updates, N/25 deletes; the big transaction inserts 2N rows at once). For tuning,
+//! environment variables change the pipelines (BENCH_KAFKA_PROPERTIES, BENCH_BATCH_WAIT_MS,
+//! BENCH_SPLIT_ROLES) or record what they do (BENCH_TIMELINE).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -168,6 +170,14 @@ fn tuning_kafka_properties() -> String {
     }
 }
 
+/// For tuning: BENCH_BATCH_WAIT_MS sets the sinks' batch_wait_ms (a line of a sink block).
+fn tuning_batch_wait() -> String {
+    match std::env::var("BENCH_BATCH_WAIT_MS") {
+        Ok(ms) if !ms.is_empty() => format!("        batch_wait_ms: {ms}\n"),
+        _ => String::new(),
+    }
+}
+
 fn write_config(
     dir: &std::path::Path,
     metrics: u16,
@@ -176,11 +186,7 @@ fn write_config(
     target: &str,
 ) -> PathBuf {
     let properties = tuning_kafka_properties();
-    // For tuning: BENCH_BATCH_WAIT_MS sets the sink's batch_wait_ms.
-    let batch_wait = match std::env::var("BENCH_BATCH_WAIT_MS") {
-        Ok(ms) if !ms.is_empty() => format!("        batch_wait_ms: {ms}\n"),
-        _ => String::new(),
-    };
+    let batch_wait = tuning_batch_wait();
     let yaml = format!(
         "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: bench\n    snapshot: never\n    source:\n      postgres:\n        dsn: {source}\n        tables: [public.*]\n    kafka:\n      brokers: {brokers}\n      topic_prefix: bench\n      partitions: 4\n{properties}    sinks:\n      - name: target\n        batch_size: 5000\n{batch_wait}        postgres:\n          dsn: {target}\n"
     );
@@ -262,6 +268,7 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
         .chain(sink_daemon.as_ref().map(|(d, _)| d.pid()))
         .collect();
     let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
+    let timeline = sample_timeline(metrics, "pg");
     let started = Instant::now();
     let changes = pg_workload(&s, rows).await;
     assert!(
@@ -269,6 +276,9 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
         "tidelink did not catch up"
     );
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(timeline) = timeline {
+        timeline.abort();
+    }
     let cpu = pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>() - cpu_before;
     let rss = peak_rss_mib(daemon.pid());
     if let Some((sink, _)) = &sink_daemon {
@@ -755,70 +765,87 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
     (direct_seconds, copy)
 }
 
-/// MariaDB → tidelink → MariaDB versus native MariaDB replication, same workload.
-/// Runs [`mariadb_pair`] and adds its two rates to the report; returns the seconds of
-/// tidelink and of native replication, and the changes made.
+/// MariaDB → tidelink → MariaDB versus native MariaDB replication, and MariaDB →
+/// tidelink → PostgreSQL, same workload; adds their rates to the report. Returns the
+/// seconds of tidelink to MariaDB and of native replication, and the changes made.
 async fn report_mariadb(r: &mut Results, rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
-    let (m_tidelink, m_native, m_changes) = mariadb_pair(rows, work).await;
+    let (m_tidelink, m_changes) = mariadb_tidelink(rows, work, MariaDbTarget::MariaDb).await;
     r.add(
         "MariaDB → tidelink → MariaDB",
         rate(m_changes, m_tidelink),
         &format!("{m_tidelink:.1} s"),
     );
+    let (m_native, native_changes) = native_mariadb(rows).await;
     r.add(
         "MariaDB native replication (GTID), same workload",
-        rate(m_changes, m_native),
+        rate(native_changes, m_native),
         &format!("{m_native:.1} s"),
+    );
+    let (to_pg, to_pg_changes) = mariadb_tidelink(rows, work, MariaDbTarget::Postgres).await;
+    r.add(
+        "MariaDB → tidelink → PostgreSQL",
+        rate(to_pg_changes, to_pg),
+        &format!("{to_pg:.1} s"),
     );
     (m_tidelink, m_native, m_changes)
 }
 
-async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
+const MARIADB_TABLE: &str = "CREATE TABLE shop.bench (id bigint PRIMARY KEY, account varchar(40) NOT NULL, amount decimal(12,2) NOT NULL, status varchar(10) NOT NULL) ENGINE=InnoDB";
+
+/// The MariaDB workload, as [`pg_workload`]'s: returns the number of changes.
+async fn mariadb_workload(conn: &mut mysql_async::Conn, rows: u64) -> u64 {
     use mysql_async::prelude::Queryable;
-    let table = "CREATE TABLE shop.bench (id bigint PRIMARY KEY, account varchar(40) NOT NULL, amount decimal(12,2) NOT NULL, status varchar(10) NOT NULL) ENGINE=InnoDB";
-    async fn workload(conn: &mut mysql_async::Conn, rows: u64) -> u64 {
-        conn.query_drop("SET SESSION cte_max_recursion_depth = 4294967295")
-            .await
-            .ok();
-        let mut start = 1;
-        while start <= rows {
-            let end = (start + 999).min(rows);
-            conn.query_drop(format!("INSERT INTO shop.bench SELECT seq, CONCAT('account ', seq % 5000), (seq % 100000) / 100, 'new' FROM seq_{start}_to_{end}")).await.expect("insert");
-            start = end + 1;
-        }
-        let mut start = 1;
-        while start <= rows {
-            let end = (start + 999).min(rows);
-            conn.query_drop(format!("UPDATE shop.bench SET amount = amount + 1, status = 'paid' WHERE id BETWEEN {start} AND {end}")).await.expect("update");
-            start = end + 1;
-        }
-        // Every 25th row, 1,000 per transaction.
-        let deletes = rows / 25;
-        let mut start = 1;
-        while start <= deletes {
-            let end = (start + 999).min(deletes);
-            conn.query_drop(format!(
-                "DELETE FROM shop.bench WHERE id BETWEEN {} AND {} AND id % 25 = 0",
-                start * 25,
-                end * 25
-            ))
-            .await
-            .expect("delete");
-            start = end + 1;
-        }
-        let left: Option<u64> = conn
-            .query_first("SELECT COUNT(*) FROM shop.bench")
-            .await
-            .expect("count");
-        assert_eq!(left, Some(rows - deletes), "the workload's row count");
-        rows * 2 + deletes
+    conn.query_drop("SET SESSION cte_max_recursion_depth = 4294967295")
+        .await
+        .ok();
+    let mut start = 1;
+    while start <= rows {
+        let end = (start + 999).min(rows);
+        conn.query_drop(format!("INSERT INTO shop.bench SELECT seq, CONCAT('account ', seq % 5000), (seq % 100000) / 100, 'new' FROM seq_{start}_to_{end}")).await.expect("insert");
+        start = end + 1;
     }
-    async fn mdigest(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
-        conn.query_first("SELECT COUNT(*), CAST(IFNULL(SUM(amount), 0) AS CHAR) FROM shop.bench")
-            .await
-            .ok()
-            .flatten()
+    let mut start = 1;
+    while start <= rows {
+        let end = (start + 999).min(rows);
+        conn.query_drop(format!("UPDATE shop.bench SET amount = amount + 1, status = 'paid' WHERE id BETWEEN {start} AND {end}")).await.expect("update");
+        start = end + 1;
     }
+    // Every 25th row, 1,000 per transaction.
+    let deletes = rows / 25;
+    let mut start = 1;
+    while start <= deletes {
+        let end = (start + 999).min(deletes);
+        conn.query_drop(format!(
+            "DELETE FROM shop.bench WHERE id BETWEEN {} AND {} AND id % 25 = 0",
+            start * 25,
+            end * 25
+        ))
+        .await
+        .expect("delete");
+        start = end + 1;
+    }
+    let left: Option<u64> = conn
+        .query_first("SELECT COUNT(*) FROM shop.bench")
+        .await
+        .expect("count");
+    assert_eq!(left, Some(rows - deletes), "the workload's row count");
+    rows * 2 + deletes
+}
+
+/// Row count and sum of amounts of shop.bench, or None while it cannot be read.
+async fn mdigest(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
+    use mysql_async::prelude::Queryable;
+    conn.query_first("SELECT COUNT(*), CAST(IFNULL(SUM(amount), 0) AS CHAR) FROM shop.bench")
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The MariaDB workload through native replication to a replica (by GTID); returns the
+/// seconds from the first commit until the replica's digest equals the source's, and the
+/// changes made.
+async fn native_mariadb(rows: u64) -> (f64, u64) {
+    use mysql_async::prelude::Queryable;
     async fn wait_equal(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn) {
         let expected = mdigest(a).await;
         for _ in 0..36_000 {
@@ -833,7 +860,7 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
     let source = MariaDb::start(1);
     let replica = MariaDb::start(2);
     source.execute("mysql", "CREATE DATABASE shop").await;
-    source.execute("shop", table).await;
+    source.execute("shop", MARIADB_TABLE).await;
     replica.execute("mysql", &format!(
         "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='root', MASTER_USE_GTID=slave_pos;\nSTART SLAVE",
         source.port
@@ -854,38 +881,166 @@ async fn mariadb_pair(rows: u64, work: &std::path::Path) -> (f64, f64, u64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let started = Instant::now();
-    let changes = workload(&mut a, rows).await;
+    let changes = mariadb_workload(&mut a, rows).await;
     wait_equal(&mut a, &mut b).await;
     let native = started.elapsed().as_secs_f64();
     drop((a, b, source, replica));
-    // tidelink.
+    (native, changes)
+}
+
+/// Where a MariaDB pipeline of the benchmark writes.
+enum MariaDbTarget {
+    MariaDb,
+    Postgres,
+}
+
+/// MariaDB → tidelink → `target` with the MariaDB workload; returns the seconds from the
+/// first commit until the target's count and amount sum equal the source's, and the changes.
+async fn mariadb_tidelink(rows: u64, work: &std::path::Path, target: MariaDbTarget) -> (f64, u64) {
     let source = MariaDb::start(1);
-    let target = MariaDb::start(2);
     source.execute("mysql", "CREATE DATABASE shop").await;
-    source.execute("shop", table).await;
-    target.execute("mysql", "CREATE DATABASE shop").await;
-    target.execute("shop", table).await;
+    source.execute("shop", MARIADB_TABLE).await;
+    let mut a = source.conn("shop").await;
     let broker = Broker::start();
     let metrics = free_port();
+    // Digest of the target: row count and the amounts' sum as text, as mdigest gives it.
+    let (sink, label, _mariadb, _cluster, mut target_digest) = match target {
+        MariaDbTarget::MariaDb => {
+            let target = MariaDb::start(2);
+            target.execute("mysql", "CREATE DATABASE shop").await;
+            target.execute("shop", MARIADB_TABLE).await;
+            let conn = target.conn("shop").await;
+            let sink = format!("        mysql:\n          dsn: {}\n", target.dsn("shop"));
+            (
+                sink,
+                "mariadb",
+                Some(target),
+                None,
+                TargetDigest::MariaDb(conn),
+            )
+        }
+        MariaDbTarget::Postgres => {
+            let cluster = PgCluster::start();
+            cluster.create_database("replica").await;
+            let client = cluster.client("replica").await;
+            client
+                .batch_execute("CREATE SCHEMA shop; CREATE TABLE shop.bench (id bigint PRIMARY KEY, account varchar(40) NOT NULL, amount numeric(12,2) NOT NULL, status varchar(10) NOT NULL)")
+                .await
+                .expect("PostgreSQL target table");
+            let sink = format!(
+                "        postgres:\n          dsn: {}\n",
+                cluster.dsn("replica")
+            );
+            (
+                sink,
+                "mariadb-to-pg",
+                None,
+                Some(cluster),
+                TargetDigest::Postgres(client),
+            )
+        }
+    };
     let yaml = format!(
-        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: mbench\n    snapshot: never\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.*]\n    kafka:\n      brokers: {}\n      topic_prefix: mbench\n{}    sinks:\n      - name: target\n        batch_size: 5000\n        mysql:\n          dsn: {}\n",
-        source.dsn("shop"), broker.bootstrap(), tuning_kafka_properties(), target.dsn("shop")
+        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: mbench\n    snapshot: never\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.*]\n    kafka:\n      brokers: {}\n      topic_prefix: mbench\n      partitions: 4\n{}    sinks:\n      - name: target\n        batch_size: 5000\n{}{sink}",
+        source.dsn("shop"), broker.bootstrap(), tuning_kafka_properties(), tuning_batch_wait()
     );
-    let config = work.join("mariadb.yaml");
+    let config = work.join(format!("{label}.yaml"));
     std::fs::write(&config, yaml).expect("config");
     let daemon = Daemon::start(
         &["run", "-c", &config.display().to_string()],
-        &work.join("mariadb.log"),
+        &work.join(format!("{label}.log")),
     );
     wait_ready(metrics).await;
-    let mut a = source.conn("shop").await;
-    let mut b = target.conn("shop").await;
+    let timeline = sample_timeline(metrics, label);
     let started = Instant::now();
-    workload(&mut a, rows).await;
-    wait_equal(&mut a, &mut b).await;
-    let tidelink = started.elapsed().as_secs_f64();
+    let changes = mariadb_workload(&mut a, rows).await;
+    let expected = mdigest(&mut a).await;
+    let mut caught_up = false;
+    for _ in 0..36_000 {
+        if target_digest.get().await == expected {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "the {label} target did not catch up");
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(timeline) = timeline {
+        timeline.abort();
+    }
     let _ = daemon.terminate(Duration::from_secs(30));
-    (tidelink, native, changes)
+    // The work directory goes away with the run; the log stays for a look afterwards.
+    let _ = std::fs::copy(
+        work.join(format!("{label}.log")),
+        format!("target/bench-{label}.log"),
+    );
+    drop(a);
+    (seconds, changes)
+}
+
+/// A target's row count and sum of amounts, in MariaDB or PostgreSQL.
+enum TargetDigest {
+    MariaDb(mysql_async::Conn),
+    Postgres(Client),
+}
+
+impl TargetDigest {
+    async fn get(&mut self) -> Option<(i64, String)> {
+        match self {
+            TargetDigest::MariaDb(conn) => mdigest(conn).await,
+            TargetDigest::Postgres(client) => client
+                .query_one(
+                    "SELECT count(*), coalesce(sum(amount), 0)::text FROM shop.bench",
+                    &[],
+                )
+                .await
+                .ok()
+                .map(|row| (row.get(0), row.get(1))),
+        }
+    }
+}
+
+/// For tuning: with BENCH_TIMELINE=FILE, appends to FILE once a second while a pipeline
+/// runs the totals of changes the source read, Kafka acknowledged and the sinks applied
+/// (from the daemon's metrics), so a slow run shows which stage falls behind.
+fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>> {
+    let path = std::env::var("BENCH_TIMELINE")
+        .ok()
+        .filter(|p| !p.is_empty())?;
+    let label = label.to_string();
+    Some(tokio::spawn(async move {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("BENCH_TIMELINE file");
+        let _ = writeln!(
+            file,
+            "# {label}: seconds source_events kafka_produced sink_applied"
+        );
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(text) = http_get(port, "/metrics").await else {
+                continue;
+            };
+            let total = |name: &str| -> f64 {
+                text.lines()
+                    .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            let _ = writeln!(
+                file,
+                "{label} {:.0} {} {} {}",
+                started.elapsed().as_secs_f64(),
+                total("tidelink_source_events_total"),
+                total("tidelink_kafka_produced_events_total"),
+                total("tidelink_sink_applied_rows_total"),
+            );
+        }
+    }))
 }
 
 /// Measures the idle daemon's CPU and adds its line of the table.
