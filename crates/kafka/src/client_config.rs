@@ -25,6 +25,11 @@ pub fn producer(kafka: &KafkaConfig) -> Result<ClientConfig, TidelinkError> {
     Ok(config)
 }
 
+/// How often a sink's consumer refreshes the cluster's metadata, and with it which topics
+/// its pattern subscription matches: a new table's topic is consumed at most this long
+/// after it was created.
+pub const METADATA_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Consumer settings for a sink worker: manual offsets, cooperative-sticky assignment.
 pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, TidelinkError> {
     let mut config = base(kafka);
@@ -36,7 +41,10 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "30000")
         .set("heartbeat.interval.ms", "3000")
-        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set(
+            "topic.metadata.refresh.interval.ms",
+            METADATA_REFRESH.as_millis().to_string(),
+        )
         // How long the broker may hold a fetch that has nothing (or less than
         // `fetch.min.bytes`) to return. librdkafka's default, 500 ms, was most of the
         // commit-to-apply latency on a quiet stream. Kafka answers as soon as data is there,

@@ -16,12 +16,13 @@ use std::time::Duration;
 use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SnapshotMode, SourceKind};
 use tidelink_core::TidelinkError;
 use tidelink_kafka::topics::topic_of;
-use tidelink_kafka::{admin, EventProducer};
+use tidelink_kafka::{admin, client_config, EventProducer};
 use tidelink_mysql::{
     BinlogPosition, MysqlSink, MysqlSinkSettings, MysqlSource, MysqlSourceSettings,
 };
 use tidelink_postgres::sink::PgSinkSettings;
 use tidelink_postgres::{PgSink, PgSource, PgSourceSettings};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// Which components this process runs.
@@ -154,8 +155,20 @@ async fn run_pipeline(
         });
     }
     let mut components = JoinSet::new();
+    // Set once the source has created the topics of the tables it captures. A sink
+    // subscribes by pattern and sees a topic created after it subscribed only at its next
+    // metadata refresh; meanwhile changes pile up, and on some brokers (tansu) a backlog
+    // makes every fetch slower. So this process's sinks subscribe once the topics exist.
+    let (topics_created, source_topics) = watch::channel(false);
     if role != Role::Sink {
-        components.spawn(run_source(pipeline.clone(), metrics.clone(), local.clone()));
+        components.spawn(run_source(
+            pipeline.clone(),
+            metrics.clone(),
+            local.clone(),
+            topics_created,
+        ));
+    } else {
+        drop(topics_created);
     }
     if role != Role::Source {
         for sink in &pipeline.sinks {
@@ -164,6 +177,7 @@ async fn run_pipeline(
                 sink.clone(),
                 metrics.clone(),
                 local.clone(),
+                source_topics.clone(),
             ));
         }
     }
@@ -188,6 +202,7 @@ async fn run_source(
     pipeline: PipelineConfig,
     metrics: Metrics,
     shutdown: Shutdown,
+    topics_created: watch::Sender<bool>,
 ) -> Result<(), TidelinkError> {
     match pipeline.source.kind() {
         Some(SourceKind::Postgres(pg)) => {
@@ -199,7 +214,7 @@ async fn run_source(
                 publication: pg.publication_name(&pipeline.name),
                 status_interval: Duration::from_millis(pg.status_interval_ms),
             };
-            run_postgres_source(pipeline, settings, metrics, shutdown).await
+            run_postgres_source(pipeline, settings, metrics, shutdown, topics_created).await
         }
         Some(SourceKind::Mysql(my)) => {
             let settings = MysqlSourceSettings {
@@ -209,7 +224,7 @@ async fn run_source(
                 server_id: my.server_id_for(&pipeline.name),
                 heartbeat: Duration::from_millis(my.heartbeat_ms),
             };
-            run_mysql_source(pipeline, settings, metrics, shutdown).await
+            run_mysql_source(pipeline, settings, metrics, shutdown, topics_created).await
         }
         None => Err(TidelinkError::permanent(format!(
             "pipeline {}: no source configured",
@@ -223,6 +238,7 @@ async fn run_mysql_source(
     settings: MysqlSourceSettings,
     metrics: Metrics,
     shutdown: Shutdown,
+    topics_created: watch::Sender<bool>,
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
     let producer = EventProducer::new(&pipeline.kafka)?;
@@ -238,6 +254,7 @@ async fn run_mysql_source(
                 .map(|t| topic_of(&pipeline.kafka, &t.table.schema, &t.table.name))
                 .collect();
             admin::ensure_topics(&pipeline.kafka, &topics).await?;
+            topics_created.send_replace(true);
             // A first start stores its starting point at once, so a crash before the
             // first change does not move the start to a later position.
             if report.fresh {
@@ -293,6 +310,7 @@ async fn run_postgres_source(
     settings: PgSourceSettings,
     metrics: Metrics,
     shutdown: Shutdown,
+    topics_created: watch::Sender<bool>,
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
     let producer = EventProducer::new(&pipeline.kafka)?;
@@ -316,6 +334,7 @@ async fn run_postgres_source(
                 .map(|t| topic_of(&pipeline.kafka, &t.table.schema, &t.table.name))
                 .collect();
             admin::ensure_topics(&pipeline.kafka, &topics).await?;
+            topics_created.send_replace(true);
             let snapshot = start_snapshot(&pipeline, report.slot_created, &metrics, &shutdown);
             metrics.set_ready(&name, "source", true);
             attempt = 0;
@@ -472,10 +491,19 @@ async fn run_sink(
     sink: SinkConfig,
     metrics: Metrics,
     shutdown: Shutdown,
+    mut source_topics: watch::Receiver<bool>,
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
     let component = format!("sink/{}", sink.name);
     metrics.set_ready(&name, &component, false);
+    // Waiting longer than one metadata refresh gains nothing: by then the consumer would
+    // have found the topics itself. A source that cannot start (its database is down)
+    // must not keep the sink from applying what Kafka already holds.
+    tokio::select! {
+        _ = source_topics.wait_for(|created| *created) => {}
+        _ = tokio::time::sleep(client_config::METADATA_REFRESH) => {}
+        _ = shutdown.wait() => {}
+    }
     let ctx = WorkerContext {
         pipeline: name.clone(),
         sink: sink.clone(),
