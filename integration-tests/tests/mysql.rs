@@ -438,6 +438,16 @@ async fn mariadb_to_mariadb_types_and_workload() {
     let config = setup.config(&setup.mysql_source(), &sink, "");
     let _daemon = setup.run(&config, "run.log");
     setup.wait_ready().await;
+    // The sink subscribed after the source created its tables' topics, so it consumes
+    // them from its first metadata on (not one refresh later, with a backlog built).
+    let log = std::fs::read_to_string(setup.work.path().join("run.log")).unwrap_or_default();
+    let created = log.find("created topic topic=my.shop.orders");
+    let joined = log.find("sink worker joined its consumer group");
+    assert!(
+        created.is_some() && joined.is_some() && created < joined,
+        "the sink subscribed before the source's topics existed\n{}",
+        setup.logs()
+    );
     setup.source.execute("shop", TYPES_ROWS).await;
     setup
         .source
