@@ -2,7 +2,7 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb]` (N inserts,
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb|broker]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once). For tuning,
 //! environment variables change the pipelines (BENCH_KAFKA_PROPERTIES, BENCH_BATCH_WAIT_MS,
 //! BENCH_SPLIT_ROLES) or record what they do (BENCH_TIMELINE).
@@ -153,21 +153,33 @@ async fn two_clusters() -> (PgCluster, PgCluster, Client, Client) {
 }
 
 /// For tuning: BENCH_KAFKA_PROPERTIES="linger.ms=50,batch.size=1000000" passes librdkafka
-/// properties to the benchmark's pipelines, as the `properties` block of their `kafka`.
-fn tuning_kafka_properties() -> String {
+/// properties to the benchmark's pipelines and to the broker ceilings' clients.
+fn tuning_properties() -> Vec<(String, String)> {
     match std::env::var("BENCH_KAFKA_PROPERTIES") {
-        Ok(list) if !list.is_empty() => {
-            let mut block = String::from("      properties:\n");
-            for pair in list.split(',') {
+        Ok(list) if !list.is_empty() => list
+            .split(',')
+            .map(|pair| {
                 let (k, v) = pair
                     .split_once('=')
                     .expect("BENCH_KAFKA_PROPERTIES: key=value,…");
-                block.push_str(&format!("        {k}: \"{v}\"\n"));
-            }
-            block
-        }
-        _ => String::new(),
+                (k.to_string(), v.to_string())
+            })
+            .collect(),
+        _ => Vec::new(),
     }
+}
+
+/// [`tuning_properties`] as the `properties` block of a pipeline's `kafka`.
+fn tuning_kafka_properties() -> String {
+    let properties = tuning_properties();
+    if properties.is_empty() {
+        return String::new();
+    }
+    let mut block = String::from("      properties:\n");
+    for (k, v) in properties {
+        block.push_str(&format!("        {k}: \"{v}\"\n"));
+    }
+    block
 }
 
 /// For tuning: BENCH_BATCH_WAIT_MS sets the sinks' batch_wait_ms (a line of a sink block).
@@ -550,11 +562,13 @@ async fn broker_streaming(count: u64, size: usize) -> f64 {
 }
 
 async fn ceiling_kafka(broker: &Broker, prefix: &str) -> tidelink_config::KafkaConfig {
-    let kafka: tidelink_config::KafkaConfig = serde_yaml_ng::from_str(&format!(
+    let mut kafka: tidelink_config::KafkaConfig = serde_yaml_ng::from_str(&format!(
         "brokers: {}\ntopic_prefix: {prefix}\n",
         broker.bootstrap()
     ))
     .expect("kafka config");
+    // The same client settings as the pipelines'.
+    kafka.properties.extend(tuning_properties());
     tidelink_kafka::admin::ensure_topics(&kafka, &[format!("{prefix}.t")])
         .await
         .expect("topic");
@@ -1165,6 +1179,20 @@ async fn main() {
     }
     if arg("--only").as_deref() == Some("idle") {
         report_idle(&mut r, work.path()).await;
+        return;
+    }
+    if arg("--only").as_deref() == Some("broker") {
+        // For tuning: the broker's three ceilings alone, on `rows` messages (at most 200k).
+        let messages = (rows * 2 + rows / 25).min(200_000);
+        let (produce_s, consume_s) = broker_ceiling(messages, 420).await;
+        r.add("broker produce", rate(messages, produce_s), "");
+        r.add("broker consume", rate(messages, consume_s), "");
+        let streaming_s = broker_streaming(messages, 420).await;
+        r.add(
+            "broker, produce and consume at once",
+            rate(messages, streaming_s),
+            "",
+        );
         return;
     }
     if arg("--only").as_deref() == Some("mariadb") {
