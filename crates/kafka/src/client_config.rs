@@ -5,13 +5,18 @@ use rdkafka::ClientConfig;
 use tidelink_config::KafkaConfig;
 use tidelink_core::TidelinkError;
 
-/// Producer settings: idempotent, `acks=all`, lz4, small linger.
+/// Producer settings: idempotent, `acks=all`, small linger, no compression unless the
+/// operator's `properties` ask for it (`compression.type`). Compression is Kafka's
+/// trade-off to make, not tidelink's: it costs the producer and consumer CPU and saves
+/// network and disk bytes (JSON envelopes shrink several times with lz4). Brokers that
+/// re-encode records (tansu stores each record and rebuilds batches on fetch) pay for it
+/// too: there lz4 cut end-to-end throughput by a sixth (docs/tuning.md).
 pub fn producer(kafka: &KafkaConfig) -> Result<ClientConfig, TidelinkError> {
     let mut config = base(kafka);
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4")
+        .set("compression.type", "none")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")

@@ -1134,7 +1134,7 @@ fn versions() -> String {
         .unwrap_or("")
         .to_string();
     format!(
-        "- machine: {cpu}, {cores} cores, {mem}\n- {}\n- {}\n- {}\n- broker: tansu 0.6.0, sqlite storage (durable), 4 partitions, lz4, idempotent producer, acks=all\n- tidelink: release build, one process (source and sink), batch_size 5000\n",
+        "- machine: {cpu}, {cores} cores, {mem}\n- {}\n- {}\n- {}\n- broker: tansu 0.6.0, sqlite storage (durable), 4 partitions, uncompressed (the default), idempotent producer, acks=all\n- tidelink: release build, one process (source and sink), batch_size 5000\n",
         run(&format!("{PG_BIN}/postgres"), &["--version"]),
         run("mariadbd", &["--version"]),
         run("rustc", &["--version"]),
