@@ -105,6 +105,8 @@ struct Worker<S: Sink> {
     idle_since: Option<Instant>,
     /// The group's progress when this worker, holding no partition, last looked.
     orphan_check: Option<(Instant, GroupProgress)>,
+    /// The consumer-lag report running in the background, if any.
+    lag_report: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One partition's part of a batch being prepared.
@@ -182,6 +184,7 @@ pub async fn run_worker<S: Sink + 'static>(
         buffer: Vec::new(),
         idle_since: Some(Instant::now()),
         orphan_check: None,
+        lag_report: None,
     };
     worker.ctx.metrics.set_ready(
         &worker.ctx.pipeline,
@@ -240,7 +243,7 @@ impl<S: Sink> Worker<S> {
                 self.apply_buffer().await?;
             }
             if last_lag_report.elapsed() > Duration::from_secs(5) {
-                self.report_consumer_lag().await;
+                self.report_consumer_lag();
                 self.check_orphaned_partitions().await?;
                 last_lag_report = Instant::now();
             }
@@ -469,7 +472,7 @@ impl<S: Sink> Worker<S> {
                 }
                 self.count_error("transient");
                 tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, error = %e, attempt, "reading the target's recorded progress failed; retrying");
-                self.report_consumer_lag().await;
+                self.report_consumer_lag();
                 attempt += 1;
                 if !backoff(attempt, &self.ctx.shutdown).await {
                     return Ok(());
@@ -516,7 +519,7 @@ impl<S: Sink> Worker<S> {
                     self.count_error("transient");
                     tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason, attempt, "applying a batch failed; retrying");
                     // The backlog keeps growing while the target is away: keep showing it.
-                    self.report_consumer_lag().await;
+                    self.report_consumer_lag();
                     attempt += 1;
                     if !backoff(attempt, &self.ctx.shutdown).await {
                         return Ok(());
@@ -848,51 +851,54 @@ impl<S: Sink> Worker<S> {
             .inc();
     }
 
-    async fn report_consumer_lag(&self) {
+    /// Sets the consumer-lag gauges from the high watermarks of the assigned partitions, in
+    /// a task of its own: a slow broker answering the two ListOffsets per partition (up to
+    /// their timeout) must not hold up applying. A report still running is not doubled.
+    fn report_consumer_lag(&mut self) {
+        if self.lag_report.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
         let partitions: Vec<(TopicPartition, Option<i64>)> =
             self.assigned.iter().map(|(p, o)| (p.clone(), *o)).collect();
         // Over the dead-letter producer's connection: the consumer's own connection may be
         // waiting on a long fetch, and Kafka answers a connection's requests in order.
         let client = self.dead_letters.clone();
-        let watermarks = tokio::task::spawn_blocking(move || {
-            partitions
-                .into_iter()
-                .filter_map(|(p, next)| {
-                    client
-                        .high_watermark(&p.topic, p.partition)
-                        .ok()
-                        .map(|high| (p, next, high))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        let caught_up = !watermarks.is_empty()
-            && watermarks
-                .iter()
-                .all(|(_, next, high)| *high <= next.unwrap_or(0));
-        if caught_up {
-            // Nothing left to apply: the sink is not behind the source, however old the
-            // last change it applied is.
-            self.ctx
-                .metrics
-                .sink_lag
-                .with_label_values(&self.labels())
-                .set(0.0);
-        }
-        for (p, next, high) in watermarks {
-            let lag = (high - next.unwrap_or(0)).max(0);
-            self.ctx
-                .metrics
-                .sink_consumer_lag
-                .with_label_values(&[
-                    &self.ctx.pipeline,
-                    &self.ctx.sink.name,
-                    &p.topic,
-                    &p.partition.to_string(),
-                ])
-                .set(lag);
-        }
+        let metrics = self.ctx.metrics.clone();
+        let (pipeline, sink) = (self.ctx.pipeline.clone(), self.ctx.sink.name.clone());
+        self.lag_report = Some(tokio::spawn(async move {
+            let watermarks = tokio::task::spawn_blocking(move || {
+                partitions
+                    .into_iter()
+                    .filter_map(|(p, next)| {
+                        client
+                            .high_watermark(&p.topic, p.partition)
+                            .ok()
+                            .map(|high| (p, next, high))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let caught_up = !watermarks.is_empty()
+                && watermarks
+                    .iter()
+                    .all(|(_, next, high)| *high <= next.unwrap_or(0));
+            if caught_up {
+                // Nothing left to apply: the sink is not behind the source, however old the
+                // last change it applied is.
+                metrics
+                    .sink_lag
+                    .with_label_values(&[&pipeline, &sink])
+                    .set(0.0);
+            }
+            for (p, next, high) in watermarks {
+                let lag = (high - next.unwrap_or(0)).max(0);
+                metrics
+                    .sink_consumer_lag
+                    .with_label_values(&[&pipeline, &sink, &p.topic, &p.partition.to_string()])
+                    .set(lag);
+            }
+        }));
     }
 }
 
