@@ -876,16 +876,6 @@ async fn mdigest(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
 /// changes made.
 async fn native_mariadb(rows: u64) -> (f64, u64) {
     use mysql_async::prelude::Queryable;
-    async fn wait_equal(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn) {
-        let expected = mdigest(a).await;
-        for _ in 0..36_000 {
-            if mdigest(b).await == expected {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("MariaDB target did not catch up");
-    }
     // Native: the target replicates from the source by GTID.
     let source = MariaDb::start(1);
     let replica = MariaDb::start(2);
@@ -912,9 +902,14 @@ async fn native_mariadb(rows: u64) -> (f64, u64) {
     }
     let started = Instant::now();
     let changes = mariadb_workload(&mut a, rows).await;
-    wait_equal(&mut a, &mut b).await;
+    let expected = mdigest(&mut a).await;
+    let mut replica_digest = TargetDigest::MariaDb(b);
+    assert!(
+        replica_digest.wait_for(&expected).await,
+        "MariaDB target did not catch up"
+    );
     let native = started.elapsed().as_secs_f64();
-    drop((a, b, source, replica));
+    drop((a, replica_digest, source, replica));
     (native, changes)
 }
 
@@ -985,15 +980,10 @@ async fn mariadb_tidelink(rows: u64, work: &std::path::Path, target: MariaDbTarg
     let started = Instant::now();
     let changes = mariadb_workload(&mut a, rows).await;
     let expected = mdigest(&mut a).await;
-    let mut caught_up = false;
-    for _ in 0..36_000 {
-        if target_digest.get().await == expected {
-            caught_up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(caught_up, "the {label} target did not catch up");
+    assert!(
+        target_digest.wait_for(&expected).await,
+        "the {label} target did not catch up"
+    );
     let seconds = started.elapsed().as_secs_f64();
     if let Some(timeline) = timeline {
         timeline.abort();
@@ -1015,6 +1005,18 @@ enum TargetDigest {
 }
 
 impl TargetDigest {
+    /// Polls every 100 ms, for up to an hour, until the digest is `expected`; false if it
+    /// never was.
+    async fn wait_for(&mut self, expected: &Option<(i64, String)>) -> bool {
+        for _ in 0..36_000 {
+            if self.get().await == *expected {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     async fn get(&mut self) -> Option<(i64, String)> {
         match self {
             TargetDigest::MariaDb(conn) => mdigest(conn).await,
@@ -1071,6 +1073,36 @@ fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>
             );
         }
     }))
+}
+
+/// Measures the broker's ceilings on `changes` messages (at most 200k) and adds their three
+/// lines of the table; returns the lower of producing and consuming alone, and the rate of
+/// both at once.
+async fn report_broker(r: &mut Results, changes: u64) -> (f64, f64) {
+    // Envelope of a workload row: about 420 bytes. tansu's sqlite storage slows down badly
+    // past a million messages in one topic (a 2M-message consume ran for over 10 minutes at
+    // 100% CPU), so the broker's rate is measured on at most 200k messages.
+    let broker_messages = changes.min(200_000);
+    let (produce_s, consume_s) = broker_ceiling(broker_messages, 420).await;
+    let broker_rate = (broker_messages as f64 / produce_s).min(broker_messages as f64 / consume_s);
+    r.add(
+        &format!("ceiling: broker produce ({broker_messages} × 420-byte messages)"),
+        rate(broker_messages, produce_s),
+        &format!("{produce_s:.1} s"),
+    );
+    r.add(
+        "ceiling: broker consume",
+        rate(broker_messages, consume_s),
+        &format!("{consume_s:.1} s"),
+    );
+    let streaming_s = broker_streaming(broker_messages, 420).await;
+    let streaming_rate = broker_messages as f64 / streaming_s;
+    r.add(
+        "ceiling: broker, produce and consume at once",
+        rate(broker_messages, streaming_s),
+        &format!("{streaming_s:.1} s"),
+    );
+    (broker_rate, streaming_rate)
 }
 
 /// Measures the idle daemon's CPU and adds its line of the table.
@@ -1182,17 +1214,8 @@ async fn main() {
         return;
     }
     if arg("--only").as_deref() == Some("broker") {
-        // For tuning: the broker's three ceilings alone, on `rows` messages (at most 200k).
-        let messages = (rows * 2 + rows / 25).min(200_000);
-        let (produce_s, consume_s) = broker_ceiling(messages, 420).await;
-        r.add("broker produce", rate(messages, produce_s), "");
-        r.add("broker consume", rate(messages, consume_s), "");
-        let streaming_s = broker_streaming(messages, 420).await;
-        r.add(
-            "broker, produce and consume at once",
-            rate(messages, streaming_s),
-            "",
-        );
+        // For tuning: the broker's three ceilings alone, on the workload's changes.
+        report_broker(&mut r, rows * 2 + rows / 25).await;
         return;
     }
     if arg("--only").as_deref() == Some("mariadb") {
@@ -1247,29 +1270,7 @@ async fn main() {
         rate(decode_changes, decode_s),
         &format!("{decode_s:.1} s"),
     );
-    // Envelope of a workload row: about 420 bytes. tansu's sqlite storage slows down badly
-    // past a million messages in one topic (a 2M-message consume ran for over 10 minutes at
-    // 100% CPU), so the broker's rate is measured on at most 200k messages.
-    let broker_messages = e2e.changes.min(200_000);
-    let (produce_s, consume_s) = broker_ceiling(broker_messages, 420).await;
-    let broker_rate = (broker_messages as f64 / produce_s).min(broker_messages as f64 / consume_s);
-    r.add(
-        &format!("ceiling: broker produce ({broker_messages} × 420-byte messages)"),
-        rate(broker_messages, produce_s),
-        &format!("{produce_s:.1} s"),
-    );
-    r.add(
-        "ceiling: broker consume",
-        rate(broker_messages, consume_s),
-        &format!("{consume_s:.1} s"),
-    );
-    let streaming_s = broker_streaming(broker_messages, 420).await;
-    let streaming_rate = broker_messages as f64 / streaming_s;
-    r.add(
-        "ceiling: broker, produce and consume at once",
-        rate(broker_messages, streaming_s),
-        &format!("{streaming_s:.1} s"),
-    );
+    let (broker_rate, streaming_rate) = report_broker(&mut r, e2e.changes).await;
     let (apply_s, apply_changes) = apply_ceiling(rows).await;
     let apply_rate = apply_changes as f64 / apply_s;
     r.add(
