@@ -66,6 +66,46 @@ impl Setup {
         }
     }
 
+    /// Waits (up to a minute) until the pipeline's snapshot is complete and the sink has
+    /// recorded, as `recorded` reads it from the target, a next offset at the high watermark
+    /// of every partition of `topic`. Equal rows are not enough before the target is changed
+    /// on purpose: a snapshot row or a streamed change may still be on its way, and would
+    /// undo the change.
+    async fn wait_all_applied<F, Fut>(&self, topic: &str, mut recorded: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = i64>,
+    {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap())
+            .set("group.id", "tidelink-test-watermarks")
+            .create()
+            .expect("watermark consumer");
+        for _ in 0..120 {
+            let run_log =
+                std::fs::read_to_string(self.work.path().join("run.log")).unwrap_or_default();
+            if run_log.contains("snapshot complete") {
+                let stored: i64 = (0..4)
+                    .map(|partition| {
+                        consumer
+                            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                            .expect("watermarks")
+                            .1
+                    })
+                    .sum();
+                if recorded().await >= stored {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!(
+            "the sink did not apply every message of {topic}\n{}",
+            self.logs()
+        );
+    }
+
     fn logs(&self) -> String {
         let keep = tidelink_integration_tests::workspace_root()
             .join("target/test-logs")
@@ -170,7 +210,19 @@ async fn mariadb_to_postgres_types_round_trip() {
         ],
         "{}",
         setup.logs()
-    ); // `tidelink verify` agrees across engines, then finds each kind of difference.
+    );
+    let pg = &client;
+    setup
+        .wait_all_applied("my.shop.types", move || async move {
+            pg.query_one(
+                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM tidelink.offsets WHERE topic = 'my.shop.types'",
+                    &[],
+                )
+                .await
+                .map_or(0, |r| r.get(0))
+        })
+        .await;
+    // `tidelink verify` agrees across engines, then finds each kind of difference.
     let verify = |log: &str| run_verify(&config, "my", &[], &setup.work.path().join(log));
     let (code, output) = verify("verify-1.log");
     assert_eq!(code, Some(0), "{output}");
@@ -494,6 +546,19 @@ async fn mariadb_to_mariadb_types_and_workload() {
         .expect("history audit");
     let (recorded, distinct) = audit.expect("one row");
     assert_eq!(recorded, distinct, "each message applied once");
+    let mariadb = &target;
+    setup
+        .wait_all_applied("my.shop.orders", move || async move {
+            let mut conn = mariadb.conn("mysql").await;
+            conn.query_first::<i64, _>(
+                "SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM tidelink.offsets WHERE topic = 'my.shop.orders'",
+            )
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+        })
+        .await;
 
     // `tidelink verify` MariaDB → MariaDB: checksums in both servers, then drift found.
     let verify = |log: &str| {
