@@ -213,13 +213,8 @@ async fn mariadb_to_postgres_types_round_trip() {
     );
     let pg = &client;
     setup
-        .wait_all_applied("my.shop.types", move || async move {
-            pg.query_one(
-                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM tidelink.offsets WHERE topic = 'my.shop.types'",
-                    &[],
-                )
-                .await
-                .map_or(0, |r| r.get(0))
+        .wait_all_applied("my.shop.types", move || {
+            pg_recorded_offsets(pg, "my.shop.types")
         })
         .await;
     // `tidelink verify` agrees across engines, then finds each kind of difference.
@@ -328,6 +323,17 @@ async fn mariadb_orders(conn: &mut mysql_async::Conn) -> Vec<String> {
     )
     .await
     .expect("read source orders")
+}
+
+/// The sum of the next offsets a PostgreSQL sink has recorded for `topic`.
+async fn pg_recorded_offsets(client: &tokio_postgres::Client, topic: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM tidelink.offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .map_or(0, |r| r.get(0))
 }
 
 async fn postgres_orders(client: &tokio_postgres::Client) -> Vec<String> {
@@ -924,6 +930,12 @@ async fn mariadb_to_postgres_transforms_and_cross_engine_verify() {
         .get(0);
     assert_eq!(secret_columns, 0, "the dropped column is not created");
 
+    let pg = &client;
+    setup
+        .wait_all_applied("my.shop.customers", move || {
+            pg_recorded_offsets(pg, "my.shop.customers")
+        })
+        .await;
     let verify = |log: &str| run_verify(&config, "my", &[], &setup.work.path().join(log));
     let (code, output) = verify("verify-1.log");
     assert_eq!(code, Some(0), "{output}");
