@@ -58,7 +58,11 @@ pub fn consumer(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, Tideli
         .set("fetch.wait.max.ms", "20")
         // Prefetched messages wait here while the target is slow or down; 16 MiB keeps a
         // worker busy and its memory small (librdkafka's default is 64 MiB).
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // When that queue is full, librdkafka postpones the partition's next fetch by this
+        // much (default 1 s). A fast sink drains 16 MiB in well under a second, then sat
+        // idle for the rest of it: draining a backlog ran at half speed (docs/tuning.md).
+        .set("fetch.queue.backoff.ms", "10");
     apply_overrides(
         &mut config,
         kafka,
