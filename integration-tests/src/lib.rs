@@ -238,23 +238,38 @@ fn tansu_binary() -> &'static PathBuf {
     })
 }
 
-/// A tansu broker with durable sqlite storage.
+/// The broker's storage engine: durable sqlite, unless `TIDELINK_BROKER_STORAGE` names
+/// another tansu `--storage-engine` URL (the benchmark compares engines with it; tests
+/// that restart the broker need a durable one).
+pub fn broker_storage() -> String {
+    std::env::var("TIDELINK_BROKER_STORAGE").unwrap_or_else(|_| "sqlite://tansu.db".into())
+}
+
+/// A tansu broker, with durable sqlite storage unless [`broker_storage`] says otherwise.
 pub struct Broker {
     dir: tempfile::TempDir,
     /// Port on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
     authentication: bool,
+    storage: String,
 }
 
 impl Broker {
     /// Starts a broker and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_on(&broker_storage())
+    }
+
+    /// Starts a broker on the given tansu `--storage-engine` URL (relative paths are taken
+    /// inside the broker's own temporary directory).
+    pub fn start_on(storage: &str) -> Self {
         let mut broker = Self {
             dir: temp_dir("tidelink-kafka-"),
             port: free_port(),
             child: None,
             authentication: false,
+            storage: storage.to_string(),
         };
         broker.launch();
         broker
@@ -297,7 +312,7 @@ impl Broker {
             "--advertised-listener-url",
             &url,
             "--storage-engine",
-            "sqlite://tansu.db",
+            &self.storage,
         ];
         if self.authentication {
             args.push("--authentication");

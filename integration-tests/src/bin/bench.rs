@@ -5,7 +5,8 @@
 //! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb|broker]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once). For tuning,
 //! environment variables change the pipelines (BENCH_KAFKA_PROPERTIES, BENCH_BATCH_WAIT_MS,
-//! BENCH_SPLIT_ROLES) or record what they do (BENCH_TIMELINE).
+//! BENCH_SPLIT_ROLES, and TIDELINK_BROKER_STORAGE for the broker) or
+//! record what they do (BENCH_TIMELINE).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -13,9 +14,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidelink_integration_tests::mariadb::MariaDb;
 use tidelink_integration_tests::{
-    copy_config_with_metrics_port, free_port, http_get, Broker, Daemon, PgCluster, PG_BIN,
+    broker_storage, copy_config_with_metrics_port, free_port, http_get, Broker, Daemon, PgCluster,
+    PG_BIN,
 };
 use tokio_postgres::Client;
+
+/// A broker storage that is not durable but fast: the end-to-end run repeated on it shows
+/// what bounds tidelink when the broker does not.
+const UNBOUND_BROKER: &str = "memory://tansu/";
 
 const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, account text NOT NULL, amount numeric(12,2) NOT NULL, \
                      status text NOT NULL, updated timestamptz NOT NULL)";
@@ -231,7 +237,7 @@ struct EndToEnd {
 }
 
 /// PostgreSQL → tidelink → PostgreSQL, then commit-to-apply latency at half that rate.
-async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
+async fn tidelink_pg(rows: u64, work: &std::path::Path, broker_storage: &str) -> EndToEnd {
     let (source, target, s, t) = two_clusters().await;
     let latency_table =
         "CREATE TABLE latency (id bigint PRIMARY KEY, created timestamptz NOT NULL)";
@@ -239,7 +245,7 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path) -> EndToEnd {
     t.batch_execute(&format!("{latency_table}; ALTER TABLE latency ADD COLUMN applied timestamptz DEFAULT clock_timestamp()"))
         .await
         .expect("latency target");
-    let broker = Broker::start();
+    let broker = Broker::start_on(broker_storage);
     let metrics = free_port();
     let config = write_config(
         work,
@@ -1033,8 +1039,9 @@ impl TargetDigest {
 }
 
 /// For tuning: with BENCH_TIMELINE=FILE, appends to FILE once a second while a pipeline
-/// runs the totals of changes the source read, Kafka acknowledged and the sinks applied
-/// (from the daemon's metrics), so a slow run shows which stage falls behind.
+/// runs the totals of changes the source read, Kafka acknowledged and the sinks applied,
+/// and the sinks' batches and seconds spent applying them (from the daemon's metrics), so
+/// a slow run shows which stage falls behind.
 fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>> {
     let path = std::env::var("BENCH_TIMELINE")
         .ok()
@@ -1049,7 +1056,7 @@ fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>
             .expect("BENCH_TIMELINE file");
         let _ = writeln!(
             file,
-            "# {label}: seconds source_events kafka_produced sink_applied"
+            "# {label}: seconds source_events kafka_produced sink_applied sink_batches sink_apply_seconds"
         );
         let started = Instant::now();
         loop {
@@ -1065,11 +1072,13 @@ fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>
             };
             let _ = writeln!(
                 file,
-                "{label} {:.0} {} {} {}",
+                "{label} {:.0} {} {} {} {} {:.2}",
                 started.elapsed().as_secs_f64(),
                 total("tidelink_source_events_total"),
                 total("tidelink_kafka_produced_events_total"),
                 total("tidelink_sink_applied_rows_total"),
+                total("tidelink_sink_batches_total"),
+                total("tidelink_sink_apply_duration_seconds_sum"),
             );
         }
     }))
@@ -1166,10 +1175,14 @@ fn versions() -> String {
         .unwrap_or("")
         .to_string();
     format!(
-        "- machine: {cpu}, {cores} cores, {mem}\n- {}\n- {}\n- {}\n- broker: tansu 0.6.0, sqlite storage (durable), 4 partitions, uncompressed (the default), idempotent producer, acks=all\n- tidelink: release build, one process (source and sink), batch_size 5000\n",
+        "- machine: {cpu}, {cores} cores, {mem}\n- {}\n- {}\n- {}\n- broker: tansu 0.6.0, storage {}, 4 partitions, uncompressed (the default), idempotent producer, acks=all\n- tidelink: release build, one process (source and sink), batch_size 5000\n",
         run(&format!("{PG_BIN}/postgres"), &["--version"]),
         run("mariadbd", &["--version"]),
         run("rustc", &["--version"]),
+        match broker_storage() {
+            sqlite if sqlite.starts_with("sqlite:") => format!("`{sqlite}` (durable)"),
+            other => format!("`{other}` (TIDELINK_BROKER_STORAGE)"),
+        },
     )
 }
 
@@ -1224,7 +1237,7 @@ async fn main() {
     }
     if arg("--only").as_deref() == Some("e2e") {
         // For tuning: the end-to-end run alone.
-        let e2e = tidelink_pg(rows, work.path()).await;
+        let e2e = tidelink_pg(rows, work.path(), &broker_storage()).await;
         r.add(
             "PG → tidelink → PG, first commit until equal",
             rate(e2e.changes, e2e.seconds),
@@ -1245,7 +1258,7 @@ async fn main() {
         let _ = std::fs::copy(work.path().join("tidelink.log"), keep);
         return;
     }
-    let e2e = tidelink_pg(rows, work.path()).await;
+    let e2e = tidelink_pg(rows, work.path(), &broker_storage()).await;
     let tidelink_rate = e2e.changes as f64 / e2e.seconds;
     r.add(
         "PG → tidelink → PG, first commit until equal",
@@ -1287,6 +1300,27 @@ async fn main() {
     r.add(
         "  end to end / broker producing and consuming at once",
         format!("{:.2}×", tidelink_rate / streaming_rate),
+        "",
+    );
+    // The same run on tansu's in-memory storage, which is not durable (so not a setting to
+    // run with) but fast enough to take the broker off the bound: what is left is
+    // tidelink, the databases and the machine they share.
+    let unbound = tidelink_pg(rows, work.path(), UNBOUND_BROKER).await;
+    r.add(
+        "PG → tidelink → PG on tansu memory:// (not durable)",
+        rate(unbound.changes, unbound.seconds),
+        &format!(
+            "{:.1} s, {:.1} µs CPU per change",
+            unbound.seconds,
+            unbound.cpu * 1e6 / unbound.changes as f64
+        ),
+    );
+    r.add(
+        "  that / lowest ceiling of source decode and target apply",
+        format!(
+            "{:.2}×",
+            unbound.changes as f64 / unbound.seconds / decode_rate.min(apply_rate)
+        ),
         "",
     );
     r.add(
