@@ -107,9 +107,40 @@ async fn digest(client: &Client) -> (i64, String) {
     (row.get(0), row.get(1))
 }
 
+/// The source's highest row, `(id, amount as text)`: the probe the waits look up first.
+async fn probe_row(client: &Client) -> Option<(i64, String)> {
+    client
+        .query_opt(
+            "SELECT id, amount::text FROM bench ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("probe row")
+        .map(|row| (row.get(0), row.get(1)))
+}
+
+/// Waits until the target's digest equals the source's. A digest scans the whole table
+/// (50–100 ms at a million rows): polled every 100 ms from the start it took a third of a
+/// core from the pipeline being measured. So the target is first polled, by one index
+/// lookup, until it holds the source's highest row as the source has it now; the digest
+/// is polled after that.
 async fn wait_equal(source: &Client, target: &Client, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let expected = digest(source).await;
+    if let Some((id, amount)) = probe_row(source).await {
+        while Instant::now() < deadline {
+            let held = target
+                .query_opt("SELECT amount::text FROM bench WHERE id = $1", &[&id])
+                .await
+                .ok()
+                .flatten()
+                .map(|row| row.get::<_, String>(0));
+            if held.as_deref() == Some(amount.as_str()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     while Instant::now() < deadline {
         if digest(target).await == expected {
             return true;
@@ -869,6 +900,16 @@ async fn mariadb_workload(conn: &mut mysql_async::Conn, rows: u64) -> u64 {
 }
 
 /// Row count and sum of amounts of shop.bench, or None while it cannot be read.
+/// The MariaDB source's highest row, `(id, amount as text)`: the probe [`TargetDigest`]
+/// looks up first.
+async fn mprobe(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
+    use mysql_async::prelude::Queryable;
+    conn.query_first("SELECT id, CAST(amount AS CHAR) FROM shop.bench ORDER BY id DESC LIMIT 1")
+        .await
+        .ok()
+        .flatten()
+}
+
 async fn mdigest(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
     use mysql_async::prelude::Queryable;
     conn.query_first("SELECT COUNT(*), CAST(IFNULL(SUM(amount), 0) AS CHAR) FROM shop.bench")
@@ -909,9 +950,10 @@ async fn native_mariadb(rows: u64) -> (f64, u64) {
     let started = Instant::now();
     let changes = mariadb_workload(&mut a, rows).await;
     let expected = mdigest(&mut a).await;
+    let probe = mprobe(&mut a).await;
     let mut replica_digest = TargetDigest::MariaDb(b);
     assert!(
-        replica_digest.wait_for(&expected).await,
+        replica_digest.wait_for(&expected, probe).await,
         "MariaDB target did not catch up"
     );
     let native = started.elapsed().as_secs_f64();
@@ -986,8 +1028,9 @@ async fn mariadb_tidelink(rows: u64, work: &std::path::Path, target: MariaDbTarg
     let started = Instant::now();
     let changes = mariadb_workload(&mut a, rows).await;
     let expected = mdigest(&mut a).await;
+    let probe = mprobe(&mut a).await;
     assert!(
-        target_digest.wait_for(&expected).await,
+        target_digest.wait_for(&expected, probe).await,
         "the {label} target did not catch up"
     );
     let seconds = started.elapsed().as_secs_f64();
@@ -1012,15 +1055,52 @@ enum TargetDigest {
 
 impl TargetDigest {
     /// Polls every 100 ms, for up to an hour, until the digest is `expected`; false if it
-    /// never was.
-    async fn wait_for(&mut self, expected: &Option<(i64, String)>) -> bool {
-        for _ in 0..36_000 {
+    /// never was. As `wait_equal` does, it first waits (by index lookups) until the target
+    /// holds the source's highest row `probe`, `(id, amount as text)`, and only then
+    /// polls the digest, which scans the whole table.
+    async fn wait_for(
+        &mut self,
+        expected: &Option<(i64, String)>,
+        probe: Option<(i64, String)>,
+    ) -> bool {
+        let mut polls = 0..36_000;
+        if let Some((id, amount)) = probe {
+            while polls.next().is_some() {
+                if self.amount_of(id).await.as_deref() == Some(amount.as_str()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for _ in polls {
             if self.get().await == *expected {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         false
+    }
+
+    /// The target's amount of row `id`, as text.
+    async fn amount_of(&mut self, id: i64) -> Option<String> {
+        match self {
+            TargetDigest::MariaDb(conn) => {
+                use mysql_async::prelude::Queryable;
+                conn.exec_first(
+                    "SELECT CAST(amount AS CHAR) FROM shop.bench WHERE id = ?",
+                    (id,),
+                )
+                .await
+                .ok()
+                .flatten()
+            }
+            TargetDigest::Postgres(client) => client
+                .query_opt("SELECT amount::text FROM shop.bench WHERE id = $1", &[&id])
+                .await
+                .ok()
+                .flatten()
+                .map(|row| row.get(0)),
+        }
     }
 
     async fn get(&mut self) -> Option<(i64, String)> {
