@@ -899,7 +899,6 @@ async fn mariadb_workload(conn: &mut mysql_async::Conn, rows: u64) -> u64 {
     rows * 2 + deletes
 }
 
-/// Row count and sum of amounts of shop.bench, or None while it cannot be read.
 /// The MariaDB source's highest row, `(id, amount as text)`: the probe [`TargetDigest`]
 /// looks up first.
 async fn mprobe(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
@@ -910,6 +909,7 @@ async fn mprobe(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
         .flatten()
 }
 
+/// Row count and sum of amounts of shop.bench, or None while it cannot be read.
 async fn mdigest(conn: &mut mysql_async::Conn) -> Option<(i64, String)> {
     use mysql_async::prelude::Queryable;
     conn.query_first("SELECT COUNT(*), CAST(IFNULL(SUM(amount), 0) AS CHAR) FROM shop.bench")
