@@ -41,19 +41,14 @@ async fn churn(p: &PgPipeline, rounds: usize) {
 }
 
 fn backfill(p: &PgPipeline, config: &std::path::Path, chunk: &str, log: &str) -> Daemon {
+    backfill_with(p, config, &["--chunk-size", chunk], log)
+}
+
+fn backfill_with(p: &PgPipeline, config: &std::path::Path, options: &[&str], log: &str) -> Daemon {
     let config = config.display().to_string();
-    Daemon::start(
-        &[
-            "backfill",
-            "-c",
-            &config,
-            "--pipeline",
-            "it",
-            "--chunk-size",
-            chunk,
-        ],
-        &p.work.path().join(log),
-    )
+    let mut args = vec!["backfill", "-c", &config, "--pipeline", "it"];
+    args.extend_from_slice(options);
+    Daemon::start(&args, &p.work.path().join(log))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,7 +80,14 @@ async fn a_killed_backfill_resumes_after_its_last_chunk() {
     let p = preloaded().await;
     let config = p.write_config_without_snapshot("resume.yaml", "");
     let _daemon = p.run_ready(&config, "daemon.log").await;
-    let copier = backfill(&p, &config, "200", "backfill-1.log");
+    // Held to 2,000 rows/s, the copy of 20,000 rows takes 10 s: it is still running when
+    // its first progress line (after 2 s) shows some chunks copied.
+    let copier = backfill_with(
+        &p,
+        &config,
+        &["--chunk-size", "200", "--max-rate", "2000"],
+        "backfill-1.log",
+    );
     tidelink_integration_tests::wait_until(
         Duration::from_secs(60),
         "some chunks are copied",

@@ -242,6 +242,36 @@ pub struct BackfillOptions {
     pub direct: Option<String>,
     /// Page by these columns (a unique NOT NULL index) instead of the primary key.
     pub key_columns: Vec<String>,
+    /// Read at most this many rows per second from each table (`None`: as fast as the
+    /// pipeline takes them), to spare a busy source.
+    pub max_rows_per_second: Option<u64>,
+}
+
+/// Holds the reading of one table to [`BackfillOptions::max_rows_per_second`].
+struct ReadPace {
+    limit: Option<u64>,
+    started: Instant,
+    rows: u64,
+}
+
+impl ReadPace {
+    fn new(limit: Option<u64>) -> Self {
+        Self {
+            limit: limit.filter(|&l| l > 0),
+            started: Instant::now(),
+            rows: 0,
+        }
+    }
+
+    /// Counts `rows` just read and waits while reading is ahead of the limit.
+    async fn read(&mut self, rows: usize) {
+        let Some(limit) = self.limit else { return };
+        self.rows += rows as u64;
+        let due = Duration::from_secs_f64(self.rows as f64 / limit as f64);
+        if let Some(ahead) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(ahead).await;
+        }
+    }
 }
 
 /// Progress of one table, as recorded after each chunk.
@@ -339,6 +369,7 @@ pub async fn backfill(
         let mut in_flight: VecDeque<SentChunk> = VecDeque::new();
         let mut cursor = progress.after.clone();
         let mut finished = false;
+        let mut pace = ReadPace::new(options.max_rows_per_second);
         loop {
             let stopping = shutdown.is_triggered();
             if !stopping && !finished {
@@ -375,6 +406,10 @@ pub async fn backfill(
                         );
                     }
                     in_flight.push_back(SentChunk { chunk, deliveries });
+                    tokio::select! {
+                        () = pace.read(in_flight.back().map_or(0, |c| c.chunk.len())) => {}
+                        () = shutdown.wait() => {}
+                    }
                 }
             }
             // Up to `parallel` chunks stay in flight while reading goes on; all of them
@@ -586,6 +621,8 @@ async fn backfill_direct(
         );
         let chunk_size = options.chunk_size;
         let mut after = progress.after.clone();
+        let mut pace = ReadPace::new(options.max_rows_per_second);
+        // Stopping aborts this task, sleeping in `pace` or not.
         let reading = tokio::spawn(async move {
             let Some(upto) = upto else { return };
             loop {
@@ -594,6 +631,8 @@ async fn backfill_direct(
                         Some(last) if last != upto => after = Some(last),
                         _ => return,
                     }
+                    // Every chunk but the last is full.
+                    pace.read(chunk_size).await;
                     continue;
                 }
                 let chunk = reader
@@ -606,10 +645,12 @@ async fn backfill_direct(
                 };
                 let failed = chunk.is_err();
                 let finished = last.as_ref() == Some(&upto);
+                let rows = chunk.as_ref().map_or(0, Vec::len);
                 if chunks.send(chunk.map(DirectChunk::Rows)).await.is_err() || failed || finished {
                     return;
                 }
                 after = last;
+                pace.read(rows).await;
             }
         });
         let started = Instant::now();
@@ -920,4 +961,26 @@ fn report_progress(
         "backfill {percent:.0}%  {:.0} rows/s  ETA {eta:.0}s",
         rate
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadPace;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_rate_limit_holds_reading_to_it_and_none_does_not_wait() {
+        let started = Instant::now();
+        let mut held = ReadPace::new(Some(1000));
+        for _ in 0..3 {
+            held.read(100).await;
+        }
+        // 300 rows at 1,000 rows/s end 0.3 s after the start.
+        assert!(started.elapsed() >= Duration::from_millis(300));
+
+        let started = Instant::now();
+        let mut free = ReadPace::new(None);
+        free.read(1_000_000).await;
+        assert!(started.elapsed() < Duration::from_millis(50));
+    }
 }

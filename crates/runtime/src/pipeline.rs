@@ -393,6 +393,7 @@ fn start_snapshot(
             parallel: 4,
             direct: None,
             key_columns: Vec::new(),
+            max_rows_per_second: None,
         };
         let mut attempt = 0;
         loop {

@@ -78,6 +78,10 @@ enum Command {
         /// unique NOT NULL index) instead of the primary key, for tables without one.
         #[arg(long, value_delimiter = ',')]
         key_columns: Vec<String>,
+        /// Read at most this many rows per second from each table, to spare a busy source
+        /// (default: as fast as the pipeline takes them).
+        #[arg(long, value_name = "ROWS_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
+        max_rate: Option<u64>,
     },
     /// Compare every captured table with its copy in each sink's target, row by row; exit
     /// 1 when any row is missing, extra or different.
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
             parallel,
             direct,
             key_columns,
+            max_rate,
         } => {
             let parsed = match load_config(&config) {
                 Ok(parsed) => parsed,
@@ -206,6 +211,7 @@ fn main() -> ExitCode {
                 parallel: parallel.max(1),
                 direct,
                 key_columns,
+                max_rows_per_second: max_rate,
             };
             let result = runtime.block_on(async {
                 let shutdown = Shutdown::new();
