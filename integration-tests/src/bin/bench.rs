@@ -1311,6 +1311,16 @@ async fn main() {
         report_broker(&mut r, rows * 2 + rows / 25).await;
         return;
     }
+    if arg("--only").as_deref() == Some("apply") {
+        // For tuning: the sink's batched apply alone (profile its target backend).
+        let (seconds, changes) = apply_ceiling(rows).await;
+        r.add(
+            "target apply (prepared in-memory batches)",
+            rate(changes, seconds),
+            &format!("{seconds:.1} s"),
+        );
+        return;
+    }
     if arg("--only").as_deref() == Some("mariadb") {
         report_mariadb(&mut r, rows, work.path(), None).await;
         return;
