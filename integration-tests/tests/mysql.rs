@@ -86,7 +86,16 @@ impl Setup {
             let run_log =
                 std::fs::read_to_string(self.work.path().join("run.log")).unwrap_or_default();
             if run_log.contains("snapshot complete") {
-                let stored: i64 = (0..4)
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .expect("topic metadata");
+                let partitions: Vec<i32> = metadata
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                let stored: i64 = partitions
+                    .into_iter()
                     .map(|partition| {
                         consumer
                             .fetch_watermarks(topic, partition, Duration::from_secs(10))
