@@ -226,9 +226,15 @@ impl Drop for PgCluster {
     }
 }
 
+/// The broker binary: tansu as scripts/install-tansu.sh builds it, unless
+/// `TIDELINK_BROKER_BIN` names another binary with tansu's command line (its successor
+/// nisshi, say, which the benchmark can be run against).
 fn tansu_binary() -> &'static PathBuf {
     static TANSU: OnceLock<PathBuf> = OnceLock::new();
     TANSU.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TIDELINK_BROKER_BIN") {
+            return PathBuf::from(path);
+        }
         let out = Command::new(workspace_root().join("scripts/install-tansu.sh"))
             .stderr(Stdio::inherit())
             .output()
@@ -236,6 +242,15 @@ fn tansu_binary() -> &'static PathBuf {
         assert!(out.status.success(), "installing tansu failed");
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     })
+}
+
+/// What the broker binary says of its version (`tansu 0.6.0`).
+pub fn broker_version() -> String {
+    Command::new(tansu_binary())
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 /// The broker's storage engine: durable sqlite, unless `TIDELINK_BROKER_STORAGE` names

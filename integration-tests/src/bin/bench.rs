@@ -1255,10 +1255,11 @@ fn versions() -> String {
         .unwrap_or("")
         .to_string();
     format!(
-        "- machine: {cpu}, {cores} cores, {mem}\n- {}\n- {}\n- {}\n- broker: tansu 0.6.0, storage {}, 4 partitions, uncompressed (the default), idempotent producer, acks=all\n- tidelink: release build, one process (source and sink), batch_size 5000\n",
+        "- machine: {cpu}, {cores} cores, {mem}\n- {}\n- {}\n- {}\n- broker: {}, storage {}, 4 partitions, uncompressed (the default), idempotent producer, acks=all\n- tidelink: release build, one process (source and sink), batch_size 5000\n",
         run(&format!("{PG_BIN}/postgres"), &["--version"]),
         run("mariadbd", &["--version"]),
         run("rustc", &["--version"]),
+        tidelink_integration_tests::broker_version(),
         match broker_storage() {
             sqlite if sqlite.starts_with("sqlite:") => format!("`{sqlite}` (durable)"),
             other => format!("`{other}` (TIDELINK_BROKER_STORAGE)"),
