@@ -51,9 +51,14 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # The chart (a PNG next to the report) is drawn by scripts/bench-chart.py with matplotlib.
 CHART_DEPS = python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
 
+# `bench` also measures on nisshi with PostgreSQL storage when a toolchain can build it
+# (scripts/install-nisshi.sh: rustc >= 1.96; about 20 minutes once, then cached); without
+# one it says so and leaves those rows out. `bench-quick` stays on tansu.
+NISSHI = $$(scripts/install-nisshi.sh || true)
+
 bench: deps
 	$(BENCH_BUILD)
-	TIDELINK_BIN=$(TARGET_DIR)/release/tidelink $(TARGET_DIR)/release/bench --rows 1000000 --out docs/benchmarks.md
+	TIDELINK_NISSHI_BIN=$(NISSHI) TIDELINK_BIN=$(TARGET_DIR)/release/tidelink $(TARGET_DIR)/release/bench --rows 1000000 --out docs/benchmarks.md
 	$(CHART_DEPS)
 	python3 scripts/bench-chart.py docs/benchmarks.md docs/benchmarks.png
 

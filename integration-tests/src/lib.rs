@@ -244,20 +244,52 @@ fn tansu_binary() -> &'static PathBuf {
     })
 }
 
-/// What the broker binary says of its version (`tansu 0.6.0`).
-pub fn broker_version() -> String {
-    Command::new(tansu_binary())
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
-}
+/// The storage a broker gets when `TIDELINK_BROKER_STORAGE` (or [`Broker::start_on`]) says
+/// `postgres`: a throwaway PostgreSQL cluster of its own. nisshi creates its schema there
+/// itself; tansu 0.6.0 does not.
+pub const OWN_POSTGRES_STORAGE: &str = "postgres";
 
 /// The broker's storage engine: durable sqlite, unless `TIDELINK_BROKER_STORAGE` names
-/// another tansu `--storage-engine` URL (the benchmark compares engines with it; tests
-/// that restart the broker need a durable one).
+/// another tansu `--storage-engine` URL or [`OWN_POSTGRES_STORAGE`] (the benchmark compares
+/// engines with it; tests that restart the broker need a durable one).
 pub fn broker_storage() -> String {
     std::env::var("TIDELINK_BROKER_STORAGE").unwrap_or_else(|_| "sqlite://tansu.db".into())
+}
+
+/// What a [`Broker`] runs: a binary with tansu's command line, on a storage engine.
+#[derive(Debug, Clone)]
+pub struct BrokerSetup {
+    /// The broker binary.
+    pub binary: PathBuf,
+    /// Its `--storage-engine` URL, or [`OWN_POSTGRES_STORAGE`].
+    pub storage: String,
+}
+
+impl BrokerSetup {
+    /// tansu (or `TIDELINK_BROKER_BIN`) on [`broker_storage`].
+    pub fn from_env() -> Self {
+        Self {
+            binary: tansu_binary().clone(),
+            storage: broker_storage(),
+        }
+    }
+
+    /// The same binary on another storage.
+    pub fn on(&self, storage: &str) -> Self {
+        Self {
+            binary: self.binary.clone(),
+            storage: storage.to_string(),
+        }
+    }
+
+    /// What the binary says of its version (`tansu 0.6.0`).
+    pub fn version(&self) -> String {
+        Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            .unwrap_or_else(|e| format!("unknown ({e})"))
+    }
 }
 
 /// A tansu broker, with durable sqlite storage unless [`broker_storage`] says otherwise.
@@ -267,7 +299,11 @@ pub struct Broker {
     pub port: u16,
     child: Option<Child>,
     authentication: bool,
+    binary: PathBuf,
     storage: String,
+    /// The cluster holding the broker's data, with [`OWN_POSTGRES_STORAGE`]; dropped (and
+    /// stopped) after the broker.
+    _storage_cluster: Option<PgCluster>,
 }
 
 impl Broker {
@@ -279,12 +315,23 @@ impl Broker {
     /// Starts a broker on the given tansu `--storage-engine` URL (relative paths are taken
     /// inside the broker's own temporary directory).
     pub fn start_on(storage: &str) -> Self {
+        Self::start_with(&BrokerSetup::from_env().on(storage))
+    }
+
+    /// Starts the broker `setup` names.
+    pub fn start_with(setup: &BrokerSetup) -> Self {
+        let storage = &setup.storage;
+        let cluster = (storage == OWN_POSTGRES_STORAGE).then(PgCluster::start);
         let mut broker = Self {
             dir: temp_dir("tidelink-kafka-"),
             port: free_port(),
             child: None,
             authentication: false,
-            storage: storage.to_string(),
+            binary: setup.binary.clone(),
+            storage: cluster
+                .as_ref()
+                .map_or_else(|| storage.to_string(), |c| c.dsn("postgres")),
+            _storage_cluster: cluster,
         };
         broker.launch();
         broker
@@ -293,7 +340,7 @@ impl Broker {
     /// Starts a broker that requires SASL/SCRAM-SHA-512 authentication and knows one user.
     pub fn start_with_scram_user(user: &str, password: &str) -> Self {
         let mut broker = Self::start();
-        let out = Command::new(tansu_binary())
+        let out = Command::new(&broker.binary)
             .args([
                 "user",
                 "create",
@@ -332,7 +379,7 @@ impl Broker {
         if self.authentication {
             args.push("--authentication");
         }
-        let child = Command::new(tansu_binary())
+        let child = Command::new(&self.binary)
             .current_dir(self.dir.path())
             .args(args)
             .stdout(log.try_clone().expect("log handle"))

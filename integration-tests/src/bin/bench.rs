@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidelink_integration_tests::mariadb::MariaDb;
 use tidelink_integration_tests::{
-    broker_storage, copy_config_with_metrics_port, free_port, http_get, Broker, Daemon, PgCluster,
+    copy_config_with_metrics_port, free_port, http_get, Broker, BrokerSetup, Daemon, PgCluster,
     PG_BIN,
 };
 use tokio_postgres::Client;
@@ -268,7 +268,7 @@ struct EndToEnd {
 }
 
 /// PostgreSQL → tidelink → PostgreSQL, then commit-to-apply latency at half that rate.
-async fn tidelink_pg(rows: u64, work: &std::path::Path, broker_storage: &str) -> EndToEnd {
+async fn tidelink_pg(rows: u64, work: &std::path::Path, broker: &BrokerSetup) -> EndToEnd {
     let (source, target, s, t) = two_clusters().await;
     let latency_table =
         "CREATE TABLE latency (id bigint PRIMARY KEY, created timestamptz NOT NULL)";
@@ -276,7 +276,7 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, broker_storage: &str) ->
     t.batch_execute(&format!("{latency_table}; ALTER TABLE latency ADD COLUMN applied timestamptz DEFAULT clock_timestamp()"))
         .await
         .expect("latency target");
-    let broker = Broker::start_on(broker_storage);
+    let broker = Broker::start_with(broker);
     let metrics = free_port();
     let config = write_config(
         work,
@@ -551,15 +551,26 @@ async fn decode_ceiling(rows: u64) -> (f64, u64) {
 
 /// Broker ceiling: produce then consume `count` messages of `size` bytes with tidelink's
 /// client settings. Returns (produce seconds, consume seconds).
-async fn broker_ceiling(count: u64, size: usize) -> (f64, f64) {
+async fn broker_ceiling(setup: &BrokerSetup, count: u64, size: usize) -> (f64, f64) {
     use rdkafka::consumer::Consumer;
-    let broker = Broker::start();
+    let broker = Broker::start_with(setup);
     let kafka = ceiling_kafka(&broker, "ceiling").await;
     let started = Instant::now();
     produce_messages(&kafka, "ceiling.t", count, size).await;
     let produce = started.elapsed().as_secs_f64();
     let consumer = ceiling_consumer(&kafka);
-    consumer.subscribe(&["ceiling.t"]).expect("subscribe");
+    // Partitions assigned directly, from the start: joining a group is not part of the
+    // ceiling (nisshi, like Kafka, holds a new group's first join for 3 s).
+    let metadata = consumer
+        .fetch_metadata(Some("ceiling.t"), Duration::from_secs(10))
+        .expect("metadata");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        partitions
+            .add_partition_offset("ceiling.t", p.id(), rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&partitions).expect("assign");
     let started = Instant::now();
     consume_messages(&consumer, count, started);
     (produce, started.elapsed().as_secs_f64())
@@ -569,9 +580,9 @@ async fn broker_ceiling(count: u64, size: usize) -> (f64, f64) {
 /// the topic while the producer writes it. Seconds from the first message sent until the
 /// last one is read. With tansu this is lower than either alone: one process (its sqlite
 /// storage) serves both.
-async fn broker_streaming(count: u64, size: usize) -> f64 {
+async fn broker_streaming(setup: &BrokerSetup, count: u64, size: usize) -> f64 {
     use rdkafka::consumer::Consumer;
-    let broker = Broker::start();
+    let broker = Broker::start_with(setup);
     let kafka = ceiling_kafka(&broker, "streaming").await;
     let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
     let (start_tx, start_rx) = std::sync::mpsc::channel::<Instant>();
@@ -819,13 +830,16 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
 /// MariaDB → tidelink → MariaDB versus native MariaDB replication, and MariaDB →
 /// tidelink → PostgreSQL, same workload; adds their rates to the report, and the first one
 /// against the broker's producing-and-consuming-at-once rate when that was measured.
+/// Returns native replication's rate.
 async fn report_mariadb(
     r: &mut Results,
     rows: u64,
     work: &std::path::Path,
+    broker: &BrokerSetup,
     broker_streaming_rate: Option<f64>,
-) {
-    let (m_tidelink, m_changes) = mariadb_tidelink(rows, work, MariaDbTarget::MariaDb).await;
+) -> f64 {
+    let (m_tidelink, m_changes) =
+        mariadb_tidelink(rows, work, MariaDbTarget::MariaDb, broker).await;
     r.add(
         "MariaDB → tidelink → MariaDB",
         rate(m_changes, m_tidelink),
@@ -849,12 +863,14 @@ async fn report_mariadb(
             "",
         );
     }
-    let (to_pg, to_pg_changes) = mariadb_tidelink(rows, work, MariaDbTarget::Postgres).await;
+    let (to_pg, to_pg_changes) =
+        mariadb_tidelink(rows, work, MariaDbTarget::Postgres, broker).await;
     r.add(
         "MariaDB → tidelink → PostgreSQL",
         rate(to_pg_changes, to_pg),
         &format!("{to_pg:.1} s"),
     );
+    native_changes as f64 / m_native
 }
 
 const MARIADB_TABLE: &str = "CREATE TABLE shop.bench (id bigint PRIMARY KEY, account varchar(40) NOT NULL, amount decimal(12,2) NOT NULL, status varchar(10) NOT NULL) ENGINE=InnoDB";
@@ -969,12 +985,17 @@ enum MariaDbTarget {
 
 /// MariaDB → tidelink → `target` with the MariaDB workload; returns the seconds from the
 /// first commit until the target's count and amount sum equal the source's, and the changes.
-async fn mariadb_tidelink(rows: u64, work: &std::path::Path, target: MariaDbTarget) -> (f64, u64) {
+async fn mariadb_tidelink(
+    rows: u64,
+    work: &std::path::Path,
+    target: MariaDbTarget,
+    broker: &BrokerSetup,
+) -> (f64, u64) {
     let source = MariaDb::start(1);
     source.execute("mysql", "CREATE DATABASE shop").await;
     source.execute("shop", MARIADB_TABLE).await;
     let mut a = source.conn("shop").await;
-    let broker = Broker::start();
+    let broker = Broker::start_with(broker);
     let metrics = free_port();
     // Digest of the target: row count and the amounts' sum as text, as mdigest gives it.
     let (sink, label, _mariadb, _cluster, mut target_digest) = match target {
@@ -1167,31 +1188,87 @@ fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>
 /// Measures the broker's ceilings on `changes` messages (at most 200k) and adds their three
 /// lines of the table; returns the lower of producing and consuming alone, and the rate of
 /// both at once.
-async fn report_broker(r: &mut Results, changes: u64) -> (f64, f64) {
+async fn report_broker(
+    r: &mut Results,
+    setup: &BrokerSetup,
+    label: &str,
+    changes: u64,
+) -> (f64, f64) {
     // Envelope of a workload row: about 420 bytes. tansu's sqlite storage slows down badly
     // past a million messages in one topic (a 2M-message consume ran for over 10 minutes at
     // 100% CPU), so the broker's rate is measured on at most 200k messages.
     let broker_messages = changes.min(200_000);
-    let (produce_s, consume_s) = broker_ceiling(broker_messages, 420).await;
+    let (produce_s, consume_s) = broker_ceiling(setup, broker_messages, 420).await;
     let broker_rate = (broker_messages as f64 / produce_s).min(broker_messages as f64 / consume_s);
     r.add(
-        &format!("ceiling: broker produce ({broker_messages} × 420-byte messages)"),
+        &format!("{label}ceiling: broker produce ({broker_messages} × 420-byte messages)"),
         rate(broker_messages, produce_s),
         &format!("{produce_s:.1} s"),
     );
     r.add(
-        "ceiling: broker consume",
+        &format!("{label}ceiling: broker consume"),
         rate(broker_messages, consume_s),
         &format!("{consume_s:.1} s"),
     );
-    let streaming_s = broker_streaming(broker_messages, 420).await;
+    let streaming_s = broker_streaming(setup, broker_messages, 420).await;
     let streaming_rate = broker_messages as f64 / streaming_s;
     r.add(
-        "ceiling: broker, produce and consume at once",
+        &format!("{label}ceiling: broker, produce and consume at once"),
         rate(broker_messages, streaming_s),
         &format!("{streaming_s:.1} s"),
     );
     (broker_rate, streaming_rate)
+}
+
+/// The PostgreSQL and MariaDB pipelines again, and the broker's ceilings, on a second
+/// broker (nisshi on PostgreSQL storage: durable, and faster than tansu on sqlite), so the
+/// goals can be read where the broker binds less.
+async fn report_second_broker(
+    r: &mut Results,
+    broker: &BrokerSetup,
+    rows: u64,
+    work: &std::path::Path,
+    decode_or_apply: f64,
+    mariadb_native: f64,
+) {
+    let name = broker.version();
+    let e2e = tidelink_pg(rows, work, broker).await;
+    let e2e_rate = e2e.changes as f64 / e2e.seconds;
+    r.add(
+        &format!("PG → tidelink → PG on {name} + PostgreSQL storage"),
+        rate(e2e.changes, e2e.seconds),
+        &format!(
+            "{:.1} s, {:.1} µs CPU per change, p50/p99 {:.0}/{:.0} ms at {}/s",
+            e2e.seconds,
+            e2e.cpu * 1e6 / e2e.changes as f64,
+            e2e.p50_ms,
+            e2e.p99_ms,
+            e2e.latency_rate
+        ),
+    );
+    let (broker_rate, streaming_rate) =
+        report_broker(r, broker, &format!("  {name}: "), e2e.changes).await;
+    r.add(
+        &format!("  end to end on {name} / lowest ceiling (goal ≥ 0.8)"),
+        format!("{:.2}×", e2e_rate / broker_rate.min(decode_or_apply)),
+        "",
+    );
+    r.add(
+        &format!("  end to end on {name} / its producing and consuming at once"),
+        format!("{:.2}×", e2e_rate / streaming_rate),
+        "",
+    );
+    let (seconds, changes) = mariadb_tidelink(rows, work, MariaDbTarget::MariaDb, broker).await;
+    r.add(
+        &format!("MariaDB → tidelink → MariaDB on {name} + PostgreSQL storage"),
+        rate(changes, seconds),
+        &format!("{seconds:.1} s"),
+    );
+    r.add(
+        "  that / native MariaDB (goal ≥ 1.0)",
+        format!("{:.2}×", changes as f64 / seconds / mariadb_native),
+        "",
+    );
 }
 
 /// Measures the idle daemon's CPU and adds its line of the table.
@@ -1224,7 +1301,7 @@ async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     );
 }
 
-fn versions() -> String {
+fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
     let run = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
             .args(args)
@@ -1259,12 +1336,21 @@ fn versions() -> String {
         run(&format!("{PG_BIN}/postgres"), &["--version"]),
         run("mariadbd", &["--version"]),
         run("rustc", &["--version"]),
-        tidelink_integration_tests::broker_version(),
-        match broker_storage() {
+        broker.version(),
+        match broker.storage.as_str() {
             sqlite if sqlite.starts_with("sqlite:") => format!("`{sqlite}` (durable)"),
+            own if own == tidelink_integration_tests::OWN_POSTGRES_STORAGE => {
+                "a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters)"
+                    .to_string()
+            }
             other => format!("`{other}` (TIDELINK_BROKER_STORAGE)"),
         },
-    )
+    ) + &second.map_or_else(String::new, |b| {
+        format!(
+            "- second broker, where the table says so: {}, on a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters)\n",
+            b.version()
+        )
+    })
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -1286,6 +1372,14 @@ async fn main() {
         rows / 25
     );
     let mut r = Results { lines: Vec::new() };
+    let broker = BrokerSetup::from_env();
+    // nisshi on PostgreSQL storage, when scripts/install-nisshi.sh could build it.
+    let nisshi = std::env::var_os("TIDELINK_NISSHI_BIN")
+        .filter(|p| !p.is_empty())
+        .map(|binary| BrokerSetup {
+            binary: binary.into(),
+            storage: tidelink_integration_tests::OWN_POSTGRES_STORAGE.into(),
+        });
 
     if arg("--only").as_deref() == Some("direct") {
         report_direct(&mut r, rows, work.path()).await;
@@ -1309,7 +1403,21 @@ async fn main() {
     }
     if arg("--only").as_deref() == Some("broker") {
         // For tuning: the broker's three ceilings alone, on the workload's changes.
-        report_broker(&mut r, rows * 2 + rows / 25).await;
+        report_broker(&mut r, &broker, "", rows * 2 + rows / 25).await;
+        return;
+    }
+    if arg("--only").as_deref() == Some("second-broker") {
+        // For tuning: the runs on nisshi, with the ceilings they are read against.
+        let nisshi = nisshi
+            .as_ref()
+            .expect("set TIDELINK_NISSHI_BIN (scripts/install-nisshi.sh prints it)");
+        let (decode_s, decode_changes) = decode_ceiling(rows).await;
+        let (apply_s, apply_changes) = apply_ceiling(rows).await;
+        let decode_or_apply =
+            (decode_changes as f64 / decode_s).min(apply_changes as f64 / apply_s);
+        let (native_s, native_changes) = native_mariadb(rows).await;
+        let native = native_changes as f64 / native_s;
+        report_second_broker(&mut r, nisshi, rows, work.path(), decode_or_apply, native).await;
         return;
     }
     if arg("--only").as_deref() == Some("apply") {
@@ -1323,12 +1431,12 @@ async fn main() {
         return;
     }
     if arg("--only").as_deref() == Some("mariadb") {
-        report_mariadb(&mut r, rows, work.path(), None).await;
+        report_mariadb(&mut r, rows, work.path(), &broker, None).await;
         return;
     }
     if arg("--only").as_deref() == Some("e2e") {
         // For tuning: the end-to-end run alone.
-        let e2e = tidelink_pg(rows, work.path(), &broker_storage()).await;
+        let e2e = tidelink_pg(rows, work.path(), &broker).await;
         r.add(
             "PG → tidelink → PG, first commit until equal",
             rate(e2e.changes, e2e.seconds),
@@ -1349,7 +1457,7 @@ async fn main() {
         let _ = std::fs::copy(work.path().join("tidelink.log"), keep);
         return;
     }
-    let e2e = tidelink_pg(rows, work.path(), &broker_storage()).await;
+    let e2e = tidelink_pg(rows, work.path(), &broker).await;
     let tidelink_rate = e2e.changes as f64 / e2e.seconds;
     r.add(
         "PG → tidelink → PG, first commit until equal",
@@ -1374,7 +1482,7 @@ async fn main() {
         rate(decode_changes, decode_s),
         &format!("{decode_s:.1} s"),
     );
-    let (broker_rate, streaming_rate) = report_broker(&mut r, e2e.changes).await;
+    let (broker_rate, streaming_rate) = report_broker(&mut r, &broker, "", e2e.changes).await;
     let (apply_s, apply_changes) = apply_ceiling(rows).await;
     let apply_rate = apply_changes as f64 / apply_s;
     r.add(
@@ -1396,7 +1504,7 @@ async fn main() {
     // The same run on tansu's in-memory storage, which is not durable (so not a setting to
     // run with) but fast enough to take the broker off the bound: what is left is
     // tidelink, the databases and the machine they share.
-    let unbound = tidelink_pg(rows, work.path(), UNBOUND_BROKER).await;
+    let unbound = tidelink_pg(rows, work.path(), &broker.on(UNBOUND_BROKER)).await;
     r.add(
         "PG → tidelink → PG on tansu memory:// (not durable)",
         rate(unbound.changes, unbound.seconds),
@@ -1448,7 +1556,21 @@ async fn main() {
     );
     report_idle(&mut r, work.path()).await;
     report_direct(&mut r, rows, work.path()).await;
-    report_mariadb(&mut r, rows, work.path(), Some(streaming_rate)).await;
+    let mariadb_native =
+        report_mariadb(&mut r, rows, work.path(), &broker, Some(streaming_rate)).await;
+    if let Some(nisshi) = &nisshi {
+        report_second_broker(
+            &mut r,
+            nisshi,
+            rows,
+            work.path(),
+            decode_rate.min(apply_rate),
+            mariadb_native,
+        )
+        .await;
+    } else {
+        println!("  (no runs on nisshi: TIDELINK_NISSHI_BIN is not set; scripts/install-nisshi.sh says why)");
+    }
 
     if let Some(out) = out {
         // What people wrote below the marker in an earlier report (runs, analyses) stays.
@@ -1456,7 +1578,7 @@ async fn main() {
             .ok()
             .and_then(|old| old.find(KEPT_MARKER).map(|at| old[at..].to_string()));
         let mut md = String::new();
-        let _ = writeln!(md, "# Benchmarks\n\nWritten by `make bench` (`bench --rows {rows}`); every number below was measured in the same run, on throwaway local servers. Workload: {rows} inserts in 1,000-row transactions, then {rows} updates and {} deletes in 1,000-row transactions.\n\n## Setup\n\n{}\n## Results\n\n| measurement | value | |\n|---|---:|---|", rows / 25, versions());
+        let _ = writeln!(md, "# Benchmarks\n\nWritten by `make bench` (`bench --rows {rows}`); every number below was measured in the same run, on throwaway local servers. Workload: {rows} inserts in 1,000-row transactions, then {rows} updates and {} deletes in 1,000-row transactions.\n\n## Setup\n\n{}\n## Results\n\n| measurement | value | |\n|---|---:|---|", rows / 25, versions(&broker, nisshi.as_ref()));
         for (what, value, note) in &r.lines {
             let _ = writeln!(
                 md,
@@ -1473,7 +1595,7 @@ async fn main() {
                 name.to_string_lossy()
             );
         }
-        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (tansu serves both from one process, so this is lower than either alone), and the end-to-end rate is shown against that too. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply.");
+        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (tansu serves both from one process, so this is lower than either alone), and the end-to-end rate is shown against that too. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply.");
         let _ = writeln!(
             md,
             "\n{}",
