@@ -164,6 +164,12 @@ async fn a_50k_change_workload_ends_with_target_equal_to_source() {
         "applied rows metric matches the audit"
     );
     assert!(metric_sum(&metrics, "tidelink_source_events_total") >= 53_000.0);
+    // The one worker holds every partition of the workload's topics (4 each).
+    assert_eq!(
+        metric_sum(&metrics, "tidelink_sink_assigned_partitions") as usize,
+        4 * WORKLOAD_TOPICS.len(),
+        "assigned partitions"
+    );
 
     // `tidelink status` agrees: nothing left to apply, no dead letters, the slot streaming.
     let out = std::process::Command::new(tidelink_integration_tests::tidelink_binary())

@@ -35,6 +35,9 @@ pub mod names {
     pub const SINK_LAG: &str = "tidelink_sink_lag_seconds";
     /// Messages not yet applied, per partition (high watermark minus next offset).
     pub const SINK_CONSUMER_LAG: &str = "tidelink_sink_consumer_lag_messages";
+    /// Partitions the consumer group has assigned to this process's worker of a sink (0
+    /// while it waits for the group, or when other workers hold every partition).
+    pub const SINK_ASSIGNED_PARTITIONS: &str = "tidelink_sink_assigned_partitions";
     /// Rows copied by backfills and snapshots, by pipeline and table.
     pub const BACKFILL_ROWS: &str = "tidelink_backfill_rows_total";
     /// Chunks copied by backfills and snapshots.
@@ -117,6 +120,8 @@ pub struct Metrics {
     pub sink_lag: GaugeVec,
     /// See [`names::SINK_CONSUMER_LAG`].
     pub sink_consumer_lag: IntGaugeVec,
+    /// See [`names::SINK_ASSIGNED_PARTITIONS`].
+    pub sink_assigned_partitions: IntGaugeVec,
     /// See [`names::SINK_DEAD_LETTER`].
     pub sink_dead_letter: IntCounterVec,
     /// See [`names::SINK_REPLAYS_SKIPPED`].
@@ -187,6 +192,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(int_gauge.clone()))
+            .expect("unique metric");
+        let assigned = IntGaugeVec::new(
+            Opts::new(
+                SINK_ASSIGNED_PARTITIONS,
+                "Partitions assigned to this process's worker of the sink",
+            ),
+            &["pipeline", "sink"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(assigned.clone()))
             .expect("unique metric");
         let up = IntGaugeVec::new(
             Opts::new(
@@ -271,6 +287,7 @@ impl Metrics {
                 &["pipeline", "sink"],
             ),
             sink_consumer_lag: int_gauge,
+            sink_assigned_partitions: assigned,
             sink_dead_letter: counter(
                 &registry,
                 SINK_DEAD_LETTER,

@@ -192,6 +192,8 @@ pub async fn run_worker<S: Sink + 'static>(
         true,
     );
     let result = worker.run(&mut events).await;
+    worker.assigned.clear();
+    worker.count_assigned();
     worker.ctx.metrics.set_ready(
         &worker.ctx.pipeline,
         &format!("sink/{}", worker.ctx.sink.name),
@@ -251,6 +253,14 @@ impl<S: Sink> Worker<S> {
         Ok(())
     }
 
+    fn count_assigned(&self) {
+        self.ctx
+            .metrics
+            .sink_assigned_partitions
+            .with_label_values(&self.labels())
+            .set(self.assigned.len() as i64);
+    }
+
     fn handle(&mut self, event: ConsumerEvent) {
         match event {
             ConsumerEvent::Assigned(partitions) => {
@@ -259,6 +269,7 @@ impl<S: Sink> Worker<S> {
                     self.applied_through.remove(&p);
                     self.assigned.insert(p, stored);
                 }
+                self.count_assigned();
             }
             ConsumerEvent::Revoked(partitions) => {
                 for p in partitions {
@@ -266,6 +277,7 @@ impl<S: Sink> Worker<S> {
                     self.applied_through.remove(&p);
                     self.assigned.remove(&p);
                 }
+                self.count_assigned();
             }
             ConsumerEvent::Messages(messages) => {
                 // Runs of messages mostly come from one partition: look it up once per run.
