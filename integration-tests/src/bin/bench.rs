@@ -257,6 +257,26 @@ async fn wait_ready(port: u16) {
     panic!("tidelink did not become ready");
 }
 
+/// Waits until the daemon's sink worker has partitions: a new consumer group's first join
+/// can take seconds (3 s on nisshi and Kafka), which native replication, set up before its
+/// workload starts, does not pay either.
+async fn wait_assigned(port: u16) {
+    for _ in 0..600 {
+        let assigned: f64 = http_get(port, "/metrics")
+            .await
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("tidelink_sink_assigned_partitions"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if assigned > 0.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the sink worker got no partitions within a minute");
+}
+
 struct EndToEnd {
     seconds: f64,
     changes: u64,
@@ -313,6 +333,7 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, broker: &BrokerSetup) ->
     if let Some((_, port)) = &sink_daemon {
         wait_ready(*port).await;
     }
+    wait_assigned(sink_daemon.as_ref().map_or(metrics, |(_, port)| *port)).await;
     let pids: Vec<u32> = std::iter::once(daemon.pid())
         .chain(sink_daemon.as_ref().map(|(d, _)| d.pid()))
         .collect();
@@ -418,6 +439,7 @@ impl FreshPipeline {
             &dir.join("tidelink.log"),
         );
         wait_ready(metrics).await;
+        wait_assigned(metrics).await;
         Self {
             daemon,
             _broker: broker,
@@ -1045,6 +1067,7 @@ async fn mariadb_tidelink(
         &work.join(format!("{label}.log")),
     );
     wait_ready(metrics).await;
+    wait_assigned(metrics).await;
     let timeline = sample_timeline(metrics, label);
     let started = Instant::now();
     let changes = mariadb_workload(&mut a, rows).await;
