@@ -257,19 +257,21 @@ async fn wait_ready(port: u16) {
     panic!("tidelink did not become ready");
 }
 
+/// The sum of a metric's series (those whose name starts with `name`) in a `/metrics` text.
+fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Waits until the daemon's sink worker has partitions: a new consumer group's first join
 /// can take seconds (3 s on nisshi and Kafka), which native replication, set up before its
 /// workload starts, does not pay either.
 async fn wait_assigned(port: u16) {
     for _ in 0..600 {
-        let assigned: f64 = http_get(port, "/metrics")
-            .await
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("tidelink_sink_assigned_partitions"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        if assigned > 0.0 {
+        let metrics = http_get(port, "/metrics").await.unwrap_or_default();
+        if metric_total(&metrics, "tidelink_sink_assigned_partitions") > 0.0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1188,12 +1190,7 @@ fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>
             let Some(text) = http_get(port, "/metrics").await else {
                 continue;
             };
-            let total = |name: &str| -> f64 {
-                text.lines()
-                    .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
-            };
+            let total = |name: &str| metric_total(&text, name);
             let _ = writeln!(
                 file,
                 "{label} {:.0} {} {} {} {} {:.2}",
