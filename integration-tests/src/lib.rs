@@ -263,6 +263,9 @@ pub struct BrokerSetup {
     pub binary: PathBuf,
     /// Its `--storage-engine` URL, or [`OWN_POSTGRES_STORAGE`].
     pub storage: String,
+    /// librdkafka properties the clients of this broker set (in the benchmark: its
+    /// pipelines and ceilings), as an operator would for that broker.
+    pub client_properties: Vec<(String, String)>,
 }
 
 impl BrokerSetup {
@@ -271,6 +274,7 @@ impl BrokerSetup {
         Self {
             binary: tansu_binary().clone(),
             storage: broker_storage(),
+            client_properties: Vec::new(),
         }
     }
 
@@ -279,6 +283,7 @@ impl BrokerSetup {
         Self {
             binary: self.binary.clone(),
             storage: storage.to_string(),
+            client_properties: self.client_properties.clone(),
         }
     }
 

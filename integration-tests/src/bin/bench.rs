@@ -2,11 +2,11 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb|broker]` (N inserts,
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb|broker|apply|second-broker]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once). For tuning,
 //! environment variables change the pipelines (BENCH_KAFKA_PROPERTIES, BENCH_BATCH_WAIT_MS,
-//! BENCH_SPLIT_ROLES, and TIDELINK_BROKER_STORAGE for the broker) or
-//! record what they do (BENCH_TIMELINE).
+//! BENCH_SPLIT_ROLES, and TIDELINK_BROKER_STORAGE and TIDELINK_BROKER_BIN for the broker),
+//! add the runs on nisshi (TIDELINK_NISSHI_BIN) or record what they do (BENCH_TIMELINE).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -189,9 +189,16 @@ async fn two_clusters() -> (PgCluster, PgCluster, Client, Client) {
     (source, target, s, t)
 }
 
-/// For tuning: BENCH_KAFKA_PROPERTIES="linger.ms=50,batch.size=1000000" passes librdkafka
-/// properties to the benchmark's pipelines and to the broker ceilings' clients.
-fn tuning_properties() -> Vec<(String, String)> {
+/// The librdkafka properties of the benchmark's pipelines and broker ceilings' clients:
+/// the broker's own (`client_properties`), then, for tuning,
+/// BENCH_KAFKA_PROPERTIES="linger.ms=50,batch.size=1000000".
+fn tuning_properties(broker: &BrokerSetup) -> Vec<(String, String)> {
+    let mut properties = broker.client_properties.clone();
+    properties.extend(tuning_env_properties());
+    properties
+}
+
+fn tuning_env_properties() -> Vec<(String, String)> {
     match std::env::var("BENCH_KAFKA_PROPERTIES") {
         Ok(list) if !list.is_empty() => list
             .split(',')
@@ -207,8 +214,8 @@ fn tuning_properties() -> Vec<(String, String)> {
 }
 
 /// [`tuning_properties`] as the `properties` block of a pipeline's `kafka`.
-fn tuning_kafka_properties() -> String {
-    let properties = tuning_properties();
+fn tuning_kafka_properties(broker: &BrokerSetup) -> String {
+    let properties = tuning_properties(broker);
     if properties.is_empty() {
         return String::new();
     }
@@ -231,10 +238,11 @@ fn write_config(
     dir: &std::path::Path,
     metrics: u16,
     source: &str,
+    broker: &BrokerSetup,
     brokers: &str,
     target: &str,
 ) -> PathBuf {
-    let properties = tuning_kafka_properties();
+    let properties = tuning_kafka_properties(broker);
     let batch_wait = tuning_batch_wait();
     let yaml = format!(
         "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: bench\n    snapshot: never\n    source:\n      postgres:\n        dsn: {source}\n        tables: [public.*]\n    kafka:\n      brokers: {brokers}\n      topic_prefix: bench\n      partitions: 4\n{properties}    sinks:\n      - name: target\n        batch_size: 5000\n{batch_wait}        postgres:\n          dsn: {target}\n"
@@ -298,12 +306,14 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, broker: &BrokerSetup) ->
     t.batch_execute(&format!("{latency_table}; ALTER TABLE latency ADD COLUMN applied timestamptz DEFAULT clock_timestamp()"))
         .await
         .expect("latency target");
-    let broker = Broker::start_with(broker);
+    let setup = broker;
+    let broker = Broker::start_with(setup);
     let metrics = free_port();
     let config = write_config(
         work,
         metrics,
         &source.dsn("app"),
+        setup,
         &broker.bootstrap(),
         &target.dsn("replica"),
     );
@@ -426,13 +436,15 @@ struct FreshPipeline {
 impl FreshPipeline {
     async fn start(dir: &std::path::Path) -> Self {
         let (source, target, s, t) = two_clusters().await;
-        let broker = Broker::start();
+        let setup = BrokerSetup::from_env();
+        let broker = Broker::start_with(&setup);
         let metrics = free_port();
         std::fs::create_dir_all(dir).expect("dir");
         let config = write_config(
             dir,
             metrics,
             &source.dsn("app"),
+            &setup,
             &broker.bootstrap(),
             &target.dsn("replica"),
         );
@@ -578,7 +590,7 @@ async fn decode_ceiling(rows: u64) -> (f64, u64) {
 async fn broker_ceiling(setup: &BrokerSetup, count: u64, size: usize) -> (f64, f64) {
     use rdkafka::consumer::Consumer;
     let broker = Broker::start_with(setup);
-    let kafka = ceiling_kafka(&broker, "ceiling").await;
+    let kafka = ceiling_kafka(setup, &broker, "ceiling").await;
     let started = Instant::now();
     produce_messages(&kafka, "ceiling.t", count, size).await;
     let produce = started.elapsed().as_secs_f64();
@@ -607,7 +619,7 @@ async fn broker_ceiling(setup: &BrokerSetup, count: u64, size: usize) -> (f64, f
 async fn broker_streaming(setup: &BrokerSetup, count: u64, size: usize) -> f64 {
     use rdkafka::consumer::Consumer;
     let broker = Broker::start_with(setup);
-    let kafka = ceiling_kafka(&broker, "streaming").await;
+    let kafka = ceiling_kafka(setup, &broker, "streaming").await;
     let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
     let (start_tx, start_rx) = std::sync::mpsc::channel::<Instant>();
     let reader_kafka = kafka.clone();
@@ -633,14 +645,18 @@ async fn broker_streaming(setup: &BrokerSetup, count: u64, size: usize) -> f64 {
         .expect("join")
 }
 
-async fn ceiling_kafka(broker: &Broker, prefix: &str) -> tidelink_config::KafkaConfig {
+async fn ceiling_kafka(
+    setup: &BrokerSetup,
+    broker: &Broker,
+    prefix: &str,
+) -> tidelink_config::KafkaConfig {
     let mut kafka: tidelink_config::KafkaConfig = serde_yaml_ng::from_str(&format!(
         "brokers: {}\ntopic_prefix: {prefix}\n",
         broker.bootstrap()
     ))
     .expect("kafka config");
     // The same client settings as the pipelines'.
-    kafka.properties.extend(tuning_properties());
+    kafka.properties.extend(tuning_properties(setup));
     tidelink_kafka::admin::ensure_topics(&kafka, &[format!("{prefix}.t")])
         .await
         .expect("topic");
@@ -807,11 +823,13 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
     assert!(status.success(), "COPY pipe failed");
     let copy = started.elapsed().as_secs_f64();
     t.batch_execute("TRUNCATE bench").await.expect("truncate");
-    let broker = Broker::start();
+    let setup = BrokerSetup::from_env();
+    let broker = Broker::start_with(&setup);
     let config = write_config(
         work,
         free_port(),
         &source.dsn("app"),
+        &setup,
         &broker.bootstrap(),
         &target.dsn("replica"),
     );
@@ -1019,7 +1037,8 @@ async fn mariadb_tidelink(
     source.execute("mysql", "CREATE DATABASE shop").await;
     source.execute("shop", MARIADB_TABLE).await;
     let mut a = source.conn("shop").await;
-    let broker = Broker::start_with(broker);
+    let setup = broker;
+    let broker = Broker::start_with(setup);
     let metrics = free_port();
     // Digest of the target: row count and the amounts' sum as text, as mdigest gives it.
     let (sink, label, _mariadb, _cluster, mut target_digest) = match target {
@@ -1060,7 +1079,7 @@ async fn mariadb_tidelink(
     };
     let yaml = format!(
         "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: mbench\n    snapshot: never\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.*]\n    kafka:\n      brokers: {}\n      topic_prefix: mbench\n      partitions: 4\n{}    sinks:\n      - name: target\n        batch_size: 5000\n{}{sink}",
-        source.dsn("shop"), broker.bootstrap(), tuning_kafka_properties(), tuning_batch_wait()
+        source.dsn("shop"), broker.bootstrap(), tuning_kafka_properties(setup), tuning_batch_wait()
     );
     let config = work.join(format!("{label}.yaml"));
     std::fs::write(&config, yaml).expect("config");
@@ -1367,8 +1386,13 @@ fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
         },
     ) + &second.map_or_else(String::new, |b| {
         format!(
-            "- second broker, where the table says so: {}, on a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters)\n",
-            b.version()
+            "- second broker, where the table says so: {}, on a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters); its clients set {}\n",
+            b.version(),
+            b.client_properties
+                .iter()
+                .map(|(k, v)| format!("`{k}={v}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })
 }
@@ -1399,6 +1423,11 @@ async fn main() {
         .map(|binary| BrokerSetup {
             binary: binary.into(),
             storage: tidelink_integration_tests::OWN_POSTGRES_STORAGE.into(),
+            // nisshi answers a fetch as soon as it has data, like Kafka, so a longer wait
+            // costs no latency there; with tidelink's 20 ms (chosen for tansu, which holds
+            // every fetch for the whole wait) the sink's fetches starved behind the
+            // producer in about half the runs (docs/tuning.md).
+            client_properties: vec![("fetch.wait.max.ms".into(), "100".into())],
         });
 
     if arg("--only").as_deref() == Some("direct") {
