@@ -80,6 +80,7 @@ pub mod names {
         SINK_END_TO_END_LATENCY,
         SINK_LAG,
         SINK_CONSUMER_LAG,
+        SINK_ASSIGNED_PARTITIONS,
         SINK_DEAD_LETTER,
         SINK_REPLAYS_SKIPPED,
         SINK_FILTERED,

@@ -139,6 +139,10 @@ fn registered_series_match_the_name_list() {
         .with_label_values(&["p", "s", "t", "0"])
         .set(0);
     metrics
+        .sink_assigned_partitions
+        .with_label_values(&["p", "s"])
+        .set(0);
+    metrics
         .sink_dead_letter
         .with_label_values(&["p", "s"])
         .inc();
