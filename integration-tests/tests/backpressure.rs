@@ -4,7 +4,7 @@
 //! Afterwards everything arrives.
 
 use std::time::{Duration, Instant};
-use tidelink_integration_tests::{http_get, Daemon, PgPipeline};
+use tidelink_integration_tests::{http_get, metric_sum, Daemon, PgPipeline};
 
 /// Resident memory of a process, in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -18,13 +18,6 @@ fn rss_mib(pid: u32) -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,7 +78,7 @@ async fn a_down_target_pauses_fetching_and_a_down_broker_retains_wal() {
     while started.elapsed() < down || !writer.is_finished() {
         peak = peak.max(rss_mib(sink.pid()));
         if let Some(metrics) = http_get(sink_port, "/metrics").await {
-            lag = metric(&metrics, "tidelink_sink_consumer_lag_messages").max(lag);
+            lag = metric_sum(&metrics, "tidelink_sink_consumer_lag_messages").max(lag);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -137,7 +130,7 @@ async fn a_down_target_pauses_fetching_and_a_down_broker_retains_wal() {
     while retained < 10_000_000.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Some(metrics) = http_get(port, "/metrics").await {
-            retained = metric(&metrics, "tidelink_source_retained_wal_bytes");
+            retained = metric_sum(&metrics, "tidelink_source_retained_wal_bytes");
         }
     }
     assert!(

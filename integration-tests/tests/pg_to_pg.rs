@@ -2,7 +2,7 @@
 //! that the target ends equal to the source.
 
 use std::time::Duration;
-use tidelink_integration_tests::{http_get, table_rows, Daemon, PgCluster, PgPipeline};
+use tidelink_integration_tests::{http_get, metric_sum, table_rows, Daemon, PgCluster, PgPipeline};
 
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -207,17 +207,6 @@ async fn reqwest_metrics(port: u16) -> String {
     http_get(port, "/metrics")
         .await
         .expect("metrics endpoint answers")
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l.as_bytes().get(name.len()) == Some(&b'{')
-                    || l.as_bytes().get(name.len()) == Some(&b' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidelink_integration_tests::mariadb::MariaDb;
 use tidelink_integration_tests::{
-    copy_config_with_metrics_port, free_port, http_get, Broker, BrokerSetup, Daemon, PgCluster,
-    PG_BIN,
+    copy_config_with_metrics_port, free_port, http_get, metric_sum, Broker, BrokerSetup, Daemon,
+    PgCluster, PG_BIN,
 };
 use tokio_postgres::Client;
 
@@ -265,21 +265,13 @@ async fn wait_ready(port: u16) {
     panic!("tidelink did not become ready");
 }
 
-/// The sum of a metric's series (those whose name starts with `name`) in a `/metrics` text.
-fn metric_total(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Waits until the daemon's sink worker has partitions: a new consumer group's first join
 /// can take seconds (3 s on nisshi and Kafka), which native replication, set up before its
 /// workload starts, does not pay either.
 async fn wait_assigned(port: u16) {
     for _ in 0..600 {
         let metrics = http_get(port, "/metrics").await.unwrap_or_default();
-        if metric_total(&metrics, "tidelink_sink_assigned_partitions") > 0.0 {
+        if metric_sum(&metrics, "tidelink_sink_assigned_partitions") > 0.0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -298,7 +290,7 @@ struct EndToEnd {
 }
 
 /// PostgreSQL → tidelink → PostgreSQL, then commit-to-apply latency at half that rate.
-async fn tidelink_pg(rows: u64, work: &std::path::Path, broker: &BrokerSetup) -> EndToEnd {
+async fn tidelink_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> EndToEnd {
     let (source, target, s, t) = two_clusters().await;
     let latency_table =
         "CREATE TABLE latency (id bigint PRIMARY KEY, created timestamptz NOT NULL)";
@@ -306,7 +298,6 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, broker: &BrokerSetup) ->
     t.batch_execute(&format!("{latency_table}; ALTER TABLE latency ADD COLUMN applied timestamptz DEFAULT clock_timestamp()"))
         .await
         .expect("latency target");
-    let setup = broker;
     let broker = Broker::start_with(setup);
     let metrics = free_port();
     let config = write_config(
@@ -1031,13 +1022,12 @@ async fn mariadb_tidelink(
     rows: u64,
     work: &std::path::Path,
     target: MariaDbTarget,
-    broker: &BrokerSetup,
+    setup: &BrokerSetup,
 ) -> (f64, u64) {
     let source = MariaDb::start(1);
     source.execute("mysql", "CREATE DATABASE shop").await;
     source.execute("shop", MARIADB_TABLE).await;
     let mut a = source.conn("shop").await;
-    let setup = broker;
     let broker = Broker::start_with(setup);
     let metrics = free_port();
     // Digest of the target: row count and the amounts' sum as text, as mdigest gives it.
@@ -1209,7 +1199,7 @@ fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>
             let Some(text) = http_get(port, "/metrics").await else {
                 continue;
             };
-            let total = |name: &str| metric_total(&text, name);
+            let total = |name: &str| metric_sum(&text, name);
             let _ = writeln!(
                 file,
                 "{label} {:.0} {} {} {} {} {:.2}",
@@ -1340,6 +1330,18 @@ async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     );
 }
 
+/// A broker's storage as the report's setup names it.
+fn storage_description(storage: &str) -> String {
+    match storage {
+        sqlite if sqlite.starts_with("sqlite:") => format!("`{sqlite}` (durable)"),
+        own if own == tidelink_integration_tests::OWN_POSTGRES_STORAGE => {
+            "a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters)"
+                .to_string()
+        }
+        other => format!("`{other}` (TIDELINK_BROKER_STORAGE)"),
+    }
+}
+
 fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
     let run = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
@@ -1376,18 +1378,12 @@ fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
         run("mariadbd", &["--version"]),
         run("rustc", &["--version"]),
         broker.version(),
-        match broker.storage.as_str() {
-            sqlite if sqlite.starts_with("sqlite:") => format!("`{sqlite}` (durable)"),
-            own if own == tidelink_integration_tests::OWN_POSTGRES_STORAGE => {
-                "a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters)"
-                    .to_string()
-            }
-            other => format!("`{other}` (TIDELINK_BROKER_STORAGE)"),
-        },
+        storage_description(&broker.storage),
     ) + &second.map_or_else(String::new, |b| {
         format!(
-            "- second broker, where the table says so: {}, on a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters); its clients set {}\n",
+            "- second broker, where the table says so: {}, storage {}; its clients set {}\n",
             b.version(),
+            storage_description(&b.storage),
             b.client_properties
                 .iter()
                 .map(|(k, v)| format!("`{k}={v}`"))
