@@ -66,11 +66,34 @@ impl Setup {
         }
     }
 
-    /// Waits (up to a minute) until the pipeline's snapshot is complete and the sink has
+    /// Whether the source has stored (so Kafka has acknowledged) a position at the end of
+    /// the server's binlog, as `tidelink status` reports both.
+    fn published_to_the_binlog_end(&self) -> bool {
+        let config = self.work.path().join("pipeline.yaml");
+        let Ok(out) = std::process::Command::new(tidelink_integration_tests::tidelink_binary())
+            .args(["status", "-c", &config.display().to_string(), "--json"])
+            .output()
+        else {
+            return false;
+        };
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        let source = &status["pipelines"][0]["source"];
+        // Stored: `file:pos (gtid …)`; current: `file:pos`.
+        let stored = source["stored_position"]
+            .as_str()
+            .and_then(|p| p.split(' ').next());
+        stored.is_some() && stored == source["current_position"].as_str()
+    }
+
+    /// Waits (up to a minute) until the pipeline's snapshot is complete, the source has
+    /// published every change up to the end of the server's binlog, and the sink has
     /// recorded, as `recorded` reads it from the target, a next offset at the high watermark
     /// of every partition of `topic`. Equal rows are not enough before the target is changed
     /// on purpose: a snapshot row or a streamed change may still be on its way, and would
-    /// undo the change.
+    /// undo the change. (The snapshot copies the final rows, so the target can equal the
+    /// source before the streamed changes are in Kafka at all.)
     async fn wait_all_applied<F, Fut>(&self, topic: &str, mut recorded: F)
     where
         F: FnMut() -> Fut,
@@ -85,7 +108,7 @@ impl Setup {
         for _ in 0..120 {
             let run_log =
                 std::fs::read_to_string(self.work.path().join("run.log")).unwrap_or_default();
-            if run_log.contains("snapshot complete") {
+            if run_log.contains("snapshot complete") && self.published_to_the_binlog_end() {
                 let metadata = consumer
                     .fetch_metadata(Some(topic), Duration::from_secs(10))
                     .expect("topic metadata");
