@@ -80,6 +80,28 @@ pub struct OffsetAdvance {
     pub applied_through: Option<crate::SourceOrder>,
 }
 
+/// What a target's offsets table holds for one partition: where the last committed batch
+/// left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedProgress {
+    /// Next offset to consume.
+    pub next_offset: i64,
+    /// The highest source order applied from this partition (`None`: none recorded).
+    pub applied_through: Option<crate::SourceOrder>,
+}
+
+impl RecordedProgress {
+    /// Picks each of `partitions`' entries from the rows of a target's offsets table.
+    pub fn for_partitions(
+        rows: impl IntoIterator<Item = (TopicPartition, RecordedProgress)>,
+        partitions: &[TopicPartition],
+    ) -> Vec<Option<RecordedProgress>> {
+        let rows: std::collections::HashMap<TopicPartition, RecordedProgress> =
+            rows.into_iter().collect();
+        partitions.iter().map(|p| rows.get(p).copied()).collect()
+    }
+}
+
 /// A row change on its way into a target table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkChange {
@@ -139,20 +161,43 @@ pub enum SinkError {
 ///   or none of them.
 /// - Within a batch, changes of one key are applied in the order given; `apply` may coalesce
 ///   them (only the last state of a key matters).
-/// - `stored_offsets` and `applied_through` return what the last committed batch recorded.
+/// - `recorded` (and so `stored_offsets` and `applied_through`) returns what the last
+///   committed batch recorded.
 pub trait Sink: Send {
+    /// What the target recorded for each of these partitions (`None`: never consumed).
+    fn recorded(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> impl Future<Output = Result<Vec<Option<RecordedProgress>>, TidelinkError>> + Send;
+
     /// The offsets recorded for these partitions (`None`: never consumed).
     fn stored_offsets(
         &mut self,
         partitions: &[TopicPartition],
-    ) -> impl Future<Output = Result<Vec<Option<i64>>, TidelinkError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Option<i64>>, TidelinkError>> + Send {
+        async move {
+            let recorded = self.recorded(partitions).await?;
+            Ok(recorded
+                .into_iter()
+                .map(|r| r.map(|r| r.next_offset))
+                .collect())
+        }
+    }
 
     /// The highest source order each partition's applied changes reached, as recorded with
     /// the offsets (`None`: nothing recorded).
     fn applied_through(
         &mut self,
         partitions: &[TopicPartition],
-    ) -> impl Future<Output = Result<Vec<Option<crate::SourceOrder>>, TidelinkError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Option<crate::SourceOrder>>, TidelinkError>> + Send {
+        async move {
+            let recorded = self.recorded(partitions).await?;
+            Ok(recorded
+                .into_iter()
+                .map(|r| r.and_then(|r| r.applied_through))
+                .collect())
+        }
+    }
 
     /// Applies changes and offset advances in one transaction.
     fn apply(

@@ -14,8 +14,8 @@ pub mod row;
 pub mod transform;
 
 pub use contract::{
-    DirectProgress, MessageOrigin, OffsetAdvance, Sink, SinkChange, SinkError, Source,
-    SourceMessage, TopicPartition,
+    DirectProgress, MessageOrigin, OffsetAdvance, RecordedProgress, Sink, SinkChange, SinkError,
+    Source, SourceMessage, TopicPartition,
 };
 pub use error::{ErrorKind, TidelinkError};
 pub use event::{

@@ -18,8 +18,8 @@ use mysql_async::Conn;
 use std::collections::HashMap;
 use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
 use tidelink_core::{
-    ColumnDefinition, OffsetAdvance, Row, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
-    TableId, TidelinkError, TopicPartition,
+    ColumnDefinition, OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError,
+    SourceOrder, TableColumns, TableId, TidelinkError, TopicPartition,
 };
 
 /// Statements are kept below this size (the server's max_allowed_packet is 16 MiB by
@@ -536,11 +536,10 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
 }
 
 impl MysqlSink {
-    /// The offsets rows of this sink's consumer group: (topic, partition) → (next offset,
-    /// applied-through source order).
+    /// The offsets rows of this sink's consumer group.
     async fn recorded_state(
         &mut self,
-    ) -> Result<HashMap<(String, i32), (i64, Option<SourceOrder>)>, TidelinkError> {
+    ) -> Result<Vec<(TopicPartition, RecordedProgress)>, TidelinkError> {
         let table = quote_table(&self.settings.state_database, "offsets");
         let group = self.settings.group.clone();
         let conn = self.conn().await?;
@@ -559,37 +558,28 @@ impl MysqlSink {
                     .map(|t| t.parse::<SourceOrder>())
                     .transpose()
                     .map_err(|e| TidelinkError::permanent(format!("{table}: {e}")))?;
-                Ok(((t, p), (o, through)))
+                Ok((
+                    TopicPartition {
+                        topic: t,
+                        partition: p,
+                    },
+                    RecordedProgress {
+                        next_offset: o,
+                        applied_through: through,
+                    },
+                ))
             })
             .collect()
     }
 }
 
 impl Sink for MysqlSink {
-    async fn stored_offsets(
+    async fn recorded(
         &mut self,
         partitions: &[TopicPartition],
-    ) -> Result<Vec<Option<i64>>, TidelinkError> {
-        let stored = self.recorded_state().await?;
-        Ok(partitions
-            .iter()
-            .map(|p| stored.get(&(p.topic.clone(), p.partition)).map(|s| s.0))
-            .collect())
-    }
-
-    async fn applied_through(
-        &mut self,
-        partitions: &[TopicPartition],
-    ) -> Result<Vec<Option<SourceOrder>>, TidelinkError> {
-        let stored = self.recorded_state().await?;
-        Ok(partitions
-            .iter()
-            .map(|p| {
-                stored
-                    .get(&(p.topic.clone(), p.partition))
-                    .and_then(|s| s.1)
-            })
-            .collect())
+    ) -> Result<Vec<Option<RecordedProgress>>, TidelinkError> {
+        let rows = self.recorded_state().await?;
+        Ok(RecordedProgress::for_partitions(rows, partitions))
     }
 
     async fn apply(

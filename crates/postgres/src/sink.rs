@@ -24,8 +24,8 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
 use tidelink_core::{
-    OffsetAdvance, Row, Sink, SinkChange, SinkError, SourceOrder, TableId, TidelinkError,
-    TopicPartition,
+    OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError, SourceOrder, TableId,
+    TidelinkError, TopicPartition,
 };
 use tokio_postgres::{Client, Statement};
 
@@ -355,11 +355,10 @@ impl PgSink {
 }
 
 impl PgSink {
-    /// The offsets rows of this sink's consumer group: (topic, partition) → (next offset,
-    /// applied-through source order).
+    /// The offsets rows of this sink's consumer group.
     async fn recorded_state(
         &mut self,
-    ) -> Result<HashMap<(String, i32), RecordedState>, TidelinkError> {
+    ) -> Result<Vec<(TopicPartition, RecordedProgress)>, TidelinkError> {
         let schema = quote_ident(&self.settings.state_schema);
         let group = self.settings.group.clone();
         let client = self.client().await?;
@@ -379,41 +378,28 @@ impl PgSink {
                     .map(|t| t.parse::<SourceOrder>())
                     .transpose()
                     .map_err(|e| TidelinkError::permanent(format!("{schema}.offsets: {e}")))?;
-                Ok(((r.get(0), r.get(1)), (r.get(2), through)))
+                Ok((
+                    TopicPartition {
+                        topic: r.get(0),
+                        partition: r.get(1),
+                    },
+                    RecordedProgress {
+                        next_offset: r.get(2),
+                        applied_through: through,
+                    },
+                ))
             })
             .collect()
     }
 }
 
-/// What a target records for one partition: the next offset and the highest source order
-/// applied.
-type RecordedState = (i64, Option<SourceOrder>);
-
 impl Sink for PgSink {
-    async fn stored_offsets(
+    async fn recorded(
         &mut self,
         partitions: &[TopicPartition],
-    ) -> Result<Vec<Option<i64>>, TidelinkError> {
-        let stored = self.recorded_state().await?;
-        Ok(partitions
-            .iter()
-            .map(|p| stored.get(&(p.topic.clone(), p.partition)).map(|s| s.0))
-            .collect())
-    }
-
-    async fn applied_through(
-        &mut self,
-        partitions: &[TopicPartition],
-    ) -> Result<Vec<Option<SourceOrder>>, TidelinkError> {
-        let stored = self.recorded_state().await?;
-        Ok(partitions
-            .iter()
-            .map(|p| {
-                stored
-                    .get(&(p.topic.clone(), p.partition))
-                    .and_then(|s| s.1)
-            })
-            .collect())
+    ) -> Result<Vec<Option<RecordedProgress>>, TidelinkError> {
+        let rows = self.recorded_state().await?;
+        Ok(RecordedProgress::for_partitions(rows, partitions))
     }
 
     async fn apply(
