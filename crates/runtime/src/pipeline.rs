@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidelink_config::{Config, PipelineConfig, SinkConfig, SinkTarget, SnapshotMode, SourceKind};
-use tidelink_core::TidelinkError;
+use tidelink_core::{Source, TableId, TidelinkError};
 use tidelink_kafka::topics::topic_of;
 use tidelink_kafka::{admin, client_config, EventProducer};
 use tidelink_mysql::{
@@ -242,19 +242,19 @@ async fn run_mysql_source(
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
     let producer = EventProducer::new(&pipeline.kafka)?;
+    let run = SourceRun {
+        pipeline: &pipeline,
+        producer: &producer,
+        metrics: &metrics,
+        shutdown: &shutdown,
+        topics_created: &topics_created,
+    };
     metrics.set_ready(&name, "source", false);
     let mut attempt = 0;
     while !shutdown.is_triggered() {
         let result = async {
             let resume: Option<BinlogPosition> = load_position(&pipeline.kafka, &name).await?;
             let (mut source, report) = MysqlSource::start(settings.clone(), resume).await?;
-            let topics: Vec<String> = report
-                .tables
-                .iter()
-                .map(|t| topic_of(&pipeline.kafka, &t.table.schema, &t.table.name))
-                .collect();
-            admin::ensure_topics(&pipeline.kafka, &topics).await?;
-            topics_created.send_replace(true);
             // A first start stores its starting point at once, so a crash before the
             // first change does not move the start to a later position.
             if report.fresh {
@@ -268,22 +268,10 @@ async fn run_mysql_source(
                 name.clone(),
                 stop_store.clone(),
             ));
-            let snapshot = start_snapshot(&pipeline, report.fresh, &metrics, &shutdown);
-            metrics.set_ready(&name, "source", true);
-            attempt = 0;
-            let result = publish(
-                &mut source,
-                &producer,
-                &pipeline.kafka,
-                &name,
-                &metrics,
-                &shutdown,
-            )
-            .await;
-            metrics.set_ready(&name, "source", false);
-            if let Some(snapshot) = snapshot {
-                snapshot.abort();
-            }
+            let tables = report.tables.iter().map(|t| &t.table);
+            let result = run
+                .publish_from(&mut source, tables, report.fresh, &mut attempt)
+                .await;
             stop_store.trigger();
             let stored = store.await.unwrap_or_else(|e| {
                 Err(TidelinkError::permanent(format!(
@@ -314,6 +302,13 @@ async fn run_postgres_source(
 ) -> Result<(), TidelinkError> {
     let name = pipeline.name.clone();
     let producer = EventProducer::new(&pipeline.kafka)?;
+    let run = SourceRun {
+        pipeline: &pipeline,
+        producer: &producer,
+        metrics: &metrics,
+        shutdown: &shutdown,
+        topics_created: &topics_created,
+    };
     metrics.set_ready(&name, "source", false);
     // The slot's retained WAL is watched even while the source cannot stream: that is when
     // it grows.
@@ -328,29 +323,10 @@ async fn run_postgres_source(
     while !shutdown.is_triggered() {
         let result = async {
             let (mut source, report) = PgSource::start(settings.clone()).await?;
-            let topics: Vec<String> = report
-                .tables
-                .iter()
-                .map(|t| topic_of(&pipeline.kafka, &t.table.schema, &t.table.name))
-                .collect();
-            admin::ensure_topics(&pipeline.kafka, &topics).await?;
-            topics_created.send_replace(true);
-            let snapshot = start_snapshot(&pipeline, report.slot_created, &metrics, &shutdown);
-            metrics.set_ready(&name, "source", true);
-            attempt = 0;
-            let result = publish(
-                &mut source,
-                &producer,
-                &pipeline.kafka,
-                &name,
-                &metrics,
-                &shutdown,
-            )
-            .await;
-            metrics.set_ready(&name, "source", false);
-            if let Some(snapshot) = snapshot {
-                snapshot.abort();
-            }
+            let tables = report.tables.iter().map(|t| &t.table);
+            let result = run
+                .publish_from(&mut source, tables, report.slot_created, &mut attempt)
+                .await;
             source.shutdown().await;
             result
         }
@@ -365,6 +341,52 @@ async fn run_postgres_source(
     producer.flush(Duration::from_secs(10))?;
     tracing::info!(pipeline = %name, "source stopped");
     Ok(())
+}
+
+/// What each run of a pipeline's source shares.
+struct SourceRun<'a> {
+    pipeline: &'a PipelineConfig,
+    producer: &'a EventProducer,
+    metrics: &'a Metrics,
+    shutdown: &'a Shutdown,
+    topics_created: &'a watch::Sender<bool>,
+}
+
+impl SourceRun<'_> {
+    /// Once a source has started: creates its tables' topics, starts the snapshot if one is
+    /// due (`new_start`: the source starts from nothing, see [`start_snapshot`]), and
+    /// publishes until shutdown or an error, the source reported ready meanwhile.
+    async fn publish_from<'t, S: Source>(
+        &self,
+        source: &mut S,
+        tables: impl Iterator<Item = &'t TableId>,
+        new_start: bool,
+        attempt: &mut u32,
+    ) -> Result<(), TidelinkError> {
+        let (pipeline, name) = (self.pipeline, &self.pipeline.name);
+        let topics: Vec<String> = tables
+            .map(|t| topic_of(&pipeline.kafka, &t.schema, &t.name))
+            .collect();
+        admin::ensure_topics(&pipeline.kafka, &topics).await?;
+        self.topics_created.send_replace(true);
+        let snapshot = start_snapshot(pipeline, new_start, self.metrics, self.shutdown);
+        self.metrics.set_ready(name, "source", true);
+        *attempt = 0;
+        let result = publish(
+            source,
+            self.producer,
+            &pipeline.kafka,
+            name,
+            self.metrics,
+            self.shutdown,
+        )
+        .await;
+        self.metrics.set_ready(name, "source", false);
+        if let Some(snapshot) = snapshot {
+            snapshot.abort();
+        }
+        result
+    }
 }
 
 /// Starts the pipeline's snapshot (see [`SnapshotMode`]) next to the stream: a backfill of
