@@ -8,6 +8,7 @@ pub mod connection;
 pub mod direct;
 pub mod sink;
 pub mod source;
+mod text_array;
 pub mod types;
 
 pub use sink::PgSink;

@@ -19,8 +19,8 @@
 
 use crate::catalog::TypeCache;
 use crate::connection::{connect, describe, is_transient_state, quote_ident, quote_table};
-use crate::types::{json_to_text, target_kind, TargetKind};
-use std::borrow::Cow;
+use crate::text_array::TextArray;
+use crate::types::{target_kind, TargetKind};
 use std::collections::HashMap;
 use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
 use tidelink_core::{
@@ -439,12 +439,13 @@ impl Sink for PgSink {
 /// Parameters of a statement that has none.
 const NO_PARAMS: &[&str] = &[];
 
+/// One `text[]` parameter per column, each holding that column's value of every row.
 fn column_params<'r>(
     target: &TargetTable,
     table: &TableId,
     columns: &[&str],
     rows: impl Iterator<Item = &'r Row>,
-) -> Result<Vec<Vec<Option<Cow<'r, str>>>>, SinkError> {
+) -> Result<Vec<TextArray>, SinkError> {
     let mut kinds = Vec::with_capacity(columns.len());
     for c in columns {
         let column = target.columns.get(*c).ok_or_else(|| {
@@ -453,15 +454,14 @@ fn column_params<'r>(
         kinds.push(&column.kind);
     }
     let (rows_expected, _) = rows.size_hint();
-    let mut params: Vec<Vec<Option<Cow<'r, str>>>> = (0..columns.len())
-        .map(|_| Vec::with_capacity(rows_expected))
+    let mut params: Vec<TextArray> = (0..columns.len())
+        .map(|_| TextArray::with_rows(rows_expected))
         .collect();
     for row in rows {
-        for (i, c) in columns.iter().enumerate() {
-            let value = &row[*c];
-            let text = json_to_text(value, kinds[i])
-                .map_err(|e| SinkError::Rejected(format!("{table}.{c}: {e}")))?;
-            params[i].push(text);
+        for (i, value) in row.values_for(columns).enumerate() {
+            params[i]
+                .push_value(value, kinds[i])
+                .map_err(|e| SinkError::Rejected(format!("{table}.{}: {e}", columns[i])))?;
         }
     }
     Ok(params)

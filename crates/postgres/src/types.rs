@@ -158,12 +158,20 @@ pub fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
 
 /// Encodes bytes in bytea's hex input form.
 pub fn encode_bytea_hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(2 + bytes.len() * 2);
-    out.push_str("\\x");
+    let mut out = Vec::with_capacity(2 + bytes.len() * 2);
+    push_bytea_hex(&mut out, bytes);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Appends bytea's hex input form of `bytes` (`\x0aff…`) to `out`.
+pub fn push_bytea_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 + bytes.len() * 2);
+    out.extend_from_slice(b"\\x");
     for b in bytes {
-        out.push_str(&format!("{b:02x}"));
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0x0f)]);
     }
-    out
 }
 
 /// One element of a parsed array literal.
