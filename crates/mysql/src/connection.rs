@@ -150,23 +150,36 @@ pub fn quote_table(database: &str, table: &str) -> String {
 /// converts it to the column's character set on assignment and fails on characters the
 /// column cannot hold.
 pub fn string_literal(text: &str) -> String {
-    if text.is_empty() {
-        return "''".into();
-    }
     let mut out = String::with_capacity(text.len() * 2 + 12);
-    out.push_str("_utf8mb4 X'");
-    push_hex(&mut out, text.as_bytes());
-    out.push('\'');
+    push_string_literal(&mut out, text);
     out
+}
+
+/// Appends [`string_literal`]`(text)` to `out`.
+pub fn push_string_literal(out: &mut String, text: &str) {
+    if text.is_empty() {
+        out.push_str("''");
+        return;
+    }
+    out.reserve(text.len() * 2 + 12);
+    out.push_str("_utf8mb4 X'");
+    push_hex(out, text.as_bytes());
+    out.push('\'');
 }
 
 /// A binary string literal `X'…'`.
 pub fn bytes_literal(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2 + 3);
-    out.push_str("X'");
-    push_hex(&mut out, bytes);
-    out.push('\'');
+    push_bytes_literal(&mut out, bytes);
     out
+}
+
+/// Appends [`bytes_literal`]`(bytes)` to `out`.
+pub fn push_bytes_literal(out: &mut String, bytes: &[u8]) {
+    out.reserve(bytes.len() * 2 + 3);
+    out.push_str("X'");
+    push_hex(out, bytes);
+    out.push('\'');
 }
 
 fn push_hex(out: &mut String, bytes: &[u8]) {

@@ -5,7 +5,7 @@
 
 use crate::connection::{classify, connect, quote_ident, quote_table, string_literal};
 use crate::schema::load_table;
-use crate::sink::{quoted_list, statements, tuple, TargetTable};
+use crate::sink::{quoted_list, statements, TargetTable};
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use tidelink_core::{DirectProgress, Row, TableId, TidelinkError};
@@ -109,18 +109,13 @@ impl MysqlDirectLoader {
             .map(|c| c.name.to_string())
             .filter(|n| rows.first().is_none_or(|r| r.contains_key(n)))
             .collect();
-        let mut tuples = Vec::with_capacity(rows.len());
-        for row in rows {
-            tuples.push(
-                tuple(&target, table, row, &columns)
-                    .map_err(|e| TidelinkError::permanent(e.to_string()))?,
-            );
-        }
         let head = format!(
             "INSERT INTO {} ({}) VALUES ",
             target.quoted,
             quoted_list(&columns)
         );
+        let inserts = statements(&head, "", &target, table, rows.iter(), &columns)
+            .map_err(|e| TidelinkError::permanent(e.to_string()))?;
         let after = progress
             .after
             .as_ref()
@@ -141,7 +136,7 @@ impl MysqlDirectLoader {
             .await
             .map_err(fail(what.clone()))?;
         let result = async {
-            for statement in statements(&head, "", &tuples) {
+            for statement in inserts {
                 self.conn
                     .query_drop(statement)
                     .await

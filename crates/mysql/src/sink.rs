@@ -12,7 +12,7 @@ use crate::connection::{
     connect, describe, is_transient_code, quote_ident, quote_table, server_code, string_literal,
 };
 use crate::schema::{load_table, ColumnInfo};
-use crate::values::json_to_literal;
+use crate::values::push_literal;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use std::collections::HashMap;
@@ -241,17 +241,21 @@ impl MysqlSink {
             .first()
             .map(|key| key.keys().collect())
             .unwrap_or_default();
-        let deletes = deleted_keys
-            .iter()
-            .map(|key| tuple(&target, table, key, &delete_columns))
-            .collect::<Result<Vec<_>, _>>()?;
-        if !deletes.is_empty() {
+        if !deleted_keys.is_empty() {
             let head = format!(
                 "DELETE FROM {} WHERE ({}) IN (",
                 target.quoted,
                 quoted_list(&delete_columns)
             );
-            for statement in statements(&head, ")", &deletes) {
+            let deletes = statements(
+                &head,
+                ")",
+                &target,
+                table,
+                deleted_keys.iter().copied(),
+                &delete_columns,
+            )?;
+            for statement in deletes {
                 self.run(&statement, &format!("deleting from {table}"))
                     .await?;
             }
@@ -262,10 +266,6 @@ impl MysqlSink {
             rows,
         } in upserts
         {
-            let rows = rows
-                .iter()
-                .map(|(_, row)| tuple(&target, table, row, &columns))
-                .collect::<Result<Vec<_>, _>>()?;
             let key_columns: Vec<&str> = columns
                 .iter()
                 .copied()
@@ -296,7 +296,15 @@ impl MysqlSink {
                 target.quoted,
                 quoted_list(&columns)
             );
-            for statement in statements(&head, &on_duplicate, &rows) {
+            let upserts = statements(
+                &head,
+                &on_duplicate,
+                &target,
+                table,
+                rows.iter().map(|(_, row)| *row),
+                &columns,
+            )?;
+            for statement in upserts {
                 self.run(&statement, &format!("upserting into {table}"))
                     .await?;
             }
@@ -333,51 +341,97 @@ impl MysqlSink {
     }
 }
 
-/// `(v1, v2, …)` for the given columns of a row.
-pub(crate) fn tuple(
+/// `head (v1, v2, …), (…), … tail` for the given columns of each row, split into statements
+/// below the size limit: the target's columns are looked up once, and each row's values
+/// are written straight into its statement.
+pub(crate) fn statements<'r, C: AsRef<str>>(
+    head: &str,
+    tail: &str,
     target: &TargetTable,
     table: &TableId,
-    row: &Row,
-    columns: &[impl AsRef<str>],
-) -> Result<String, SinkError> {
-    let mut out = String::from("(");
-    for (i, c) in columns.iter().map(AsRef::as_ref).enumerate() {
-        let column = target.columns.get(c).ok_or_else(|| {
-            SinkError::Rejected(format!("target table {table} has no column `{c}`"))
+    rows: impl Iterator<Item = &'r Row>,
+    columns: &[C],
+) -> Result<Vec<String>, SinkError> {
+    let infos = columns
+        .iter()
+        .map(AsRef::as_ref)
+        .map(|c| {
+            target.columns.get(c).ok_or_else(|| {
+                SinkError::Rejected(format!("target table {table} has no column `{c}`"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut writer = StatementWriter::new(head, tail, MAX_STATEMENT_BYTES);
+    for row in rows {
+        writer.item(|out| {
+            out.push('(');
+            for (i, value) in row.values_for(columns).enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                push_literal(out, value, infos[i])
+                    .map_err(|e| SinkError::Rejected(format!("{table}: {e}")))?;
+            }
+            out.push(')');
+            Ok::<(), SinkError>(())
         })?;
-        let value = &row[c];
-        let literal = json_to_literal(value, column)
-            .map_err(|e| SinkError::Rejected(format!("{table}: {e}")))?;
-        if i > 0 {
-            out.push_str(", ");
-        }
-        out.push_str(&literal);
     }
-    out.push(')');
-    Ok(out)
+    Ok(writer.finish())
 }
 
-/// Splits `head item, item, … tail` into statements below the size limit.
-pub(crate) fn statements(head: &str, tail: &str, items: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for item in items {
-        if !current.is_empty() && current.len() + item.len() + tail.len() > MAX_STATEMENT_BYTES {
-            current.push_str(tail);
-            out.push(std::mem::take(&mut current));
+/// Builds `head item, item, … tail` statements, each kept below a size limit (unless one
+/// item alone exceeds it), writing every item in place.
+struct StatementWriter<'a> {
+    head: &'a str,
+    tail: &'a str,
+    limit: usize,
+    done: Vec<String>,
+    current: String,
+}
+
+impl<'a> StatementWriter<'a> {
+    fn new(head: &'a str, tail: &'a str, limit: usize) -> Self {
+        Self {
+            head,
+            tail,
+            limit,
+            done: Vec::new(),
+            current: String::new(),
         }
-        if current.is_empty() {
-            current.push_str(head);
-        } else {
-            current.push_str(", ");
+    }
+
+    /// Appends the item `write` puts at the end of the statement it is given; on an error
+    /// the statements stay as they were.
+    fn item<E>(&mut self, write: impl FnOnce(&mut String) -> Result<(), E>) -> Result<(), E> {
+        let first = self.current.is_empty();
+        let mark = self.current.len();
+        self.current.push_str(if first { self.head } else { ", " });
+        let start = self.current.len();
+        if let Err(e) = write(&mut self.current) {
+            self.current.truncate(mark);
+            return Err(e);
         }
-        current.push_str(item);
+        if !first && self.current.len() + self.tail.len() > self.limit {
+            // The statement is full: this item starts the next one (a copy once per
+            // statement, not per item).
+            let mut next = String::with_capacity(self.current.capacity());
+            next.push_str(self.head);
+            next.push_str(&self.current[start..]);
+            self.current.truncate(mark);
+            self.current.push_str(self.tail);
+            self.done.push(std::mem::replace(&mut self.current, next));
+        }
+        Ok(())
     }
-    if !current.is_empty() {
-        current.push_str(tail);
-        out.push(current);
+
+    /// The statements written.
+    fn finish(mut self) -> Vec<String> {
+        if !self.current.is_empty() {
+            self.current.push_str(self.tail);
+            self.done.push(self.current);
+        }
+        self.done
     }
-    out
 }
 
 pub(crate) fn quoted_list(items: &[impl AsRef<str>]) -> String {
@@ -671,10 +725,66 @@ mod tests {
 
     #[test]
     fn statements_split_by_size() {
-        let items = vec!["(1)".to_string(), "(2)".to_string()];
+        let write = |limit: usize, items: &[&str]| {
+            let mut writer = StatementWriter::new("INSERT x VALUES ", ";", limit);
+            for item in items {
+                writer
+                    .item(|out| {
+                        out.push_str(item);
+                        Ok::<(), ()>(())
+                    })
+                    .expect("written");
+            }
+            writer.finish()
+        };
         assert_eq!(
-            statements("INSERT x VALUES ", ";", &items),
-            vec!["INSERT x VALUES (1), (2);"]
+            write(MAX_STATEMENT_BYTES, &["(1)", "(2)"]),
+            ["INSERT x VALUES (1), (2);"]
         );
+        // 16 bytes of head, 3 per item, 2 per separator, 1 of tail.
+        assert_eq!(
+            write(25, &["(1)", "(2)", "(3)", "(4)"]),
+            ["INSERT x VALUES (1), (2);", "INSERT x VALUES (3), (4);"]
+        );
+        assert_eq!(
+            write(24, &["(1)", "(2)", "(3)"]),
+            [
+                "INSERT x VALUES (1);",
+                "INSERT x VALUES (2);",
+                "INSERT x VALUES (3);"
+            ]
+        );
+        // An item larger than the limit gets a statement of its own.
+        assert_eq!(
+            write(22, &["(1)", "(22222222)", "(3)"]),
+            [
+                "INSERT x VALUES (1);",
+                "INSERT x VALUES (22222222);",
+                "INSERT x VALUES (3);"
+            ]
+        );
+        assert!(write(25, &[]).is_empty());
+    }
+
+    #[test]
+    fn an_item_that_fails_leaves_the_statements_as_they_were() {
+        let mut writer = StatementWriter::new("DELETE FROM x WHERE id IN (", ")", 1000);
+        let push = |text: &'static str| {
+            move |out: &mut String| {
+                out.push_str(text);
+                Ok::<(), &str>(())
+            }
+        };
+        writer.item(push("1")).expect("written");
+        let refused = writer.item(|out| {
+            out.push_str("half");
+            Err("refused")
+        });
+        assert_eq!(refused, Err("refused"));
+        writer.item(push("2")).expect("written");
+        assert_eq!(writer.finish(), ["DELETE FROM x WHERE id IN (1, 2)"]);
+        let mut empty = StatementWriter::new("head ", ";", 1000);
+        assert!(empty.item(|_| Err::<(), _>("refused")).is_err());
+        assert!(empty.finish().is_empty());
     }
 }

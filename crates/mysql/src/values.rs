@@ -6,7 +6,7 @@
 //! decimals as strings, bytes as base64, dates and times as ISO text, TIMESTAMP in UTC with
 //! a `+00` suffix like PostgreSQL's `timestamptz`), so events cross engines unchanged.
 
-use crate::connection::{bytes_literal, string_literal};
+use crate::connection::{push_bytes_literal, push_string_literal};
 use crate::schema::ColumnInfo;
 use base64::Engine;
 use mysql_async::binlog::value::BinlogValue;
@@ -313,81 +313,111 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// The SQL literal for a JSON value written into a MySQL-family column. Values the column
 /// cannot represent are errors naming the column, never silently changed.
 pub fn json_to_literal(value: &Value, column: &ColumnInfo) -> Result<String, String> {
+    let mut out = String::new();
+    push_literal(&mut out, value, column)?;
+    Ok(out)
+}
+
+/// Appends the SQL literal for a JSON value written into a MySQL-family column to `out`,
+/// as [`json_to_literal`] gives it; on an error `out` is left as it was. A sink builds its
+/// statements this way, with no string per value.
+pub fn push_literal(out: &mut String, value: &Value, column: &ColumnInfo) -> Result<(), String> {
+    let start = out.len();
+    let written = write_literal(out, value, column);
+    if written.is_err() {
+        out.truncate(start);
+    }
+    written
+}
+
+fn write_literal(out: &mut String, value: &Value, column: &ColumnInfo) -> Result<(), String> {
+    use std::fmt::Write as _;
     let fail = |why: String| format!("column `{}` ({}): {why}", column.name, column.column_type);
     if value.is_null() {
-        return Ok("NULL".into());
+        out.push_str("NULL");
+        return Ok(());
     }
     let data_type = column.data_type.as_str();
     if column.integer_bits().is_some() || data_type == "year" {
-        return match value {
-            Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
-            Value::Bool(b) => Ok(if *b { "1" } else { "0" }.into()),
-            Value::String(s) if s.parse::<i64>().is_ok() || s.parse::<u64>().is_ok() => {
-                Ok(s.clone())
+        match value {
+            Value::Number(n) if n.is_i64() || n.is_u64() => {
+                write!(out, "{n}").expect("to a string")
             }
-            other => Err(fail(format!("{other} is not an integer"))),
-        };
+            Value::Bool(b) => out.push_str(if *b { "1" } else { "0" }),
+            Value::String(s) if s.parse::<i64>().is_ok() || s.parse::<u64>().is_ok() => {
+                out.push_str(s)
+            }
+            other => return Err(fail(format!("{other} is not an integer"))),
+        }
+        return Ok(());
     }
     match data_type {
         "float" | "double" | "real" => match value {
-            Value::Number(n) => Ok(n.to_string()),
-            Value::String(s) if s.parse::<f64>().is_ok_and(f64::is_finite) => Ok(s.clone()),
-            other => Err(fail(format!(
-                "{other} cannot be stored (no NaN or infinity in MySQL)"
-            ))),
+            Value::Number(n) => write!(out, "{n}").expect("to a string"),
+            Value::String(s) if s.parse::<f64>().is_ok_and(f64::is_finite) => out.push_str(s),
+            other => {
+                return Err(fail(format!(
+                    "{other} cannot be stored (no NaN or infinity in MySQL)"
+                )))
+            }
         },
         "decimal" | "numeric" => {
-            let text = match value {
-                Value::Number(n) => n.to_string(),
-                Value::String(s) => s.clone(),
+            out.push('\'');
+            let digits = out.len();
+            match value {
+                Value::Number(n) => write!(out, "{n}").expect("to a string"),
+                Value::String(s) => out.push_str(s),
                 other => return Err(fail(format!("{other} is not a number"))),
-            };
+            }
+            let text = &out[digits..];
             let valid = !text.is_empty()
                 && text
                     .chars()
                     .all(|c| c.is_ascii_digit() || "+-.eE".contains(c))
                 && text.chars().any(|c| c.is_ascii_digit());
-            if valid {
-                Ok(format!("'{text}'"))
-            } else {
-                Err(fail(format!(
+            if !valid {
+                return Err(fail(format!(
                     "`{text}` cannot be stored (no NaN or infinity in MySQL)"
-                )))
+                )));
             }
+            out.push('\'');
         }
         "bit" => match value {
             Value::String(s)
                 if !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c == '0' || c == '1') =>
             {
-                Ok(format!("b'{s}'"))
+                write!(out, "b'{s}'").expect("to a string")
             }
-            Value::Number(n) if n.is_u64() => Ok(n.to_string()),
-            Value::Bool(b) => Ok(if *b { "b'1'" } else { "b'0'" }.into()),
-            other => Err(fail(format!("{other} is not a bit string"))),
+            Value::Number(n) if n.is_u64() => write!(out, "{n}").expect("to a string"),
+            Value::Bool(b) => out.push_str(if *b { "b'1'" } else { "b'0'" }),
+            other => return Err(fail(format!("{other} is not a bit string"))),
         },
         "date" | "datetime" | "timestamp" | "time" => match value {
-            Value::String(s) => Ok(string_literal(&datetime_for_mysql(s).map_err(fail)?)),
-            other => Err(fail(format!("{other} is not a date/time string"))),
+            Value::String(s) => push_string_literal(out, &datetime_for_mysql(s).map_err(fail)?),
+            other => return Err(fail(format!("{other} is not a date/time string"))),
         },
         _ if column.is_binary() => match value {
-            Value::String(s) => base64::engine::general_purpose::STANDARD
-                .decode(s)
-                .map(|b| bytes_literal(&b))
-                .map_err(|_| {
-                    fail("value is not base64 (binary values travel base64-encoded)".into())
-                }),
-            other => Err(fail(format!("{other} is not base64 bytes"))),
+            Value::String(s) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|_| {
+                        fail("value is not base64 (binary values travel base64-encoded)".into())
+                    })?;
+                push_bytes_literal(out, &bytes);
+            }
+            other => return Err(fail(format!("{other} is not base64 bytes"))),
         },
         _ => match value {
-            Value::String(s) => Ok(string_literal(s)),
+            Value::String(s) => push_string_literal(out, s),
             Value::Bool(b) if data_type == "enum" || data_type == "set" => {
-                Err(fail(format!("{b} is not a label")))
+                return Err(fail(format!("{b} is not a label")))
             }
             // Objects and arrays (a JSON column fed by another producer) and scalars go
             // in as their JSON text.
-            other => Ok(string_literal(&other.to_string())),
+            other => push_string_literal(out, &other.to_string()),
         },
     }
+    Ok(())
 }
 
 /// Date/time text from any source in the form MySQL accepts: PostgreSQL's UTC offset
@@ -419,6 +449,7 @@ fn datetime_for_mysql(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connection::string_literal;
 
     fn column(data_type: &str, unsigned: bool) -> ColumnInfo {
         ColumnInfo {
@@ -508,6 +539,30 @@ mod tests {
             json_to_literal(&Value::from(true), &column("tinyint", false)).unwrap(),
             "1"
         );
+        assert_eq!(
+            json_to_literal(&Value::from(12.5), &column("decimal", false)).unwrap(),
+            "'12.5'"
+        );
+        assert_eq!(
+            json_to_literal(&Value::from("é"), &column("varchar", false)).unwrap(),
+            "_utf8mb4 X'C3A9'"
+        );
+    }
+
+    #[test]
+    fn a_literal_that_fails_leaves_the_statement_as_it_was() {
+        let mut statement = String::from("(1, ");
+        for (value, data_type) in [("1e400x", "decimal"), ("x", "int"), ("NaN", "double")] {
+            let refused = push_literal(
+                &mut statement,
+                &Value::from(value),
+                &column(data_type, false),
+            );
+            assert!(refused.is_err(), "{value} into {data_type}");
+            assert_eq!(statement, "(1, ");
+        }
+        push_literal(&mut statement, &Value::from(7), &column("int", false)).unwrap();
+        assert_eq!(statement, "(1, 7");
     }
 }
 
