@@ -119,30 +119,50 @@ async fn probe_row(client: &Client) -> Option<(i64, String)> {
         .map(|row| (row.get(0), row.get(1)))
 }
 
-/// Waits until the target's digest equals the source's. A digest scans the whole table
-/// (50–100 ms at a million rows): polled every 100 ms from the start it took a third of a
-/// core from the pipeline being measured. So the target is first polled, by one index
-/// lookup, until it holds the source's highest row as the source has it now; the digest
-/// is polled after that.
+/// Waits until the target's digest equals the source's (see [`poll_probe_then_digest`]).
 async fn wait_equal(source: &Client, target: &Client, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
     let expected = digest(source).await;
-    if let Some((id, amount)) = probe_row(source).await {
-        while Instant::now() < deadline {
-            let held = target
+    let probe = probe_row(source).await;
+    poll_probe_then_digest(
+        &mut (),
+        Instant::now() + timeout,
+        probe,
+        async |_, id| {
+            target
                 .query_opt("SELECT amount::text FROM bench WHERE id = $1", &[&id])
                 .await
                 .ok()
                 .flatten()
-                .map(|row| row.get::<_, String>(0));
-            if held.as_deref() == Some(amount.as_str()) {
+                .map(|row| row.get(0))
+        },
+        async |_| digest(target).await == expected,
+    )
+    .await
+}
+
+/// Polls a target every 100 ms until `deadline` for its digest to be the source's, true
+/// once it is. A digest scans the whole table (50–100 ms at a million rows): polled every
+/// 100 ms from the start it took a third of a core from the pipeline being measured. So
+/// the target is first polled by one index lookup, `amount_of`, until it holds the
+/// source's highest row `probe`, `(id, amount as text)`, as the source has it now; only
+/// then is `digest_matches` polled.
+async fn poll_probe_then_digest<T>(
+    target: &mut T,
+    deadline: Instant,
+    probe: Option<(i64, String)>,
+    mut amount_of: impl AsyncFnMut(&mut T, i64) -> Option<String>,
+    mut digest_matches: impl AsyncFnMut(&mut T) -> bool,
+) -> bool {
+    if let Some((id, amount)) = probe {
+        while Instant::now() < deadline {
+            if amount_of(target, id).await.as_deref() == Some(amount.as_str()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     while Instant::now() < deadline {
-        if digest(target).await == expected {
+        if digest_matches(target).await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1109,31 +1129,21 @@ enum TargetDigest {
 }
 
 impl TargetDigest {
-    /// Polls every 100 ms, for up to an hour, until the digest is `expected`; false if it
-    /// never was. As `wait_equal` does, it first waits (by index lookups) until the target
-    /// holds the source's highest row `probe`, `(id, amount as text)`, and only then
-    /// polls the digest, which scans the whole table.
+    /// Polls for up to an hour until the digest is `expected`, probing the source's highest
+    /// row first ([`poll_probe_then_digest`]); false if it never was.
     async fn wait_for(
         &mut self,
         expected: &Option<(i64, String)>,
         probe: Option<(i64, String)>,
     ) -> bool {
-        let mut polls = 0..36_000;
-        if let Some((id, amount)) = probe {
-            while polls.next().is_some() {
-                if self.amount_of(id).await.as_deref() == Some(amount.as_str()) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        for _ in polls {
-            if self.get().await == *expected {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
+        poll_probe_then_digest(
+            self,
+            Instant::now() + Duration::from_secs(3600),
+            probe,
+            async |target, id| target.amount_of(id).await,
+            async |target| target.get().await == *expected,
+        )
+        .await
     }
 
     /// The target's amount of row `id`, as text.
