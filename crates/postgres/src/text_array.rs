@@ -71,7 +71,15 @@ impl TextArray {
             (Value::Null, _) => self.push_null(),
             (Value::Bool(b), _) => self.push_text(if *b { "true" } else { "false" }),
             (Value::Number(n), _) => {
-                let _ = self.push_with(|out| write!(out, "{n}"));
+                // Integers as serde_json writes them, without the formatting machinery.
+                let mut digits = itoa::Buffer::new();
+                match (n.as_i64(), n.as_u64()) {
+                    (Some(i), _) => self.push_text(digits.format(i)),
+                    (_, Some(u)) => self.push_text(digits.format(u)),
+                    _ => {
+                        let _ = self.push_with(|out| write!(out, "{n}"));
+                    }
+                }
             }
             (Value::String(s), TargetKind::Bytes) => {
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -174,6 +182,7 @@ mod tests {
             ),
             (json!(12345678901234_i64), TargetKind::Other),
             (json!(u64::MAX), TargetKind::Other),
+            (json!(i64::MIN), TargetKind::Other),
             (json!("2026-12-03 10:00:00+00"), TargetKind::Other),
         ];
         for (value, kind) in cases {
