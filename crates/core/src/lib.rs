@@ -23,5 +23,5 @@ pub use event::{
     UNAVAILABLE_VALUE,
 };
 pub use position::Lsn;
-pub use row::Row;
+pub use row::{with_number_text, Row};
 pub use transform::{Filter, Mask, TableTransform, Verdict};

@@ -16,6 +16,17 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
+/// Hands `write` a number value's text, as serde_json writes it. Integers (keys and counts,
+/// most numbers in a change) are formatted without `core::fmt` and without allocating.
+pub fn with_number_text<R>(number: &serde_json::Number, write: impl FnOnce(&str) -> R) -> R {
+    let mut digits = itoa::Buffer::new();
+    match (number.as_i64(), number.as_u64()) {
+        (Some(i), _) => write(digits.format(i)),
+        (_, Some(u)) => write(digits.format(u)),
+        _ => write(&number.to_string()),
+    }
+}
+
 /// Columns and their values, in column-name order; at most one value per column.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Row {
@@ -336,6 +347,23 @@ mod tests {
             Some(&row),
             "round trip through a JSON object"
         );
+    }
+
+    #[test]
+    fn number_text_is_what_serde_json_writes() {
+        for value in [
+            json!(0),
+            json!(-1),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!(1.5),
+            json!(-2.5e300),
+        ] {
+            let Value::Number(number) = &value else {
+                unreachable!()
+            };
+            assert_eq!(with_number_text(number, str::to_string), value.to_string());
+        }
     }
 
     #[test]

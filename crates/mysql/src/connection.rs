@@ -167,14 +167,7 @@ pub fn push_string_literal(out: &mut String, text: &str) {
     out.push('\'');
 }
 
-/// A binary string literal `X'…'`.
-pub fn bytes_literal(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2 + 3);
-    push_bytes_literal(&mut out, bytes);
-    out
-}
-
-/// Appends [`bytes_literal`]`(bytes)` to `out`.
+/// Appends a binary string literal `X'…'` to `out`.
 pub fn push_bytes_literal(out: &mut String, bytes: &[u8]) {
     out.reserve(bytes.len() * 2 + 3);
     out.push_str("X'");
@@ -210,7 +203,9 @@ mod tests {
     fn literals_are_hex_encoded() {
         assert_eq!(string_literal(""), "''");
         assert_eq!(string_literal("é'"), "_utf8mb4 X'C3A927'");
-        assert_eq!(bytes_literal(&[0, 255]), "X'00FF'");
+        let mut bytes = String::from("(");
+        push_bytes_literal(&mut bytes, &[0, 255]);
+        assert_eq!(bytes, "(X'00FF'");
         assert_eq!(quote_ident("a`b"), "`a``b`");
     }
 

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 use serde_json::Value;
 use std::error::Error;
-use std::io::Write as _;
+use tidelink_core::with_number_text;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 /// The elements of one `text[]` parameter, each a length (-1 for NULL) and its bytes.
@@ -43,25 +43,18 @@ impl TextArray {
     }
 
     /// Appends an element whose text `write` puts at the end of the buffer it is given.
-    fn push_with<E>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<(), E> {
+    fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
         let start = self.elements.len();
         self.elements.put_i32(0);
-        if let Err(e) = write(&mut self.elements) {
-            self.elements.truncate(start);
-            return Err(e);
-        }
+        write(&mut self.elements);
         let length = (self.elements.len() - start - 4) as i32;
         self.elements[start..start + 4].copy_from_slice(&length.to_be_bytes());
         self.len += 1;
-        Ok(())
     }
 
     /// Appends `text`.
     pub(crate) fn push_text(&mut self, text: &str) {
-        let _ = self.push_with(|out| {
-            out.extend_from_slice(text.as_bytes());
-            Ok::<(), ()>(())
-        });
+        self.push_with(|out| out.extend_from_slice(text.as_bytes()));
     }
 
     /// Appends a value from the envelope in the text form of a column of `kind`, as
@@ -70,25 +63,12 @@ impl TextArray {
         match (value, kind) {
             (Value::Null, _) => self.push_null(),
             (Value::Bool(b), _) => self.push_text(if *b { "true" } else { "false" }),
-            (Value::Number(n), _) => {
-                // Integers as serde_json writes them, without the formatting machinery.
-                let mut digits = itoa::Buffer::new();
-                match (n.as_i64(), n.as_u64()) {
-                    (Some(i), _) => self.push_text(digits.format(i)),
-                    (_, Some(u)) => self.push_text(digits.format(u)),
-                    _ => {
-                        let _ = self.push_with(|out| write!(out, "{n}"));
-                    }
-                }
-            }
+            (Value::Number(n), _) => with_number_text(n, |text| self.push_text(text)),
             (Value::String(s), TargetKind::Bytes) => {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(s)
                     .map_err(|e| format!("bytea value is not base64: {e}"))?;
-                let _ = self.push_with(|out| {
-                    push_bytea_hex(out, &bytes);
-                    Ok::<(), ()>(())
-                });
+                self.push_with(|out| push_bytea_hex(out, &bytes));
             }
             (Value::String(s), _) => self.push_text(s),
             (other, _) => match json_to_text(other, kind)? {
