@@ -256,6 +256,21 @@ impl<'de> Deserialize<'de> for Row {
     }
 }
 
+impl Row {
+    /// Adds a column decoded from a message, as decoding a row does: the name is shared
+    /// with the names decoded at the same place in earlier rows (a column already there
+    /// takes the new value). For decoders that read rows themselves.
+    pub fn push_decoded(&mut self, name: &str, value: Value) {
+        let name = shared_name(self.cells.len(), name);
+        self.insert(name, value);
+    }
+}
+
+/// The name decoded at `place` in a row, shared with earlier rows' where it was the same.
+fn shared_name(place: usize, text: &str) -> Arc<str> {
+    RECENT_NAMES.with(|names| names.borrow_mut().name(place, text))
+}
+
 /// Remembered column names, per thread: for each place in a row, the last two names
 /// decoded there (two, so that a table's keys and its images, decoded in turn, do not
 /// push each other out). The changes of a table repeat their names in the same places,
@@ -317,7 +332,7 @@ impl Visitor<'_> for ColumnName {
     }
 
     fn visit_str<E>(self, text: &str) -> Result<Arc<str>, E> {
-        Ok(RECENT_NAMES.with(|names| names.borrow_mut().name(self.place, text)))
+        Ok(shared_name(self.place, text))
     }
 }
 

@@ -2,7 +2,10 @@
 //! `{"before": {…}|null, "after": {…}|null, "source": {…}, "op": "c|u|d|r|t", "ts_ms": …,
 //! "transaction": null}`; key: the primary-key columns as a JSON object (`{"id": 42}`).
 //! Decoding also accepts Debezium's `{"schema": …, "payload": …}` wrapping, so topics written
-//! by Debezium with schemas enabled can be replayed too.
+//! by Debezium with schemas enabled can be replayed too. Envelopes in the shape tidelink
+//! writes are read in place (`in_place`); every other message goes through serde.
+
+mod in_place;
 
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -118,7 +121,7 @@ impl SourceText {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 struct SourceIn<'a> {
     #[serde(borrow)]
     schema: Cow<'a, str>,
@@ -163,7 +166,7 @@ impl SourceIn<'_> {
 
 /// A `source` field that may hold anything: text (borrowed from the message when it has
 /// no escapes), a whole number, a boolean, or something else that is skipped.
-#[derive(Default)]
+#[derive(Debug, PartialEq, Default)]
 enum Lenient<'a> {
     #[default]
     Other,
@@ -242,7 +245,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Lenient<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct EnvelopeIn<'a> {
     // Sinks apply the key and the new image; the old image is skipped, not built.
     #[serde(default, rename = "before")]
@@ -297,12 +300,9 @@ impl ChangeDecoder {
         // Checked as UTF-8 once, in bulk, so the parser need not check each string again.
         let value =
             std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8 text: {e}"))?;
-        let envelope: EnvelopeIn = match serde_json::from_str(value) {
-            Ok(e) => e,
-            Err(direct) => match serde_json::from_str::<Wrapped<EnvelopeIn>>(value) {
-                Ok(w) => w.payload,
-                Err(_) => return Err(format!("value is not a change envelope: {direct}")),
-            },
+        let envelope = match in_place::envelope(value) {
+            Some(envelope) => envelope,
+            None => envelope_by_serde(value)?,
         };
         let key = match key {
             Some(bytes) if !bytes.is_empty() => decode_key(bytes)?,
@@ -345,9 +345,25 @@ impl ChangeDecoder {
     }
 }
 
+/// An envelope, plain or wrapped in Debezium's `{"schema": …, "payload": …}`, read through
+/// serde: every message the in-place reader leaves, and the words of every error.
+fn envelope_by_serde(value: &str) -> Result<EnvelopeIn<'_>, String> {
+    match serde_json::from_str(value) {
+        Ok(envelope) => Ok(envelope),
+        Err(direct) => match serde_json::from_str::<Wrapped<EnvelopeIn>>(value) {
+            Ok(wrapped) => Ok(wrapped.payload),
+            Err(_) => Err(format!("value is not a change envelope: {direct}")),
+        },
+    }
+}
+
 fn decode_key(bytes: &[u8]) -> Result<Row, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("key is not UTF-8 text: {e}"))?;
-    match serde_json::from_str::<Row>(text) {
+    let row = match in_place::row(text) {
+        Some(row) => Ok(row),
+        None => serde_json::from_str::<Row>(text),
+    };
+    match row {
         // Debezium with schemas enabled: {"schema": …, "payload": {key columns}}.
         Ok(mut row)
             if row.len() == 2 && row.contains_key("schema") && row.contains_key("payload") =>
