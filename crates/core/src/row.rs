@@ -113,6 +113,11 @@ impl Row {
         let column = column.into();
         match self.place(&column) {
             Ok(i) => Some(std::mem::replace(&mut self.cells[i].1, value)),
+            // Rows are mostly built in name order: at the end, a push.
+            Err(i) if i == self.cells.len() => {
+                self.cells.push((column, value));
+                None
+            }
             Err(i) => {
                 self.cells.insert(i, (column, value));
                 None
@@ -269,6 +274,19 @@ impl Row {
 /// The name decoded at `place` in a row, shared with earlier rows' where it was the same.
 fn shared_name(place: usize, text: &str) -> Arc<str> {
     RECENT_NAMES.with(|names| names.borrow_mut().name(place, text))
+}
+
+/// Finds a name among those decoded at `place` in recent rows (`find` is given them), so
+/// that a decoder reading its message in place can compare the text there with them
+/// before it reads the name afresh. A name found this way is shared as `push_decoded`
+/// would share it.
+pub fn find_recent_name(place: usize, find: impl FnMut(&str) -> bool) -> Option<Arc<str>> {
+    let mut find = find;
+    RECENT_NAMES.with(|names| {
+        let names = names.borrow();
+        let slots = names.by_place.get(place)?;
+        slots.iter().flatten().find(|name| find(name)).cloned()
+    })
 }
 
 /// Remembered column names, per thread: for each place in a row, the last two names

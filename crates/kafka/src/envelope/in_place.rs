@@ -13,6 +13,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{Number, Value};
 use std::borrow::Cow;
+use tidelink_core::row::find_recent_name;
 use tidelink_core::{Op, Row};
 
 /// The envelope of a change, or `None` to leave the message to serde.
@@ -22,28 +23,27 @@ pub(super) fn envelope(text: &str) -> Option<EnvelopeIn<'_>> {
     let mut after: Option<Option<Row>> = None;
     let mut source = None;
     let mut op = None;
-    reader.object(|reader, name| {
-        match name {
-            "before" if !before => {
-                before = true;
-                reader.skip()
-            }
-            "after" if after.is_none() => {
-                after = Some(reader.optional_row()?);
-                Some(())
-            }
-            "source" if source.is_none() => {
-                source = Some(reader.source()?);
-                Some(())
-            }
-            "op" if op.is_none() => {
-                op = Some(reader.op()?);
-                Some(())
-            }
-            // A field twice: serde's error.
-            "before" | "after" | "source" | "op" => None,
-            _ => reader.skip(),
+    reader.object(ENVELOPE_FIELDS, |reader, field| match field {
+        Some(EnvelopeField::Before) if !before => {
+            before = true;
+            reader.skip()
         }
+        Some(EnvelopeField::After) if after.is_none() => {
+            after = Some(reader.optional_row()?);
+            Some(())
+        }
+        Some(EnvelopeField::Source) if source.is_none() => {
+            source = Some(reader.source()?);
+            Some(())
+        }
+        Some(EnvelopeField::Op) if op.is_none() => {
+            op = Some(reader.op()?);
+            Some(())
+        }
+        // A field twice: serde's error.
+        Some(EnvelopeField::Before | EnvelopeField::After | EnvelopeField::Source)
+        | Some(EnvelopeField::Op) => None,
+        Some(EnvelopeField::Other) | None => reader.skip(),
     })?;
     reader.end()?;
     Some(EnvelopeIn {
@@ -61,6 +61,64 @@ pub(super) fn row(text: &str) -> Option<Row> {
     reader.end()?;
     Some(row)
 }
+
+/// The fields of an envelope the reader looks for.
+#[derive(Clone, Copy)]
+enum EnvelopeField {
+    Before,
+    After,
+    Source,
+    Op,
+    Other,
+}
+
+/// The envelope's members, in the order `EnvelopeEncoder` writes them.
+const ENVELOPE_FIELDS: &[(&str, EnvelopeField)] = &[
+    ("before", EnvelopeField::Before),
+    ("after", EnvelopeField::After),
+    ("source", EnvelopeField::Source),
+    ("op", EnvelopeField::Op),
+    ("ts_ms", EnvelopeField::Other),
+    ("transaction", EnvelopeField::Other),
+];
+
+/// The fields of a `source` block the reader looks for.
+#[derive(Clone, Copy)]
+enum SourceField {
+    Schema,
+    Table,
+    TsMs,
+    Connector,
+    Snapshot,
+    Lsn,
+    File,
+    Pos,
+    Seq,
+    BinlogServerId,
+    Other,
+}
+
+/// The `source` block's members, in the order `EnvelopeEncoder` writes them (those after
+/// `ts_ms` only where the source has them).
+const SOURCE_FIELDS: &[(&str, SourceField)] = &[
+    ("version", SourceField::Other),
+    ("connector", SourceField::Connector),
+    ("name", SourceField::Other),
+    ("snapshot", SourceField::Snapshot),
+    ("db", SourceField::Other),
+    ("schema", SourceField::Schema),
+    ("table", SourceField::Table),
+    ("ts_ms", SourceField::TsMs),
+    ("txId", SourceField::Other),
+    ("lsn", SourceField::Lsn),
+    ("file", SourceField::File),
+    ("pos", SourceField::Pos),
+    ("gtid", SourceField::Other),
+    ("server_id", SourceField::Other),
+    ("row", SourceField::Other),
+    ("seq", SourceField::Seq),
+    ("binlog_server_id", SourceField::BinlogServerId),
+];
 
 /// Which bytes end a run of plain text: the closing quote, the start of an escape, and the
 /// control characters JSON does not allow in text.
@@ -198,17 +256,56 @@ impl<'a> Reader<'a> {
         Some(value)
     }
 
-    /// An object, each member's value read by `member` given the member's name.
-    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+    /// The member name `expected` at the cursor (as `"expected"`, no whitespace before
+    /// it), taken; `None`, the cursor unmoved, for any other name.
+    fn expected_name<'n>(&mut self, expected: &'n str) -> Option<&'n str> {
+        let rest = self.text.as_bytes().get(self.at..)?;
+        let length = expected.len();
+        let matches = rest.len() > length + 1
+            && rest[0] == b'"'
+            && rest[1..=length] == *expected.as_bytes()
+            && rest[length + 1] == b'"';
+        matches.then(|| {
+            self.at += length + 2;
+            expected
+        })
+    }
+
+    /// An object, each member's value read by `member`, given the member's field when its
+    /// name is one of `fields` (`None` for any other name). `fields` are in the order
+    /// tidelink's encoder writes them: each name is first compared with the one expected
+    /// after the previous, and only read and looked up if it is another.
+    fn object<F: Copy>(
+        &mut self,
+        fields: &[(&str, F)],
+        mut member: impl FnMut(&mut Self, Option<F>) -> Option<()>,
+    ) -> Option<()> {
         self.eat(b'{')?;
         if self.peek()? == b'}' {
             self.at += 1;
             return Some(());
         }
+        let mut next = 0;
         loop {
-            let name = self.plain_text()?;
+            let guessed = fields
+                .get(next)
+                .filter(|(name, _)| self.expected_name(name).is_some());
+            let field = match guessed {
+                Some(&(_, field)) => {
+                    next += 1;
+                    Some(field)
+                }
+                None => {
+                    let name = self.plain_text()?;
+                    let found = fields.iter().position(|&(known, _)| known == name);
+                    if let Some(i) = found {
+                        next = i + 1;
+                    }
+                    found.map(|i| fields[i].1)
+                }
+            };
             self.eat(b':')?;
-            member(self, name)?;
+            member(self, field)?;
             match self.peek()? {
                 b',' => self.at += 1,
                 b'}' => {
@@ -246,15 +343,39 @@ impl<'a> Reader<'a> {
         read.or_else(|| self.by_serde())
     }
 
-    /// An object of columns.
+    /// An object of columns. Each name is first compared with the names decoded at its
+    /// place in recent rows, which the changes of a table repeat.
     fn row(&mut self) -> Option<Row> {
         let mut row = Row::with_capacity(8);
-        self.object(|reader, name| {
-            let value = reader.value()?;
-            row.push_decoded(name, value);
-            Some(())
-        })?;
-        Some(row)
+        self.eat(b'{')?;
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(row);
+        }
+        loop {
+            let recent = find_recent_name(row.len(), |name| self.expected_name(name).is_some());
+            match recent {
+                Some(name) => {
+                    self.eat(b':')?;
+                    let value = self.value()?;
+                    row.insert(name, value);
+                }
+                None => {
+                    let name = self.plain_text()?;
+                    self.eat(b':')?;
+                    let value = self.value()?;
+                    row.push_decoded(name, value);
+                }
+            }
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(row);
+                }
+                _ => return None,
+            }
+        }
     }
 
     /// An object of columns, or `null`.
@@ -313,7 +434,7 @@ impl<'a> Reader<'a> {
         let mut pos = None;
         let mut seq = None;
         let mut binlog_server_id = None;
-        self.object(|reader, name| {
+        self.object(SOURCE_FIELDS, |reader, field| {
             /// Reads a field not seen before (serde fails on a field given twice).
             fn once<T>(field: &mut Option<T>, read: Option<T>) -> Option<()> {
                 match field {
@@ -324,24 +445,24 @@ impl<'a> Reader<'a> {
                     }
                 }
             }
-            match name {
-                "schema" => once(&mut schema, reader.text()),
-                "table" => once(&mut table, reader.text()),
-                "ts_ms" => {
+            match field {
+                Some(SourceField::Schema) => once(&mut schema, reader.text()),
+                Some(SourceField::Table) => once(&mut table, reader.text()),
+                Some(SourceField::TsMs) => {
                     let read = match reader.peek()? {
                         b'n' => reader.literal("null").map(|()| None),
                         _ => reader.whole_number()?.as_i64().map(Some),
                     };
                     once(&mut ts_ms, read)
                 }
-                "connector" => once(&mut connector, reader.lenient()),
-                "snapshot" => once(&mut snapshot, reader.lenient()),
-                "lsn" => once(&mut lsn, reader.lenient()),
-                "file" => once(&mut file, reader.lenient()),
-                "pos" => once(&mut pos, reader.lenient()),
-                "seq" => once(&mut seq, reader.lenient()),
-                "binlog_server_id" => once(&mut binlog_server_id, reader.lenient()),
-                _ => reader.skip(),
+                Some(SourceField::Connector) => once(&mut connector, reader.lenient()),
+                Some(SourceField::Snapshot) => once(&mut snapshot, reader.lenient()),
+                Some(SourceField::Lsn) => once(&mut lsn, reader.lenient()),
+                Some(SourceField::File) => once(&mut file, reader.lenient()),
+                Some(SourceField::Pos) => once(&mut pos, reader.lenient()),
+                Some(SourceField::Seq) => once(&mut seq, reader.lenient()),
+                Some(SourceField::BinlogServerId) => once(&mut binlog_server_id, reader.lenient()),
+                Some(SourceField::Other) | None => reader.skip(),
             }
         })?;
         Some(SourceIn {
