@@ -368,6 +368,22 @@ async fn pg_recorded_offsets(client: &tokio_postgres::Client, topic: &str) -> i6
         .map_or(0, |r| r.get(0))
 }
 
+/// A PostgreSQL cluster whose database `replica` has the `shop.orders` table that MariaDB's
+/// `shop.orders` goes into, and a client of that database.
+async fn postgres_orders_target() -> (PgCluster, tokio_postgres::Client) {
+    let target = PgCluster::start();
+    target.create_database("replica").await;
+    let client = target.client("replica").await;
+    client
+        .batch_execute(
+            "CREATE SCHEMA shop; CREATE TABLE shop.orders (id integer PRIMARY KEY, customer varchar(40) NOT NULL, \
+             amount numeric(12,2) NOT NULL, status text NOT NULL, updated timestamp(6) NOT NULL)",
+        )
+        .await
+        .expect("target table");
+    (target, client)
+}
+
 async fn postgres_orders(client: &tokio_postgres::Client) -> Vec<String> {
     match client
         .query(
@@ -398,16 +414,7 @@ async fn mariadb_to_postgres_workload_kill9_and_alter() {
     for _ in 0..40 {
         next_id = mariadb_round(&mut conn, &mut rng, next_id, false).await;
     }
-    let target = PgCluster::start();
-    target.create_database("replica").await;
-    let client = target.client("replica").await;
-    client
-        .batch_execute(
-            "CREATE SCHEMA shop; CREATE TABLE shop.orders (id integer PRIMARY KEY, customer varchar(40) NOT NULL, \
-             amount numeric(12,2) NOT NULL, status text NOT NULL, updated timestamp(6) NOT NULL)",
-        )
-        .await
-        .expect("target table");
+    let (target, client) = postgres_orders_target().await;
     let sink = format!(
         "        postgres:\n          dsn: {}\n          record_history: true\n",
         target.dsn("replica")
@@ -987,4 +994,99 @@ async fn mariadb_to_postgres_transforms_and_cross_engine_verify() {
         "{output}"
     );
     assert!(output.contains("column email"), "{output}");
+}
+
+/// `backfill --direct` from a MariaDB source into a MariaDB target (multi-row INSERTs in
+/// chunks, each committed with its last key): every type and a table of several chunks
+/// arrive equal, and a second run finds both tables loaded and copies nothing again. The
+/// same source into a PostgreSQL target (COPY of rows read from MariaDB) ends equal too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
+    let setup = Setup::start();
+    setup.source.execute("mysql", "CREATE DATABASE shop").await;
+    setup.source.execute("shop", TYPES_TABLE).await;
+    setup.source.execute("shop", TYPES_ROWS).await;
+    setup.source.execute("shop", ORDERS_MARIADB).await;
+    let mut conn = setup.source.conn("shop").await;
+    let mut rng = Lcg(5);
+    let mut next_id = 1;
+    for _ in 0..60 {
+        next_id = mariadb_round(&mut conn, &mut rng, next_id, false).await;
+    }
+    let target = MariaDb::start(2);
+    target.execute("mysql", "CREATE DATABASE shop").await;
+    target.execute("shop", TYPES_TABLE).await;
+    target.execute("shop", ORDERS_MARIADB).await;
+    let (pg, pg_client) = postgres_orders_target().await;
+    let sink = format!(
+        "        mysql:\n          dsn: {}\n      - name: pg\n        tables: [shop.orders]\n        postgres:\n          dsn: {}\n",
+        target.dsn("mysql"),
+        pg.dsn("replica")
+    );
+    let config = setup.config(&setup.mysql_source(), &sink, "");
+    let direct = |sink: &str, log: &str| {
+        let config = config.display().to_string();
+        let mut run = Daemon::start(
+            &[
+                "backfill",
+                "-c",
+                &config,
+                "--pipeline",
+                "my",
+                "--chunk-size",
+                "500",
+                "--direct",
+                sink,
+            ],
+            &setup.work.path().join(log),
+        );
+        let status = run
+            .wait(Duration::from_secs(120))
+            .expect("the direct load finishes");
+        assert!(status.success(), "{}", run.output());
+        run.output()
+    };
+    direct("target", "direct-1.log");
+    let mut source_conn = setup.source.conn("shop").await;
+    let mut target_conn = target.conn("mysql").await;
+    let expected_types = mariadb_rows(&mut source_conn, "shop.types", "id").await;
+    let expected_orders = mariadb_rows(&mut source_conn, "shop.orders", "id").await;
+    assert!(expected_orders.len() > 2_000, "several chunks of orders");
+    assert_eq!(
+        mariadb_rows(&mut target_conn, "shop.types", "id").await,
+        expected_types
+    );
+    assert_eq!(
+        mariadb_rows(&mut target_conn, "shop.orders", "id").await,
+        expected_orders
+    );
+    let again = direct("target", "direct-2.log");
+    assert_eq!(
+        again.matches("already loaded by an earlier run").count(),
+        2,
+        "{again}"
+    );
+    assert_eq!(
+        mariadb_rows(&mut target_conn, "shop.orders", "id").await,
+        expected_orders
+    );
+    direct("pg", "direct-pg.log");
+    use mysql_async::prelude::Queryable;
+    let in_mariadb: Vec<String> = source_conn
+        .query(
+            "SELECT CONCAT_WS('|', id, customer, amount, status, DATE_FORMAT(updated, '%Y-%m-%d %H:%i:%s.%f')) FROM shop.orders ORDER BY id",
+        )
+        .await
+        .expect("source orders");
+    let in_postgres: Vec<String> = pg_client
+        .query(
+            "SELECT concat_ws('|', id, customer, amount, status, to_char(updated, 'YYYY-MM-DD HH24:MI:SS.US')) FROM shop.orders ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("target orders")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(in_postgres, in_mariadb);
 }

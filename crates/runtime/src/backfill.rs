@@ -598,10 +598,8 @@ async fn backfill_direct(
         let reader = side.open(&table, &options.key_columns).await?;
         let estimated = reader.estimated_rows();
         let upto = reader.max_key().await?;
-        // The chunk that reaches this key finishes the table: it records `done` itself, and
-        // the reader stops after it instead of reading one more (empty) range.
         let last_key = upto.clone();
-        let finishes = |after: &Option<Vec<String>>| after.is_some() && *after == last_key;
+        let finishes = |after: &Option<Vec<String>>| reaches(after.as_deref(), last_key.as_deref());
         // The sink's transforms apply to the rows copied, as to the changes it replays.
         let transform = sink.transform_for(&table);
         // PostgreSQL to PostgreSQL: COPY text passes through untouched.
@@ -628,7 +626,7 @@ async fn backfill_direct(
             loop {
                 if let (Reader::Postgres(r), true) = (&reader, copy_text) {
                     match stream_copy_chunk(r, after.as_deref(), &upto, chunk_size, &chunks).await {
-                        Some(last) if last != upto => after = Some(last),
+                        Some(last) if !reaches(Some(&last), Some(&upto)) => after = Some(last),
                         _ => return,
                     }
                     // Every chunk but the last is full.
@@ -644,7 +642,7 @@ async fn backfill_direct(
                     Err(_) => None,
                 };
                 let failed = chunk.is_err();
-                let finished = last.as_ref() == Some(&upto);
+                let finished = reaches(last.as_deref(), Some(&upto));
                 let rows = chunk.as_ref().map_or(0, Vec::len);
                 if chunks.send(chunk.map(DirectChunk::Rows)).await.is_err() || failed || finished {
                     return;
@@ -740,6 +738,13 @@ async fn backfill_direct(
         report.push((table, progress.rows));
     }
     Ok(report)
+}
+
+/// Whether a chunk whose last key is `last` reaches `upto`, the table's last key when the
+/// load began. That chunk finishes the table: it records `done` itself, and the reader stops
+/// after it instead of reading one more (empty) range.
+fn reaches(last: Option<&[String]>, upto: Option<&[String]>) -> bool {
+    last.is_some() && last == upto
 }
 
 /// A chunk's rows as the sink's transform leaves them: filtered, then shaped.
