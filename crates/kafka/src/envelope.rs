@@ -6,11 +6,13 @@
 //! writes are read in place (`in_place`); every other message goes through serde.
 
 mod in_place;
+mod json_out;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Number;
 use std::borrow::Cow;
 use std::sync::Arc;
-use tidelink_core::{ChangeEvent, Op, Row, SourceInfo, SourceOrder, TableId};
+use tidelink_core::{with_number_text, ChangeEvent, Op, Row, SourceInfo, SourceOrder, TableId};
 
 /// Encodes an event as (key, value). A truncate has no key.
 pub fn encode_change(event: &ChangeEvent, now_ms: i64) -> (Option<Vec<u8>>, Vec<u8>) {
@@ -36,19 +38,18 @@ impl EnvelopeEncoder {
         self.key.clear();
         self.value.clear();
         if !event.key.is_empty() {
-            write_json(&mut self.key, &event.key);
+            json_out::write_row(&mut self.key, &event.key);
         }
         let out = &mut self.value;
         out.extend_from_slice(b"{\"before\":");
-        write_json(out, &event.before);
+        json_out::write_optional_row(out, event.before.as_ref());
         out.extend_from_slice(b",\"after\":");
-        write_json(out, &event.after);
+        json_out::write_optional_row(out, event.after.as_ref());
         out.extend_from_slice(b",\"source\":");
         self.source_text.write(out, &event.source);
         out.extend_from_slice(b",\"op\":\"");
         out.extend_from_slice(event.op.code().as_bytes());
-        out.extend_from_slice(b"\",\"ts_ms\":");
-        write_json(out, &now_ms);
+        number_member(out, "\",\"ts_ms\":", now_ms);
         out.extend_from_slice(b",\"transaction\":null}");
         let key = (!event.key.is_empty()).then_some(self.key.as_slice());
         (key, &self.value)
@@ -59,13 +60,24 @@ fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     serde_json::to_writer(out, value).expect("rows, text and numbers always serialize");
 }
 
-/// `,"name":value`, or nothing for a field the event does not have.
-fn optional_field<T: Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, value: Option<&T>) {
+/// A whole number after `member`, the text up to the value (`,"name":`).
+fn number_member(out: &mut Vec<u8>, member: &str, value: impl Into<Number>) {
+    out.extend_from_slice(member.as_bytes());
+    with_number_text(&value.into(), |text| out.extend_from_slice(text.as_bytes()));
+}
+
+/// `,"name":number`, or nothing for a field the event does not have.
+fn optional_number(out: &mut Vec<u8>, member: &str, value: Option<impl Into<Number>>) {
     if let Some(value) = value {
-        out.push(b',');
-        write_json(out, name);
-        out.push(b':');
-        write_json(out, value);
+        number_member(out, member, value);
+    }
+}
+
+/// `,"name":"text"`, or nothing for a field the event does not have.
+fn optional_text(out: &mut Vec<u8>, member: &str, value: Option<&str>) {
+    if let Some(value) = value {
+        out.extend_from_slice(member.as_bytes());
+        json_out::write_text(out, value);
     }
 }
 
@@ -106,17 +118,16 @@ impl SourceText {
             self.made_of = Some(opening.map(|(_, text)| text.clone()));
         }
         out.extend_from_slice(&self.opening);
-        out.extend_from_slice(b",\"ts_ms\":");
-        write_json(out, &source.ts_ms);
-        optional_field(out, "txId", source.tx_id.as_ref());
-        optional_field(out, "lsn", source.lsn.as_ref());
-        optional_field(out, "file", source.file.as_deref());
-        optional_field(out, "pos", source.pos.as_ref());
-        optional_field(out, "gtid", source.gtid.as_deref());
-        optional_field(out, "server_id", source.server_id.as_ref());
-        optional_field(out, "row", source.row.as_ref());
-        optional_field(out, "seq", source.seq.as_ref());
-        optional_field(out, "binlog_server_id", source.binlog_server_id.as_ref());
+        number_member(out, ",\"ts_ms\":", source.ts_ms);
+        optional_number(out, ",\"txId\":", source.tx_id);
+        optional_number(out, ",\"lsn\":", source.lsn);
+        optional_text(out, ",\"file\":", source.file.as_deref());
+        optional_number(out, ",\"pos\":", source.pos);
+        optional_text(out, ",\"gtid\":", source.gtid.as_deref());
+        optional_number(out, ",\"server_id\":", source.server_id);
+        optional_number(out, ",\"row\":", source.row);
+        optional_number(out, ",\"seq\":", source.seq);
+        optional_number(out, ",\"binlog_server_id\":", source.binlog_server_id);
         out.push(b'}');
     }
 }

@@ -136,7 +136,7 @@ static ENDS_PLAIN_TEXT: [bool; 256] = {
 
 /// How many bytes of plain text `bytes` starts with (up to a byte of `ENDS_PLAIN_TEXT`);
 /// `None` if it has no such end. Looks at eight bytes at a time, as serde_json does.
-fn plain_text_length(bytes: &[u8]) -> Option<usize> {
+pub(super) fn plain_text_length(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGH_BITS: u64 = ONES << 7;
     /// The high bit of each byte of `word` below `below` (the lowest such byte exactly; a
