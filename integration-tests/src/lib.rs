@@ -566,16 +566,25 @@ pub async fn table_rows(
     table: &str,
     order_by: &str,
 ) -> Vec<String> {
-    client
-        .query(
-            &format!("SELECT t::text FROM {table} t ORDER BY {order_by}"),
-            &[],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("reading {table}: {e}"))
+    first_column(
+        client,
+        &format!("SELECT t::text FROM {table} t ORDER BY {order_by}"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reading {table}: {e}"))
+}
+
+/// The first column of every row `sql` returns, in order.
+pub async fn first_column<T: tokio_postgres::types::FromSqlOwned>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<Vec<T>, tokio_postgres::Error> {
+    Ok(client
+        .query(sql, &[])
+        .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect()
+        .map(|row| row.get(0))
+        .collect())
 }
 
 /// Row count and an md5 over the ordered rows; `(-1, "missing")` while the table does

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 use tidelink_integration_tests::mariadb::{mariadb_rows, MariaDb};
-use tidelink_integration_tests::{free_port, http_get, run_verify, Broker, Daemon, PgCluster};
+use tidelink_integration_tests::{
+    first_column, free_port, http_get, run_verify, Broker, Daemon, PgCluster,
+};
 
 /// The pieces of one test: a source, a target of either engine, a broker.
 struct Setup {
@@ -226,13 +228,9 @@ async fn mariadb_to_postgres_types_round_trip() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let rows: Vec<String> = client
-        .query("SELECT t::text FROM shop.types t ORDER BY id", &[])
+    let rows: Vec<String> = first_column(&client, "SELECT t::text FROM shop.types t ORDER BY id")
         .await
-        .expect("read target")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .expect("read target");
     assert_eq!(
         rows,
         vec![
@@ -385,16 +383,12 @@ async fn postgres_orders_target() -> (PgCluster, tokio_postgres::Client) {
 }
 
 async fn postgres_orders(client: &tokio_postgres::Client) -> Vec<String> {
-    match client
-        .query(
-            "SELECT concat_ws('|', id, customer, amount, status, to_char(updated, 'YYYY-MM-DD HH24:MI:SS.US'), coalesce(note, '-')) FROM shop.orders ORDER BY id",
-            &[],
-        )
-        .await
-    {
-        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
-        Err(_) => Vec::new(),
-    }
+    first_column(
+        client,
+        "SELECT concat_ws('|', id, customer, amount, status, to_char(updated, 'YYYY-MM-DD HH24:MI:SS.US'), coalesce(note, '-')) FROM shop.orders ORDER BY id",
+    )
+    .await
+    .unwrap_or_default()
 }
 
 /// MariaDB → PostgreSQL under a 50k-change workload: existing rows are snapshotted, the
@@ -726,16 +720,12 @@ async fn postgres_to_mariadb_types_and_workload() {
         .expect("workload round");
         next_id += 50;
     }
-    let expected: Vec<String> = pg
-        .query(
-            "SELECT concat_ws('|', id, customer, amount, status) FROM public.orders ORDER BY id",
-            &[],
-        )
-        .await
-        .expect("source orders")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let expected: Vec<String> = first_column(
+        &pg,
+        "SELECT concat_ws('|', id, customer, amount, status) FROM public.orders ORDER BY id",
+    )
+    .await
+    .expect("source orders");
     let mut conn = target.conn("mysql").await;
     let mut actual: Vec<String> = Vec::new();
     for _ in 0..240 {
@@ -943,16 +933,14 @@ async fn mariadb_to_postgres_transforms_and_cross_engine_verify() {
         .expect("expected rows");
     assert!(expected.len() > 200);
     let client = target.client("replica").await;
-    let mut actual = Vec::new();
+    let mut actual: Vec<String> = Vec::new();
     for _ in 0..240 {
-        actual = client
-            .query(
-                "SELECT id || '|' || email || '|' || amount FROM shop.customers ORDER BY id",
-                &[],
-            )
-            .await
-            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
-            .unwrap_or_default();
+        actual = first_column(
+            &client,
+            "SELECT id || '|' || email || '|' || amount FROM shop.customers ORDER BY id",
+        )
+        .await
+        .unwrap_or_default();
         if actual == expected {
             break;
         }
@@ -1078,15 +1066,11 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
         )
         .await
         .expect("source orders");
-    let in_postgres: Vec<String> = pg_client
-        .query(
-            "SELECT concat_ws('|', id, customer, amount, status, to_char(updated, 'YYYY-MM-DD HH24:MI:SS.US')) FROM shop.orders ORDER BY id",
-            &[],
-        )
-        .await
-        .expect("target orders")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let in_postgres: Vec<String> = first_column(
+        &pg_client,
+        "SELECT concat_ws('|', id, customer, amount, status, to_char(updated, 'YYYY-MM-DD HH24:MI:SS.US')) FROM shop.orders ORDER BY id",
+    )
+    .await
+    .expect("target orders");
     assert_eq!(in_postgres, in_mariadb);
 }

@@ -2,7 +2,9 @@
 //! that the target ends equal to the source.
 
 use std::time::Duration;
-use tidelink_integration_tests::{http_get, metric_sum, table_rows, Daemon, PgCluster, PgPipeline};
+use tidelink_integration_tests::{
+    first_column, http_get, metric_sum, table_rows, Daemon, PgCluster, PgPipeline,
+};
 
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -39,17 +41,13 @@ async fn missing_target_tables_are_created_from_the_source_definitions() {
     let p = PgPipeline::start_with(TYPES_SCHEMA, "").await;
     round_trip_all_types(&p, "          create_tables: true\n").await;
     let target = p.target.client("replica").await;
-    let key: Vec<String> = target
-        .query(
-            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
-             AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'all_types'::regclass AND i.indisprimary",
-            &[],
-        )
-        .await
-        .expect("primary key")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let key: Vec<String> = first_column(
+        &target,
+        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+         AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'all_types'::regclass AND i.indisprimary",
+    )
+    .await
+    .expect("primary key");
     assert_eq!(
         key,
         vec!["id"],
@@ -394,13 +392,9 @@ async fn unchanged_toasted_values_keep_their_value_in_the_target() {
     p.wait_in_sync(&[("docs", "id"), ("docs_full", "id")], CATCH_UP)
         .await;
     let target = p.target.client("replica").await;
-    let lengths: Vec<i32> = target
-        .query("SELECT length(body) FROM docs ORDER BY id", &[])
+    let lengths: Vec<i32> = first_column(&target, "SELECT length(body) FROM docs ORDER BY id")
         .await
-        .expect("lengths")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .expect("lengths");
     assert_eq!(lengths, vec![128_000, 128_000]);
 }
 

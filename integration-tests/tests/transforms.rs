@@ -5,7 +5,7 @@
 //! target equal, then finds a tampered value and a row the filter rejects.
 
 use std::time::Duration;
-use tidelink_integration_tests::{http_get, table_rows, wait_until, PgPipeline};
+use tidelink_integration_tests::{first_column, http_get, table_rows, wait_until, PgPipeline};
 
 const SCHEMA: &str = "
     CREATE TABLE customers (id int PRIMARY KEY, email text, password text,
@@ -77,17 +77,13 @@ async fn transforms_drop_mask_and_filter_and_verify_accounts_for_them() {
     .await;
     p.wait_in_sync(&[("notes", "id")], Duration::from_secs(60))
         .await;
-    let columns: Vec<String> = target
-        .query(
-            "SELECT column_name::text FROM information_schema.columns
-              WHERE table_name = 'customers' ORDER BY ordinal_position",
-            &[],
-        )
-        .await
-        .expect("columns")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let columns: Vec<String> = first_column(
+        &target,
+        "SELECT column_name::text FROM information_schema.columns
+          WHERE table_name = 'customers' ORDER BY ordinal_position",
+    )
+    .await
+    .expect("columns");
     assert_eq!(
         columns,
         ["id", "email", "region", "amount"],

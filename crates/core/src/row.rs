@@ -56,6 +56,14 @@ impl Row {
         self.cells.is_empty()
     }
 
+    /// Adds a column decoded from a message, as decoding a row does: the name is shared
+    /// with the names decoded at the same place in earlier rows (a column already there
+    /// takes the new value). For decoders that read rows themselves.
+    pub fn push_decoded(&mut self, name: &str, value: Value) {
+        let name = shared_name(self.cells.len(), name);
+        self.insert(name, value);
+    }
+
     /// Where `column` is, or where it would go.
     fn place(&self, column: &str) -> Result<usize, usize> {
         // Rows are mostly built in name order: appending needs one comparison.
@@ -261,16 +269,6 @@ impl<'de> Deserialize<'de> for Row {
     }
 }
 
-impl Row {
-    /// Adds a column decoded from a message, as decoding a row does: the name is shared
-    /// with the names decoded at the same place in earlier rows (a column already there
-    /// takes the new value). For decoders that read rows themselves.
-    pub fn push_decoded(&mut self, name: &str, value: Value) {
-        let name = shared_name(self.cells.len(), name);
-        self.insert(name, value);
-    }
-}
-
 /// The name decoded at `place` in a row, shared with earlier rows' where it was the same.
 fn shared_name(place: usize, text: &str) -> Arc<str> {
     RECENT_NAMES.with(|names| names.borrow_mut().name(place, text))
@@ -280,8 +278,7 @@ fn shared_name(place: usize, text: &str) -> Arc<str> {
 /// that a decoder reading its message in place can compare the text there with them
 /// before it reads the name afresh. A name found this way is shared as `push_decoded`
 /// would share it.
-pub fn find_recent_name(place: usize, find: impl FnMut(&str) -> bool) -> Option<Arc<str>> {
-    let mut find = find;
+pub fn find_recent_name(place: usize, mut find: impl FnMut(&str) -> bool) -> Option<Arc<str>> {
     RECENT_NAMES.with(|names| {
         let names = names.borrow();
         let slots = names.by_place.get(place)?;

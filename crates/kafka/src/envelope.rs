@@ -7,6 +7,7 @@
 
 mod in_place;
 mod json_out;
+mod plain_text;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Number;

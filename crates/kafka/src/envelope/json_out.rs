@@ -3,7 +3,7 @@
 //! bytes at a time), whole numbers are written with `itoa`, and only fractions and nested
 //! values (arrays, objects) are left to serde_json.
 
-use super::in_place::plain_text_length;
+use super::plain_text::plain_text_length;
 use serde_json::Value;
 use tidelink_core::Row;
 
