@@ -102,9 +102,6 @@ else
 fi
 echo "==> tidelink status"
 "$tidelink" status -c "$root/configs/mysql-to-pg.yaml" | head -8
-echo "==> a few lines of http://$METRICS_LISTEN/metrics"
-curl -s "http://$METRICS_LISTEN/metrics" | grep -E '^tidelink_(source_events_total|kafka_produced_events_total|sink_applied_rows_total|sink_lag_seconds|errors_total)' | head -14
-echo "    (the sink's counts include the snapshot that ran beside the workload: its op=\"read\" rows,"
-echo "    and the deletes it sends for rows the workload deleted while it copied them)"
+show_metrics "$METRICS_LISTEN"
 echo "==> stopping tidelink (SIGTERM)"
 kill -TERM "$daemon_pid"; wait "$daemon_pid" && echo "    exited cleanly"; daemon_pid=""

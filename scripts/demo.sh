@@ -94,9 +94,6 @@ else
   echo "==> MISMATCH after 120 s: source $s, target $t"; tail -30 "$work/tidelink.log"; exit 1
 fi
 
-echo "==> a few lines of http://$METRICS_LISTEN/metrics"
-curl -s "http://$METRICS_LISTEN/metrics" | grep -E '^tidelink_(source_events_total|kafka_produced_events_total|sink_applied_rows_total|sink_lag_seconds|errors_total)' | head -14
-echo "    (the sink's counts include the snapshot that ran beside the workload: its op=\"read\" rows,"
-echo "    and the deletes it sends for rows the workload deleted while it copied them)"
+show_metrics "$METRICS_LISTEN"
 echo "==> stopping tidelink (SIGTERM)"
 kill -TERM "$daemon_pid"; wait "$daemon_pid" && echo "    exited cleanly"; daemon_pid=""

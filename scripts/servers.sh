@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Throwaway local servers for the demo and manual runs: PostgreSQL 15 clusters and the
-# tansu broker with durable sqlite storage. Source this file, then call the functions.
+# tansu broker with durable sqlite storage; and how the demos show a daemon's metrics.
+# Source this file, then call the functions.
 # Everything lives under the directory you pass; nothing touches the machine's own services.
 
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
@@ -85,4 +86,14 @@ start_mariadb() {
 stop_mariadb() {
   local dir="$1"
   [ -f "$dir/mariadb.pid" ] && kill "$(cat "$dir/mariadb.pid")" 2>/dev/null || true
+}
+
+# show_metrics LISTEN: the demos' few lines of a daemon's /metrics, and why its sink counts
+# can exceed its source's
+show_metrics() {
+  local listen="$1"
+  echo "==> a few lines of http://$listen/metrics"
+  curl -s "http://$listen/metrics" | grep -E '^tidelink_(source_events_total|kafka_produced_events_total|sink_applied_rows_total|sink_lag_seconds|errors_total)' | head -14
+  echo "    (the sink's counts include the snapshot that ran beside the workload: its op=\"read\" rows,"
+  echo "    and the deletes it sends for rows the workload deleted while it copied them)"
 }
