@@ -6,10 +6,15 @@
 
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 
+# free_port: a port nothing listens on, below the kernel's ephemeral range: a port in that
+# range can be the local end of any outgoing connection, which the probe does not see and
+# which makes a server's bind fail.
 free_port() {
-  local port
+  local port low=32768
+  read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  [ "$low" -gt 11000 ] 2>/dev/null || low=32768
   while :; do
-    port=$(( 20000 + RANDOM % 40000 ))
+    port=$(( 10000 + RANDOM % (low - 10000) ))
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
   done
 }
