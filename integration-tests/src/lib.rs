@@ -20,10 +20,37 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for a server a test starts, below the kernel's ephemeral
+/// range: a port in that range (what binding port 0 hands out) can become the local end
+/// of any outgoing connection before the server binds it. Ports are taken in turn from a
+/// start that differs per process, so tests running side by side in one process never get
+/// the same port, and each is checked free by binding it.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: OnceLock<u32> = OnceLock::new();
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|&low| low > LOWEST + 1_000 && low <= 65_535)
+        .unwrap_or(32_768);
+    let span = ephemeral_low - LOWEST;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos());
+        std::process::id().wrapping_mul(7_919).wrapping_add(nanos)
+    });
+    for _ in 0..span {
+        let taken = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOWEST + start.wrapping_add(taken) % span;
+        let port = u16::try_from(port).expect("ports are below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOWEST} and {ephemeral_low}");
 }
 
 pub mod mariadb;
