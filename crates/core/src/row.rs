@@ -56,14 +56,6 @@ impl Row {
         self.cells.is_empty()
     }
 
-    /// Adds a column decoded from a message, as decoding a row does: the name is shared
-    /// with the names decoded at the same place in earlier rows (a column already there
-    /// takes the new value). For decoders that read rows themselves.
-    pub fn push_decoded(&mut self, name: &str, value: Value) {
-        let name = shared_name(self.cells.len(), name);
-        self.insert(name, value);
-    }
-
     /// Where `column` is, or where it would go.
     fn place(&self, column: &str) -> Result<usize, usize> {
         // Rows are mostly built in name order: appending needs one comparison.
@@ -269,42 +261,52 @@ impl<'de> Deserialize<'de> for Row {
     }
 }
 
-/// The name decoded at `place` in a row, shared with earlier rows' where it was the same.
+/// The name decoded at `place` in a row, shared with earlier rows' where it was the same
+/// (serde's path: its visitors carry no state, so the names live per thread).
 fn shared_name(place: usize, text: &str) -> Arc<str> {
     RECENT_NAMES.with(|names| names.borrow_mut().name(place, text))
 }
 
-/// Finds a name among those decoded at `place` in recent rows (`find` is given them), so
-/// that a decoder reading its message in place can compare the text there with them
-/// before it reads the name afresh. A name found this way is shared as `push_decoded`
-/// would share it.
-pub fn find_recent_name(place: usize, mut find: impl FnMut(&str) -> bool) -> Option<Arc<str>> {
-    RECENT_NAMES.with(|names| {
-        let names = names.borrow();
-        let slots = names.by_place.get(place)?;
-        slots.iter().flatten().find(|name| find(name)).cloned()
-    })
+thread_local! {
+    static RECENT_NAMES: RefCell<RecentNames> = const { RefCell::new(RecentNames::new()) };
 }
 
-/// Remembered column names, per thread: for each place in a row, the last two names
-/// decoded there (two, so that a table's keys and its images, decoded in turn, do not
-/// push each other out). The changes of a table repeat their names in the same places,
-/// so a decoded row shares them instead of allocating each.
-struct RecentNames {
+/// Column names decoded recently: for each place in a row, the last two names decoded
+/// there (two, so that a table's keys and its images, decoded in turn, do not push each
+/// other out). The changes of a table repeat their names in the same places, so a decoded
+/// row shares them instead of allocating each. A decoder that reads rows itself keeps one
+/// of these (no thread-local lookup per column); serde's path keeps one per thread.
+#[derive(Default)]
+pub struct RecentNames {
     by_place: Vec<[Option<Arc<str>>; 2]>,
 }
 
 /// Rows wider than this take their further names without looking them up.
 const REMEMBERED_PLACES: usize = 256;
 
-thread_local! {
-    static RECENT_NAMES: RefCell<RecentNames> = const {
-        RefCell::new(RecentNames { by_place: Vec::new() })
-    };
-}
-
 impl RecentNames {
-    fn name(&mut self, place: usize, text: &str) -> Arc<str> {
+    /// None remembered yet.
+    pub const fn new() -> Self {
+        Self {
+            by_place: Vec::new(),
+        }
+    }
+
+    /// The name remembered at `place` that `matches` accepts (it is given the newest
+    /// first), so that a decoder reading its message in place can compare the text there
+    /// with the names it expects before it reads the name afresh.
+    pub fn find(&self, place: usize, mut matches: impl FnMut(&str) -> bool) -> Option<Arc<str>> {
+        let [older, newer] = self.by_place.get(place)?;
+        [newer, older]
+            .into_iter()
+            .flatten()
+            .find(|name| matches(name))
+            .cloned()
+    }
+
+    /// `text` as the name at `place`: the remembered one where it is the same, otherwise
+    /// a new one that is remembered in place of the older of the two.
+    pub fn name(&mut self, place: usize, text: &str) -> Arc<str> {
         if place >= REMEMBERED_PLACES {
             return text.into();
         }
@@ -433,5 +435,23 @@ mod tests {
         let unsorted: Row = serde_json::from_str(r#"{"z":1,"a":2}"#).expect("decodes");
         assert_eq!(unsorted.keys().collect::<Vec<_>>(), ["a", "z"]);
         assert!(serde_json::from_str::<Row>("[1]").is_err());
+    }
+
+    #[test]
+    fn recent_names_keep_the_last_two_names_at_each_place() {
+        let mut names = RecentNames::new();
+        let id = names.name(0, "id");
+        let account = names.name(0, "account");
+        assert!(Arc::ptr_eq(&id, &names.name(0, "id")), "shared, not new");
+        assert!(Arc::ptr_eq(&account, &names.name(0, "account")));
+        let found = names.find(0, |name| name == "id").expect("remembered");
+        assert!(Arc::ptr_eq(&found, &id));
+        assert!(names.find(1, |_| true).is_none(), "nothing at place 1 yet");
+        names.name(0, "status");
+        assert!(
+            names.find(0, |name| name == "id").is_none(),
+            "the older of the two made room"
+        );
+        assert!(names.find(0, |name| name == "account").is_some());
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Number;
 use std::borrow::Cow;
 use std::sync::Arc;
+use tidelink_core::row::RecentNames;
 use tidelink_core::{with_number_text, ChangeEvent, Op, Row, SourceInfo, SourceOrder, TableId};
 
 /// Encodes an event as (key, value). A truncate has no key.
@@ -300,10 +301,11 @@ pub fn decode_change(key: Option<&[u8]>, value: &[u8]) -> Result<DecodedChange, 
 const REMEMBERED_TABLES: usize = 32;
 
 /// Decodes messages one after another; the changes of one table share one [`TableId`]
-/// instead of each allocating its names.
+/// and their rows share column names, instead of each allocating its names.
 #[derive(Default)]
 pub struct ChangeDecoder {
     tables: Vec<TableId>,
+    names: RecentNames,
 }
 
 impl ChangeDecoder {
@@ -312,12 +314,12 @@ impl ChangeDecoder {
         // Checked as UTF-8 once, in bulk, so the parser need not check each string again.
         let value =
             std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8 text: {e}"))?;
-        let envelope = match in_place::envelope(value) {
+        let envelope = match in_place::envelope(value, &mut self.names) {
             Some(envelope) => envelope,
             None => envelope_by_serde(value)?,
         };
         let key = match key {
-            Some(bytes) if !bytes.is_empty() => decode_key(bytes)?,
+            Some(bytes) if !bytes.is_empty() => decode_key(bytes, &mut self.names)?,
             _ => Row::new(),
         };
         if key.is_empty() && envelope.op != Op::Truncate {
@@ -369,9 +371,9 @@ fn envelope_by_serde(value: &str) -> Result<EnvelopeIn<'_>, String> {
     }
 }
 
-fn decode_key(bytes: &[u8]) -> Result<Row, String> {
+fn decode_key(bytes: &[u8], names: &mut RecentNames) -> Result<Row, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("key is not UTF-8 text: {e}"))?;
-    let row = match in_place::row(text) {
+    let row = match in_place::row(text, names) {
         Some(row) => Ok(row),
         None => serde_json::from_str::<Row>(text),
     };

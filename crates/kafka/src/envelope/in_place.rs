@@ -14,12 +14,13 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{Number, Value};
 use std::borrow::Cow;
-use tidelink_core::row::find_recent_name;
+use tidelink_core::row::RecentNames;
 use tidelink_core::{Op, Row};
 
-/// The envelope of a change, or `None` to leave the message to serde.
-pub(super) fn envelope(text: &str) -> Option<EnvelopeIn<'_>> {
-    let mut reader = Reader { text, at: 0 };
+/// The envelope of a change, or `None` to leave the message to serde. Its rows' names
+/// are shared with those in `names`.
+pub(super) fn envelope<'a>(text: &'a str, names: &mut RecentNames) -> Option<EnvelopeIn<'a>> {
+    let mut reader = Reader { text, at: 0, names };
     let mut before = false;
     let mut after: Option<Option<Row>> = None;
     let mut source = None;
@@ -55,9 +56,10 @@ pub(super) fn envelope(text: &str) -> Option<EnvelopeIn<'_>> {
     })
 }
 
-/// A message key's object of columns, or `None` to leave the key to serde.
-pub(super) fn row(text: &str) -> Option<Row> {
-    let mut reader = Reader { text, at: 0 };
+/// A message key's object of columns, or `None` to leave the key to serde. Its names are
+/// shared with those in `names`.
+pub(super) fn row(text: &str, names: &mut RecentNames) -> Option<Row> {
+    let mut reader = Reader { text, at: 0, names };
     let row = reader.row()?;
     reader.end()?;
     Some(row)
@@ -121,13 +123,14 @@ const SOURCE_FIELDS: &[(&str, SourceField)] = &[
     ("binlog_server_id", SourceField::BinlogServerId),
 ];
 
-/// A cursor over the message's text.
-struct Reader<'a> {
+/// A cursor over the message's text, and the column names its rows share.
+struct Reader<'a, 'n> {
     text: &'a str,
     at: usize,
+    names: &'n mut RecentNames,
 }
 
-impl<'a> Reader<'a> {
+impl<'a> Reader<'a, '_> {
     /// The next byte after whitespace (left in place), or `None` at the end.
     fn peek(&mut self) -> Option<u8> {
         let bytes = self.text.as_bytes();
@@ -218,17 +221,26 @@ impl<'a> Reader<'a> {
 
     /// The member name `expected` at the cursor (as `"expected"`, no whitespace before
     /// it), taken; `None`, the cursor unmoved, for any other name.
-    fn expected_name<'n>(&mut self, expected: &'n str) -> Option<&'n str> {
-        let rest = self.text.as_bytes().get(self.at..)?;
+    fn expected_name<'e>(&mut self, expected: &'e str) -> Option<&'e str> {
+        Self::name_at(self.text, &mut self.at, expected).then_some(expected)
+    }
+
+    /// Whether the member name `expected` is at `at` in `text` (as `"expected"`); if it
+    /// is, `at` moves past it. (A function of the fields it needs, so that a row can look
+    /// its names up while it holds the names it compares.)
+    fn name_at(text: &str, at: &mut usize, expected: &str) -> bool {
+        let Some(rest) = text.as_bytes().get(*at..) else {
+            return false;
+        };
         let length = expected.len();
         let matches = rest.len() > length + 1
             && rest[0] == b'"'
             && rest[1..=length] == *expected.as_bytes()
             && rest[length + 1] == b'"';
-        matches.then(|| {
-            self.at += length + 2;
-            expected
-        })
+        if matches {
+            *at += length + 2;
+        }
+        matches
     }
 
     /// An object, each member's value read by `member`, given the member's field when its
@@ -313,20 +325,20 @@ impl<'a> Reader<'a> {
             return Some(row);
         }
         loop {
-            let recent = find_recent_name(row.len(), |name| self.expected_name(name).is_some());
-            match recent {
-                Some(name) => {
-                    self.eat(b':')?;
-                    let value = self.value()?;
-                    row.insert(name, value);
-                }
+            let place = row.len();
+            let name = match self
+                .names
+                .find(place, |name| Self::name_at(self.text, &mut self.at, name))
+            {
+                Some(name) => name,
                 None => {
-                    let name = self.plain_text()?;
-                    self.eat(b':')?;
-                    let value = self.value()?;
-                    row.push_decoded(name, value);
+                    let text = self.plain_text()?;
+                    self.names.name(place, text)
                 }
-            }
+            };
+            self.eat(b':')?;
+            let value = self.value()?;
+            row.insert(name, value);
             match self.peek()? {
                 b',' => self.at += 1,
                 b'}' => {
@@ -448,9 +460,10 @@ mod tests {
     use tidelink_core::{ChangeEvent, SourceInfo, TableId};
 
     /// Whatever the in-place reader reads, serde reads the same; says whether it read it.
-    fn agrees(text: &str) -> bool {
+    /// `names` carries the names of the messages read before, as a decoder's do.
+    fn agrees(text: &str, names: &mut RecentNames) -> bool {
         let mut read = false;
-        if let Some(in_place) = envelope(text) {
+        if let Some(in_place) = envelope(text, names) {
             let by_serde: EnvelopeIn = serde_json::from_str(text)
                 .unwrap_or_else(|e| panic!("read in place, refused by serde ({e}): {text}"));
             assert_eq!(in_place.after, by_serde.after, "{text}");
@@ -458,7 +471,7 @@ mod tests {
             assert_eq!(in_place.op, by_serde.op, "{text}");
             read = true;
         }
-        if let Some(in_place) = row(text) {
+        if let Some(in_place) = row(text, names) {
             let by_serde: Row = serde_json::from_str(text)
                 .unwrap_or_else(|e| panic!("row read in place, refused by serde ({e}): {text}"));
             assert_eq!(in_place, by_serde, "{text}");
@@ -555,11 +568,13 @@ mod tests {
     #[test]
     fn tidelinks_own_envelopes_and_keys_are_read_in_place() {
         let seeds = seeds();
+        let mut names = RecentNames::new();
         for seed in &seeds[..13] {
             let text = std::str::from_utf8(seed).expect("UTF-8");
-            assert!(agrees(text), "not read in place: {text}");
+            assert!(agrees(text, &mut names), "not read in place: {text}");
         }
-        let read = envelope(std::str::from_utf8(&seeds[1]).expect("UTF-8")).expect("read");
+        let read =
+            envelope(std::str::from_utf8(&seeds[1]).expect("UTF-8"), &mut names).expect("read");
         assert_eq!(read.after.expect("after")["name"], "ada");
         assert_eq!(read.source.table, "odd\\name\u{e9}");
     }
@@ -567,15 +582,16 @@ mod tests {
     #[test]
     fn what_is_read_in_place_is_what_serde_reads() {
         let seeds = seeds();
+        let mut names = RecentNames::new();
         for seed in &seeds {
-            agrees(std::str::from_utf8(seed).expect("UTF-8"));
+            agrees(std::str::from_utf8(seed).expect("UTF-8"), &mut names);
         }
         let seeds: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
         let mut mutator = tidelink_core::fuzz::Mutator::new(0x1a_91ace);
         let mut read = 0;
         for _ in 0..60_000 {
             if let Ok(text) = std::str::from_utf8(&mutator.input(&seeds)) {
-                read += usize::from(agrees(text));
+                read += usize::from(agrees(text, &mut names));
             }
         }
         assert!(
