@@ -7,6 +7,7 @@ use crate::catalog::{column_definitions, primary_key, TypeCache};
 use crate::connection::{
     classify, connect, connect_with_options, quote_ident, quote_table, VALUE_FORMAT_OPTIONS,
 };
+use crate::copy_binary::TupleWalker;
 use crate::types::{text_to_json, ValueKind};
 use std::sync::Arc;
 use tidelink_core::{ColumnDefinition, Row, TableColumns, TableId, TidelinkError};
@@ -23,6 +24,10 @@ pub struct TableReader {
     key: Vec<usize>,
     /// SQL type of each key column, for literals.
     key_types: Vec<String>,
+    /// Type OID of each column, in table order.
+    type_oids: Vec<u32>,
+    /// The server's major version (`server_version_num / 10000`).
+    server_major: i32,
     /// Column definitions, as the stream publishes them.
     pub definitions: Arc<TableColumns>,
     /// The planner's row estimate, for progress.
@@ -125,6 +130,7 @@ impl TableReader {
                 not_null,
             })
             .collect();
+        let server_major = server_major(&client).await?;
         let estimated_rows: f32 = client
             .query_one(
                 "SELECT greatest(reltuples, 0)::float4 FROM pg_class WHERE oid = $1",
@@ -139,9 +145,32 @@ impl TableReader {
             columns,
             key,
             key_types,
+            type_oids: oids,
+            server_major,
             definitions: Arc::new(TableColumns::new(definitions)),
             estimated_rows: estimated_rows as i64,
         })
+    }
+
+    /// Each column's name and type OID, in table order.
+    pub fn column_types(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.columns
+            .iter()
+            .zip(&self.type_oids)
+            .map(|((name, _), &oid)| (&**name, oid))
+    }
+
+    /// The source server's major version.
+    pub fn server_major(&self) -> i32 {
+        self.server_major
+    }
+
+    /// Whether chunks can be read in binary `COPY` format: every key column is of a type
+    /// whose binary form [`crate::copy_binary::key_text`] renders as text.
+    pub fn binary_keys_readable(&self) -> bool {
+        self.key
+            .iter()
+            .all(|&i| crate::copy_binary::key_type_readable(self.type_oids[i]))
     }
 
     fn key_list(&self) -> String {
@@ -229,14 +258,16 @@ impl TableReader {
     }
 
     /// Starts reading up to `limit` rows after `after` and up to `upto`, in key order, as
-    /// `COPY` text (every column, in table order): the bytes a PostgreSQL target's
-    /// `COPY … FROM STDIN` takes as they are. The text arrives in pieces of whole rows
-    /// ([`CopyChunk::next_piece`]), so a writer can start before the chunk is read.
+    /// `COPY` data in `format` (every column, in table order): the bytes a PostgreSQL
+    /// target's `COPY … FROM STDIN` in the same format takes as they are. The data arrives
+    /// in pieces of whole rows ([`CopyChunk::next_piece`]), so a writer can start before
+    /// the chunk is read. [`CopyFormat::Binary`] needs [`Self::binary_keys_readable`].
     pub async fn copy_chunk(
         &self,
         after: Option<&[String]>,
         upto: Option<&[String]>,
         limit: usize,
+        format: CopyFormat,
     ) -> Result<CopyChunk, TidelinkError> {
         let columns = self
             .column_names()
@@ -247,8 +278,9 @@ impl TableReader {
         let keys = self.key_list();
         let filter = self.key_range(after, upto);
         let sql = format!(
-            "COPY (SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}) TO STDOUT",
-            quote_table(&self.table.schema, &self.table.name)
+            "COPY (SELECT {columns} FROM {} {filter} ORDER BY {keys} LIMIT {limit}) TO STDOUT{}",
+            quote_table(&self.table.schema, &self.table.name),
+            format.option()
         );
         let stream = self
             .client
@@ -262,6 +294,10 @@ impl TableReader {
             piece: bytes::BytesMut::new(),
             rows: 0,
             last_row: None,
+            binary: (format == CopyFormat::Binary).then(|| BinaryChunk {
+                walker: TupleWalker::default(),
+                key_oids: self.key.iter().map(|&i| self.type_oids[i]).collect(),
+            }),
             ended: false,
         })
     }
@@ -431,18 +467,56 @@ impl TableReader {
     }
 }
 
-/// How much `COPY` text a piece holds (whole rows, so a little more).
+/// How much `COPY` data a piece holds (whole rows, so a little more).
 const COPY_PIECE_BYTES: usize = 256 * 1024;
 
-/// A chunk of `COPY` text being read from the source ([`TableReader::copy_chunk`]).
+/// The `COPY` format a direct backfill moves rows in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    /// Text: any target column type that accepts the text takes it.
+    Text,
+    /// Binary ([`crate::copy_binary`]): no output or input functions on either side, for
+    /// columns of the same common built-in types on servers of the same major version.
+    Binary,
+}
+
+impl CopyFormat {
+    /// The option that asks `COPY` for this format.
+    pub(crate) fn option(self) -> &'static str {
+        match self {
+            Self::Text => "",
+            Self::Binary => " (FORMAT binary)",
+        }
+    }
+}
+
+/// The server's major version.
+pub(crate) async fn server_major(client: &tokio_postgres::Client) -> Result<i32, TidelinkError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| classify(&e).context("reading the server's version"))?
+        .get(0);
+    Ok(version / 10_000)
+}
+
+/// What a chunk read in binary format tracks: its tuples, and how to read its key.
+struct BinaryChunk {
+    walker: TupleWalker,
+    key_oids: Vec<u32>,
+}
+
+/// A chunk of `COPY` data being read from the source ([`TableReader::copy_chunk`]).
 pub struct CopyChunk {
     stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
     table: TableId,
     key: Vec<usize>,
     piece: bytes::BytesMut,
     rows: usize,
-    /// PostgreSQL sends one row per `CopyData` message: the last one read.
+    /// PostgreSQL sends one row per `CopyData` message: the last one read (text format).
     last_row: Option<bytes::Bytes>,
+    /// Set when the chunk is read in binary format.
+    binary: Option<BinaryChunk>,
     /// The stream has ended (it must not be polled again).
     ended: bool,
 }
@@ -459,7 +533,15 @@ impl CopyChunk {
             };
             let part = part
                 .map_err(|e| classify(&e).context(format!("copying a chunk of {}", self.table)))?;
-            self.rows += part.iter().filter(|&&b| b == b'\n').count();
+            match &mut self.binary {
+                None => self.rows += part.iter().filter(|&&b| b == b'\n').count(),
+                Some(binary) => {
+                    binary.walker.read(&part).map_err(|e| {
+                        TidelinkError::permanent(format!("copying a chunk of {}: {e}", self.table))
+                    })?;
+                    self.rows = binary.walker.tuples();
+                }
+            }
             if self.piece.is_empty() {
                 self.piece.reserve(COPY_PIECE_BYTES + part.len());
             }
@@ -467,6 +549,14 @@ impl CopyChunk {
             self.last_row = Some(part);
             if self.piece.len() >= COPY_PIECE_BYTES {
                 return Ok(Some(self.piece.split().freeze()));
+            }
+        }
+        if let Some(binary) = &self.binary {
+            if !binary.walker.complete() {
+                return Err(TidelinkError::permanent(format!(
+                    "copying a chunk of {}: the binary COPY stream ended without its trailer",
+                    self.table
+                )));
             }
         }
         Ok((!self.piece.is_empty()).then(|| self.piece.split().freeze()))
@@ -478,7 +568,30 @@ impl CopyChunk {
     }
 
     /// The key of the last row read, in text form: where the next chunk starts.
-    pub fn last_key(&self) -> Option<Vec<String>> {
+    pub fn last_key(&self) -> Result<Option<Vec<String>>, TidelinkError> {
+        match &self.binary {
+            None => Ok(self.last_text_key()),
+            Some(binary) => {
+                let Some(fields) = binary.walker.last_fields() else {
+                    return Ok(None);
+                };
+                let read = |(&i, &oid): (&usize, &u32)| match fields.get(i).copied().flatten() {
+                    Some(value) => crate::copy_binary::key_text(oid, value),
+                    None => Err(format!("key column {} is NULL", i + 1)),
+                };
+                let key: Result<Vec<String>, String> =
+                    self.key.iter().zip(&binary.key_oids).map(read).collect();
+                key.map(Some).map_err(|e| {
+                    TidelinkError::permanent(format!(
+                        "reading the last key of a chunk of {}: {e}",
+                        self.table
+                    ))
+                })
+            }
+        }
+    }
+
+    fn last_text_key(&self) -> Option<Vec<String>> {
         let row = self.last_row.as_ref()?;
         let line = row[..row.len().saturating_sub(1)]
             .rsplit(|&b| b == b'\n')

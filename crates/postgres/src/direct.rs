@@ -5,12 +5,15 @@
 //! `<state_schema>.direct_backfill`, so a killed load resumes after the last committed
 //! chunk and never copies a row twice.
 
+use crate::backfill::{server_major, CopyFormat, TableReader};
 use crate::catalog::TypeCache;
 use crate::connection::{classify, connect, quote_ident, quote_table};
+use crate::copy_binary;
 use crate::sink::{load_target_columns, TargetColumn};
 use crate::types::json_to_text;
 use bytes::{BufMut, BytesMut};
 use futures::SinkExt;
+use std::collections::HashMap;
 use tidelink_core::{DirectProgress, Row, SinkError, TableId, TidelinkError};
 use tokio_postgres::Client;
 
@@ -19,6 +22,7 @@ pub struct PgDirectLoader {
     client: Client,
     state_schema: String,
     types: TypeCache,
+    server_major: i32,
 }
 
 impl PgDirectLoader {
@@ -38,10 +42,12 @@ impl PgDirectLoader {
             ))
             .await
             .map_err(|e| classify(&e).context("creating the direct backfill progress table"))?;
+        let server_major = server_major(&client).await?;
         Ok(Self {
             client,
             state_schema: state_schema.to_string(),
             types: TypeCache::default(),
+            server_major,
         })
     }
 
@@ -85,14 +91,49 @@ impl PgDirectLoader {
         Ok(())
     }
 
-    /// Starts one transaction that streams `COPY` text of `columns` (as a PostgreSQL source
-    /// produced it) into `table`: the PostgreSQL → PostgreSQL fast path, with no conversion
-    /// in between. Send the text with [`CopyLoad::send`] as it is read, then
-    /// [`CopyLoad::commit`] with the progress it reaches.
-    pub async fn begin_copy_text(
+    /// The format in which `source`'s rows can pass into `table` untouched: binary when
+    /// both servers share a major version, every source column has a target column of the
+    /// same type among [`copy_binary::column_type_portable`]'s, and the key's types can be
+    /// read back from their binary form;
+    /// otherwise text, which any type that accepts the text takes (a wider integer,
+    /// `text` for an enum).
+    pub async fn copy_format_for(
+        &self,
+        table: &TableId,
+        source: &TableReader,
+    ) -> Result<CopyFormat, TidelinkError> {
+        if source.server_major() != self.server_major || !source.binary_keys_readable() {
+            return Ok(CopyFormat::Text);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text, atttypid FROM pg_attribute \
+                 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+                &[&quote_table(&table.schema, &table.name)],
+            )
+            .await
+            .map_err(|e| classify(&e).context(format!("reading the columns of {table}")))?;
+        let target: HashMap<String, u32> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let same = source.column_types().all(|(name, oid)| {
+            copy_binary::column_type_portable(oid) && target.get(name) == Some(&oid)
+        });
+        Ok(if same {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        })
+    }
+
+    /// Starts one transaction that streams `COPY` data of `columns` in `format`, as a
+    /// PostgreSQL source produced it, into `table`: the PostgreSQL → PostgreSQL fast path,
+    /// with no conversion in between. Send the data with [`CopyLoad::send`] as it is read,
+    /// then [`CopyLoad::commit`] with the progress it reaches.
+    pub async fn begin_copy_rows(
         &mut self,
         table: &TableId,
         columns: &[String],
+        format: CopyFormat,
     ) -> Result<CopyLoad<'_>, TidelinkError> {
         let quoted = quote_table(&table.schema, &table.name);
         let column_list = columns
@@ -100,8 +141,12 @@ impl PgDirectLoader {
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
-        self.begin_copy(table, &format!("COPY {quoted} ({column_list}) FROM STDIN"))
-            .await
+        let option = format.option();
+        self.begin_copy(
+            table,
+            &format!("COPY {quoted} ({column_list}) FROM STDIN{option}"),
+        )
+        .await
     }
 
     async fn begin_copy(
@@ -183,8 +228,8 @@ impl PgDirectLoader {
     }
 }
 
-/// One transaction of a direct load: `COPY` text streaming into a table, then the progress
-/// it reached, committed together ([`PgDirectLoader::begin_copy_text`]).
+/// One transaction of a direct load: `COPY` data streaming into a table, then the progress
+/// it reached, committed together ([`PgDirectLoader::begin_copy_rows`]).
 pub struct CopyLoad<'a> {
     loader: &'a mut PgDirectLoader,
     sink: std::pin::Pin<Box<tokio_postgres::CopyInSink<bytes::Bytes>>>,
@@ -196,7 +241,7 @@ impl CopyLoad<'_> {
         classify(&e).context(format!("copying into {}", self.table))
     }
 
-    /// Sends `COPY` text of whole rows.
+    /// Sends `COPY` data of whole rows.
     pub async fn send(&mut self, data: bytes::Bytes) -> Result<(), TidelinkError> {
         match self.sink.send(data).await {
             Ok(()) => Ok(()),

@@ -5,6 +5,7 @@
 pub mod backfill;
 mod catalog;
 pub mod connection;
+pub mod copy_binary;
 pub mod direct;
 pub mod sink;
 pub mod source;

@@ -36,6 +36,7 @@ use tidelink_core::{ChangeEvent, Op, SourceInfo, TableId, TidelinkError};
 use tidelink_core::{DirectProgress, Row, TableColumns};
 use tidelink_kafka::topics::topic_of;
 use tidelink_kafka::{admin, encode_change, EventProducer};
+use tidelink_postgres::backfill::CopyFormat;
 
 /// A table reader of either engine.
 pub(crate) enum Reader {
@@ -508,9 +509,10 @@ fn count_chunk(
     }
 }
 
-/// A direct-backfill writer of either target engine.
+/// A direct-backfill writer of either target engine (one per run, so boxing the larger
+/// costs nothing).
 enum Loader {
-    Postgres(tidelink_postgres::direct::PgDirectLoader),
+    Postgres(Box<tidelink_postgres::direct::PgDirectLoader>),
     Mysql(tidelink_mysql::direct::MysqlDirectLoader),
 }
 
@@ -564,9 +566,9 @@ async fn backfill_direct(
         )));
     };
     let mut loader = match sink.target() {
-        Some(SinkTarget::Postgres(pg)) => Loader::Postgres(
+        Some(SinkTarget::Postgres(pg)) => Loader::Postgres(Box::new(
             tidelink_postgres::direct::PgDirectLoader::connect(&pg.dsn, &pg.state_schema).await?,
-        ),
+        )),
         Some(SinkTarget::Mysql(my)) => Loader::Mysql(
             tidelink_mysql::direct::MysqlDirectLoader::connect(&my.dsn, &my.state_database).await?,
         ),
@@ -602,17 +604,21 @@ async fn backfill_direct(
         let finishes = |after: &Option<Vec<String>>| reaches(after.as_deref(), last_key.as_deref());
         // The sink's transforms apply to the rows copied, as to the changes it replays.
         let transform = sink.transform_for(&table);
-        // PostgreSQL to PostgreSQL: COPY text passes through untouched.
-        let copy_text = transform.is_none()
-            && matches!(
-                (&reader, &loader),
-                (Reader::Postgres(_), Loader::Postgres(_))
-            );
+        // PostgreSQL to PostgreSQL: COPY data passes through untouched, in binary where
+        // the column types allow it.
+        let copy_format = match (&reader, &loader, &transform) {
+            (Reader::Postgres(r), Loader::Postgres(l), None) => {
+                let format = l.copy_format_for(&target, r).await?;
+                tracing::info!(%table, %target, ?format, "copying in COPY format");
+                Some(format)
+            }
+            _ => None,
+        };
         let columns = match &reader {
             Reader::Postgres(r) => r.column_names(),
             Reader::Mysql(_) => Vec::new(),
         };
-        // The reader runs ahead of the writer by up to `parallel` chunks (of COPY text: by
+        // The reader runs ahead of the writer by up to `parallel` chunks (of COPY data: by
         // up to COPY_PIECES_AHEAD pieces, the writer copying while the reader reads).
         let (chunks, mut received) = tokio::sync::mpsc::channel::<Result<DirectChunk, TidelinkError>>(
             options.parallel.max(1),
@@ -624,8 +630,9 @@ async fn backfill_direct(
         let reading = tokio::spawn(async move {
             let Some(upto) = upto else { return };
             loop {
-                if let (Reader::Postgres(r), true) = (&reader, copy_text) {
-                    match stream_copy_chunk(r, after.as_deref(), &upto, chunk_size, &chunks).await {
+                if let (Reader::Postgres(r), Some(format)) = (&reader, copy_format) {
+                    let range = (after.as_deref(), upto.as_slice());
+                    match stream_copy_chunk(r, range, chunk_size, format, &chunks).await {
                         Some(last) if !reaches(Some(&last), Some(&upto)) => after = Some(last),
                         _ => return,
                     }
@@ -666,11 +673,11 @@ async fn backfill_direct(
                     };
                     loader.load(&target, &rows, &progress).await?;
                 }
-                DirectChunk::CopyText(mut pieces) => {
+                DirectChunk::Copy { format, mut pieces } => {
                     let Loader::Postgres(l) = &mut loader else {
-                        unreachable!("COPY text is only read for a PostgreSQL target")
+                        unreachable!("COPY data is only read for a PostgreSQL target")
                     };
-                    let mut copy = l.begin_copy_text(&target, &columns).await?;
+                    let mut copy = l.begin_copy_rows(&target, &columns, format).await?;
                     match copy_pieces(&table, &mut pieces, &mut copy, &mut progress).await {
                         Ok(()) => {
                             progress.done = finishes(&progress.after);
@@ -767,11 +774,14 @@ fn transformed_rows(
 enum DirectChunk {
     /// Rows as JSON images.
     Rows(Chunk),
-    /// PostgreSQL `COPY` text of every column, arriving in pieces while it is read.
-    CopyText(tokio::sync::mpsc::Receiver<Result<CopyPiece, TidelinkError>>),
+    /// PostgreSQL `COPY` data of every column, arriving in pieces while it is read.
+    Copy {
+        format: CopyFormat,
+        pieces: tokio::sync::mpsc::Receiver<Result<CopyPiece, TidelinkError>>,
+    },
 }
 
-/// Part of a chunk of `COPY` text.
+/// Part of a chunk of `COPY` data.
 enum CopyPiece {
     /// Whole rows.
     Text(bytes::Bytes),
@@ -782,21 +792,22 @@ enum CopyPiece {
     },
 }
 
-/// How many pieces of `COPY` text (about 256 KiB each) the reader may run ahead.
+/// How many pieces of `COPY` data (about 256 KiB each) the reader may run ahead.
 const COPY_PIECES_AHEAD: usize = 16;
 
-/// Reads one chunk as `COPY` text: sends the chunk once its first piece is read (nothing
-/// for an empty range), then its pieces and its end, so the writer copies while the reader
-/// reads. Returns the chunk's last key; `None` when no rows are left, reading failed (the
-/// writer gets the error) or the writer is gone.
+/// Reads one chunk, the rows after `range.0` up to `range.1`, as `COPY` data: sends the
+/// chunk once its first piece is read (nothing for an empty range), then its pieces and
+/// its end, so the writer copies while the reader reads. Returns the chunk's last key;
+/// `None` when no rows are left, reading failed (the writer gets the error) or the writer
+/// is gone.
 async fn stream_copy_chunk(
     reader: &tidelink_postgres::backfill::TableReader,
-    after: Option<&[String]>,
-    upto: &[String],
+    (after, upto): (Option<&[String]>, &[String]),
     limit: usize,
+    format: CopyFormat,
     chunks: &tokio::sync::mpsc::Sender<Result<DirectChunk, TidelinkError>>,
 ) -> Option<Vec<String>> {
-    let mut copy = match reader.copy_chunk(after, Some(upto), limit).await {
+    let mut copy = match reader.copy_chunk(after, Some(upto), limit, format).await {
         Ok(copy) => copy,
         Err(e) => {
             let _ = chunks.send(Err(e)).await;
@@ -813,14 +824,23 @@ async fn stream_copy_chunk(
     };
     let (pieces, received) = tokio::sync::mpsc::channel(COPY_PIECES_AHEAD);
     chunks
-        .send(Ok(DirectChunk::CopyText(received)))
+        .send(Ok(DirectChunk::Copy {
+            format,
+            pieces: received,
+        }))
         .await
         .ok()?;
     loop {
         match next {
             Ok(Some(text)) => pieces.send(Ok(CopyPiece::Text(text))).await.ok()?,
             Ok(None) => {
-                let last = copy.last_key();
+                let last = match copy.last_key() {
+                    Ok(last) => last,
+                    Err(e) => {
+                        let _ = pieces.send(Err(e)).await;
+                        return None;
+                    }
+                };
                 let end = CopyPiece::End {
                     rows: copy.rows(),
                     last: last.clone(),
