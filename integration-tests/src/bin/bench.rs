@@ -813,8 +813,17 @@ async fn apply_ceiling(rows: u64) -> (f64, u64) {
     (started.elapsed().as_secs_f64(), changes.len() as u64)
 }
 
-/// Backfill `--direct` versus `COPY … TO STDOUT | COPY … FROM STDIN` of the same table.
-async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
+/// Seconds taken by backfill `--direct`, by `COPY … TO STDOUT | COPY … FROM STDIN` of the
+/// same table, and by the same pipe in binary format.
+struct DirectTimes {
+    direct: f64,
+    copy_text: f64,
+    copy_binary: f64,
+}
+
+/// Backfill `--direct` versus `COPY … TO STDOUT | COPY … FROM STDIN` of the same table, in
+/// text (the goal's baseline) and in binary format.
+async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> DirectTimes {
     let (source, target, s, t) = two_clusters().await;
     s.batch_execute(&format!(
         "INSERT INTO bench SELECT g, 'account ' || (g % 5000), (g % 100000) / 100.0, 'new', now() FROM generate_series(1, {rows}) g"
@@ -822,18 +831,23 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
     .await
     .expect("preload");
     let psql = format!("{PG_BIN}/psql");
-    let started = Instant::now();
-    let status = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "{psql} -X -q -h 127.0.0.1 -p {} -U postgres -d app -c 'COPY bench TO STDOUT' | {psql} -X -q -h 127.0.0.1 -p {} -U postgres -d replica -c 'COPY bench FROM STDIN'",
-            source.port, target.port
-        ))
-        .status()
-        .expect("copy pipe");
-    assert!(status.success(), "COPY pipe failed");
-    let copy = started.elapsed().as_secs_f64();
-    t.batch_execute("TRUNCATE bench").await.expect("truncate");
+    let copy_pipe = async |options: &str| {
+        let started = Instant::now();
+        let status = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{psql} -X -q -h 127.0.0.1 -p {} -U postgres -d app -c 'COPY bench TO STDOUT{options}' | {psql} -X -q -h 127.0.0.1 -p {} -U postgres -d replica -c 'COPY bench FROM STDIN{options}'",
+                source.port, target.port
+            ))
+            .status()
+            .expect("copy pipe");
+        assert!(status.success(), "COPY pipe failed");
+        let seconds = started.elapsed().as_secs_f64();
+        t.batch_execute("TRUNCATE bench").await.expect("truncate");
+        seconds
+    };
+    let copy_text = copy_pipe("").await;
+    let copy_binary = copy_pipe(" (FORMAT binary)").await;
     let setup = BrokerSetup::from_env();
     let broker = Broker::start_with(&setup);
     let config = write_config(
@@ -877,7 +891,11 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> (f64, f64) {
         digest(&t).await,
         "direct backfill copied everything"
     );
-    (direct_seconds, copy)
+    DirectTimes {
+        direct: direct_seconds,
+        copy_text,
+        copy_binary,
+    }
 }
 
 /// MariaDB → tidelink → MariaDB versus native MariaDB replication, and MariaDB →
@@ -1320,22 +1338,32 @@ async fn report_idle(r: &mut Results, work: &std::path::Path) {
     );
 }
 
-/// Measures `--direct` against the COPY pipe and adds the three lines of the table.
+/// Measures `--direct` against the COPY pipes and adds their lines to the table.
 async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
-    let (direct_s, copy_s) = direct_versus_copy(rows, work).await;
+    let times = direct_versus_copy(rows, work).await;
     r.add(
         &format!("backfill --direct of {rows} rows"),
-        rate(rows, direct_s),
-        &format!("{direct_s:.1} s"),
+        rate(rows, times.direct),
+        &format!("{:.1} s", times.direct),
     );
     r.add(
         "COPY TO STDOUT | COPY FROM STDIN, same table",
-        rate(rows, copy_s),
-        &format!("{copy_s:.1} s"),
+        rate(rows, times.copy_text),
+        &format!("{:.1} s", times.copy_text),
     );
     r.add(
         "  --direct / COPY pipe (goal ≥ 0.8)",
-        format!("{:.2}×", copy_s / direct_s),
+        format!("{:.2}×", times.copy_text / times.direct),
+        "",
+    );
+    r.add(
+        "the same pipe in binary format",
+        rate(rows, times.copy_binary),
+        &format!("{:.1} s", times.copy_binary),
+    );
+    r.add(
+        "  --direct / binary COPY pipe",
+        format!("{:.2}×", times.copy_binary / times.direct),
         "",
     );
 }
@@ -1650,7 +1678,7 @@ async fn main() {
                 name.to_string_lossy()
             );
         }
-        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (tansu serves both from one process, so this is lower than either alone), and the end-to-end rate is shown against that too. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply.");
+        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (tansu serves both from one process, so this is lower than either alone), and the end-to-end rate is shown against that too. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply. `--direct` is timed as a whole process (start, connections, catalog reads, 100k-row chunks) against `psql` pipes of the whole table: in text format, goal (5)'s baseline, and in binary format, which `--direct` uses where both sides' column types match.");
         // The kept part ends in exactly one newline, so rewrites do not pile up blank lines.
         let kept = kept.unwrap_or_else(|| KEPT_MARKER.to_string());
         let _ = writeln!(md, "\n{}", kept.trim_end());
