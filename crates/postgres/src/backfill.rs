@@ -26,8 +26,6 @@ pub struct TableReader {
     key_types: Vec<String>,
     /// Type OID of each column, in table order.
     type_oids: Vec<u32>,
-    /// The server's major version (`server_version_num / 10000`).
-    server_major: i32,
     /// Column definitions, as the stream publishes them.
     pub definitions: Arc<TableColumns>,
     /// The planner's row estimate, for progress.
@@ -130,7 +128,6 @@ impl TableReader {
                 not_null,
             })
             .collect();
-        let server_major = server_major(&client).await?;
         let estimated_rows: f32 = client
             .query_one(
                 "SELECT greatest(reltuples, 0)::float4 FROM pg_class WHERE oid = $1",
@@ -146,7 +143,6 @@ impl TableReader {
             key,
             key_types,
             type_oids: oids,
-            server_major,
             definitions: Arc::new(TableColumns::new(definitions)),
             estimated_rows: estimated_rows as i64,
         })
@@ -161,8 +157,8 @@ impl TableReader {
     }
 
     /// The source server's major version.
-    pub fn server_major(&self) -> i32 {
-        self.server_major
+    pub async fn server_major(&self) -> Result<i32, TidelinkError> {
+        server_major(&self.client).await
     }
 
     /// Whether chunks can be read in binary `COPY` format: every key column is of a type
@@ -512,6 +508,7 @@ pub struct CopyChunk {
     table: TableId,
     key: Vec<usize>,
     piece: bytes::BytesMut,
+    /// Rows read so far (text format).
     rows: usize,
     /// PostgreSQL sends one row per `CopyData` message: the last one read (text format).
     last_row: Option<bytes::Bytes>,
@@ -533,20 +530,19 @@ impl CopyChunk {
             };
             let part = part
                 .map_err(|e| classify(&e).context(format!("copying a chunk of {}", self.table)))?;
-            match &mut self.binary {
-                None => self.rows += part.iter().filter(|&&b| b == b'\n').count(),
-                Some(binary) => {
-                    binary.walker.read(&part).map_err(|e| {
-                        TidelinkError::permanent(format!("copying a chunk of {}: {e}", self.table))
-                    })?;
-                    self.rows = binary.walker.tuples();
-                }
-            }
             if self.piece.is_empty() {
                 self.piece.reserve(COPY_PIECE_BYTES + part.len());
             }
             self.piece.extend_from_slice(&part);
-            self.last_row = Some(part);
+            match &mut self.binary {
+                None => {
+                    self.rows += part.iter().filter(|&&b| b == b'\n').count();
+                    self.last_row = Some(part);
+                }
+                Some(binary) => binary.walker.read(&part).map_err(|e| {
+                    TidelinkError::permanent(format!("copying a chunk of {}: {e}", self.table))
+                })?,
+            }
             if self.piece.len() >= COPY_PIECE_BYTES {
                 return Ok(Some(self.piece.split().freeze()));
             }
@@ -564,7 +560,10 @@ impl CopyChunk {
 
     /// Rows read so far.
     pub fn rows(&self) -> usize {
-        self.rows
+        match &self.binary {
+            None => self.rows,
+            Some(binary) => binary.walker.tuples(),
+        }
     }
 
     /// The key of the last row read, in text form: where the next chunk starts.

@@ -22,7 +22,6 @@ pub struct PgDirectLoader {
     client: Client,
     state_schema: String,
     types: TypeCache,
-    server_major: i32,
 }
 
 impl PgDirectLoader {
@@ -42,12 +41,10 @@ impl PgDirectLoader {
             ))
             .await
             .map_err(|e| classify(&e).context("creating the direct backfill progress table"))?;
-        let server_major = server_major(&client).await?;
         Ok(Self {
             client,
             state_schema: state_schema.to_string(),
             types: TypeCache::default(),
-            server_major,
         })
     }
 
@@ -102,7 +99,9 @@ impl PgDirectLoader {
         table: &TableId,
         source: &TableReader,
     ) -> Result<CopyFormat, TidelinkError> {
-        if source.server_major() != self.server_major || !source.binary_keys_readable() {
+        if !source.binary_keys_readable()
+            || source.server_major().await? != server_major(&self.client).await?
+        {
             return Ok(CopyFormat::Text);
         }
         let rows = self

@@ -509,10 +509,9 @@ fn count_chunk(
     }
 }
 
-/// A direct-backfill writer of either target engine (one per run, so boxing the larger
-/// costs nothing).
+/// A direct-backfill writer of either target engine.
 enum Loader {
-    Postgres(Box<tidelink_postgres::direct::PgDirectLoader>),
+    Postgres(tidelink_postgres::direct::PgDirectLoader),
     Mysql(tidelink_mysql::direct::MysqlDirectLoader),
 }
 
@@ -566,9 +565,9 @@ async fn backfill_direct(
         )));
     };
     let mut loader = match sink.target() {
-        Some(SinkTarget::Postgres(pg)) => Loader::Postgres(Box::new(
+        Some(SinkTarget::Postgres(pg)) => Loader::Postgres(
             tidelink_postgres::direct::PgDirectLoader::connect(&pg.dsn, &pg.state_schema).await?,
-        )),
+        ),
         Some(SinkTarget::Mysql(my)) => Loader::Mysql(
             tidelink_mysql::direct::MysqlDirectLoader::connect(&my.dsn, &my.state_database).await?,
         ),
@@ -631,8 +630,9 @@ async fn backfill_direct(
             let Some(upto) = upto else { return };
             loop {
                 if let (Reader::Postgres(r), Some(format)) = (&reader, copy_format) {
-                    let range = (after.as_deref(), upto.as_slice());
-                    match stream_copy_chunk(r, range, chunk_size, format, &chunks).await {
+                    let read =
+                        stream_copy_chunk(r, after.as_deref(), &upto, chunk_size, format, &chunks);
+                    match read.await {
                         Some(last) if !reaches(Some(&last), Some(&upto)) => after = Some(last),
                         _ => return,
                     }
@@ -784,7 +784,7 @@ enum DirectChunk {
 /// Part of a chunk of `COPY` data.
 enum CopyPiece {
     /// Whole rows.
-    Text(bytes::Bytes),
+    Data(bytes::Bytes),
     /// The chunk is read: how many rows it held and the last one's key.
     End {
         rows: usize,
@@ -795,14 +795,14 @@ enum CopyPiece {
 /// How many pieces of `COPY` data (about 256 KiB each) the reader may run ahead.
 const COPY_PIECES_AHEAD: usize = 16;
 
-/// Reads one chunk, the rows after `range.0` up to `range.1`, as `COPY` data: sends the
-/// chunk once its first piece is read (nothing for an empty range), then its pieces and
-/// its end, so the writer copies while the reader reads. Returns the chunk's last key;
-/// `None` when no rows are left, reading failed (the writer gets the error) or the writer
-/// is gone.
+/// Reads one chunk as `COPY` data in `format`: sends the chunk once its first piece is read
+/// (nothing for an empty range), then its pieces and its end, so the writer copies while
+/// the reader reads. Returns the chunk's last key; `None` when no rows are left, reading
+/// failed (the writer gets the error) or the writer is gone.
 async fn stream_copy_chunk(
     reader: &tidelink_postgres::backfill::TableReader,
-    (after, upto): (Option<&[String]>, &[String]),
+    after: Option<&[String]>,
+    upto: &[String],
     limit: usize,
     format: CopyFormat,
     chunks: &tokio::sync::mpsc::Sender<Result<DirectChunk, TidelinkError>>,
@@ -832,7 +832,7 @@ async fn stream_copy_chunk(
         .ok()?;
     loop {
         match next {
-            Ok(Some(text)) => pieces.send(Ok(CopyPiece::Text(text))).await.ok()?,
+            Ok(Some(text)) => pieces.send(Ok(CopyPiece::Data(text))).await.ok()?,
             Ok(None) => {
                 let last = match copy.last_key() {
                     Ok(last) => last,
@@ -866,7 +866,7 @@ async fn copy_pieces(
 ) -> Result<(), TidelinkError> {
     loop {
         match pieces.recv().await {
-            Some(Ok(CopyPiece::Text(text))) => copy.send(text).await?,
+            Some(Ok(CopyPiece::Data(text))) => copy.send(text).await?,
             Some(Ok(CopyPiece::End { rows, last })) => {
                 progress.rows += rows as u64;
                 progress.after = last;
