@@ -1074,3 +1074,89 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
     .expect("target orders");
     assert_eq!(in_postgres, in_mariadb);
 }
+
+/// A MariaDB table without a key, with equal rows and NULLs, beside a keyed one: the
+/// snapshot copies it in one consistent read, the stream leaves out what that read saw,
+/// and a MariaDB target and a PostgreSQL target (created without a key) end equal to the
+/// source under a workload that inserts equal rows, deletes one of two and updates others.
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_table_without_a_key_is_snapshotted_and_streamed_into_both_engines() {
+    use mysql_async::prelude::Queryable;
+    let setup = Setup::start();
+    setup.source.execute("mysql", "CREATE DATABASE shop").await;
+    setup
+        .source
+        .execute(
+            "shop",
+            "CREATE TABLE keyed (id int PRIMARY KEY, v int NOT NULL);
+             CREATE TABLE log (who int, what varchar(20), amount decimal(10,2) NOT NULL, at datetime NULL);
+             INSERT INTO keyed SELECT seq, 0 FROM seq_1_to_500;
+             INSERT INTO log SELECT seq % 10, IF(seq % 3 = 0, NULL, 'w'), seq % 5, NULL FROM seq_1_to_2000;",
+        )
+        .await;
+    let maria = MariaDb::start(2);
+    let postgres = PgCluster::start();
+    postgres.create_database("replica").await;
+    let sinks = format!(
+        "        mysql:\n          dsn: {}\n          create_tables: true\n      - name: pg\n        postgres:\n          dsn: {}\n          create_tables: true\n",
+        maria.dsn("mysql"),
+        postgres.dsn("replica"),
+    );
+    let config = setup.config(&setup.mysql_source(), &sinks, "");
+    let mut conn = setup.source.conn("shop").await;
+    let round = |i: u32| {
+        let mut sql = format!(
+            "START TRANSACTION;
+             UPDATE keyed SET v = v + 1 WHERE id = {};
+             INSERT INTO log VALUES ({}, NULL, 1.50, '2024-01-01 00:00:00'), (1, 'same', 0, NULL), (1, 'same', 0, NULL);",
+            1 + i % 500,
+            i % 10
+        );
+        if i.is_multiple_of(5) {
+            sql.push_str(
+                "DELETE FROM log WHERE who = 1 AND what = 'same' LIMIT 1;
+                 UPDATE log SET amount = amount + 100 WHERE what IS NULL AND amount < 100 LIMIT 1;",
+            );
+        }
+        sql.push_str("COMMIT;");
+        sql
+    };
+    let daemon = setup.run(&config, "keyless.log");
+    for i in 0..60 {
+        conn.query_drop(round(i)).await.expect("round");
+    }
+    setup.wait_ready().await;
+    for i in 60..200 {
+        conn.query_drop(round(i)).await.expect("round");
+    }
+    let order = "who, what, amount, at";
+    let expected = mariadb_rows(&mut conn, "shop.log", order).await;
+    let mut target = maria.conn("mysql").await;
+    let pg = postgres.client("replica").await;
+    let mut in_sync = false;
+    for _ in 0..240 {
+        let maria_rows = target
+            .query::<String, _>("SELECT 1 FROM information_schema.tables WHERE table_schema = 'shop' AND table_name = 'log'")
+            .await
+            .unwrap_or_default();
+        if !maria_rows.is_empty()
+            && mariadb_rows(&mut target, "shop.log", order).await == expected
+            && first_column::<i64>(&pg, "SELECT count(*) FROM shop.log")
+                .await
+                .is_ok_and(|c| c == vec![expected.len() as i64])
+        {
+            in_sync = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(in_sync, "targets did not catch up:\n{}", setup.logs());
+    let (code, output) = run_verify(&config, "my", &[], &setup.work.path().join("verify.log"));
+    assert_eq!(code, Some(0), "verify finds both targets equal:\n{output}");
+    let keys: Vec<i64> = target
+        .query("SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = 'shop' AND table_name = 'log'")
+        .await
+        .expect("indexes");
+    assert_eq!(keys, vec![0], "created without a key");
+    drop(daemon);
+}

@@ -178,6 +178,76 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
     Ok(batches)
 }
 
+/// One step of applying a table without a key (no primary key or unique index in the
+/// target): rows are not coalesced, since two of them may be equal, and each change is
+/// applied in order. Consecutive inserts go together.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeylessStep<'a> {
+    /// Insert these rows (inserts and snapshot reads), duplicates included.
+    Insert(Vec<&'a Row>),
+    /// Delete one row equal, column by column and NULL equal to NULL, to this image (the
+    /// change's key, which for a table without a key is the whole old row).
+    DeleteOne(&'a Row),
+}
+
+/// The steps that apply one table's changes to a target without a key: an insert (or a
+/// snapshot read) adds its row, a delete removes one equal row, an update removes one row
+/// equal to its key and adds the new image. A change whose new image leaves a column
+/// unavailable (unchanged TOAST) cannot be written without a key to find the old value
+/// by, and is rejected.
+pub fn keyless_steps<'a>(
+    changes: impl IntoIterator<Item = &'a SinkChange>,
+) -> Result<Vec<KeylessStep<'a>>, SinkError> {
+    let mut steps: Vec<KeylessStep<'a>> = Vec::new();
+    for change in changes {
+        let after = match change.op {
+            Op::Truncate => continue,
+            Op::Delete => None,
+            op => Some(change.after.as_ref().ok_or_else(|| {
+                SinkError::Rejected(format!(
+                    "{}: {} change of {} has no `after` row",
+                    change.origin,
+                    op.name(),
+                    change.table
+                ))
+            })?),
+        };
+        if let Some(after) = after {
+            if after.values().any(is_unavailable) {
+                return Err(SinkError::Rejected(format!(
+                    "{}: {} change of {} leaves a column unavailable (unchanged TOAST), and the target table has no key to keep its value by; give the target a primary key or the source table REPLICA IDENTITY FULL",
+                    change.origin,
+                    change.op.name(),
+                    change.table
+                )));
+            }
+        }
+        if matches!(change.op, Op::Delete | Op::Update) {
+            if change.key.is_empty() {
+                return Err(SinkError::Rejected(format!(
+                    "{}: {} change of {} has an empty key",
+                    change.origin,
+                    change.op.name(),
+                    change.table
+                )));
+            }
+            // An update that leaves the row as it was (its key is its old image) changes
+            // nothing; removing and adding it back would be the same.
+            if change.op == Op::Update && after == Some(&change.key) {
+                continue;
+            }
+            steps.push(KeylessStep::DeleteOne(&change.key));
+        }
+        if let Some(after) = after {
+            match steps.last_mut() {
+                Some(KeylessStep::Insert(rows)) => rows.push(after),
+                _ => steps.push(KeylessStep::Insert(vec![after])),
+            }
+        }
+    }
+    Ok(steps)
+}
+
 /// Splits a batch at its truncates: each segment's changes, then the truncate that ends it
 /// (if any). Applying segment by segment keeps a truncate after the changes before it and
 /// before the changes after it.
@@ -298,6 +368,37 @@ mod tests {
         assert_eq!(groups[0].columns, ["big", "id", "v"]);
         assert_eq!(groups[0].rows[0].1["big"], json!("x"));
         assert_eq!(groups[0].rows[0].1["v"], json!("b"));
+    }
+
+    #[test]
+    fn keyless_steps_keep_duplicates_and_order() {
+        let row = |v: &str| Row::from_json(json!({"a": v, "b": null})).expect("object");
+        let keyed = |op, key: Row, after: Option<Row>| SinkChange {
+            key,
+            after,
+            ..change(op, 0, None)
+        };
+        let changes = [
+            keyed(Op::Create, row("x"), Some(row("x"))),
+            keyed(Op::Create, row("x"), Some(row("x"))),
+            keyed(Op::Read, row("y"), Some(row("y"))),
+            keyed(Op::Delete, row("x"), None),
+            keyed(Op::Update, row("y"), Some(row("y"))),
+            keyed(Op::Update, row("y"), Some(row("z"))),
+        ];
+        let (x, y, z) = (row("x"), row("y"), row("z"));
+        assert_eq!(
+            keyless_steps(&changes).expect("valid"),
+            [
+                KeylessStep::Insert(vec![&x, &x, &y]),
+                KeylessStep::DeleteOne(&x),
+                KeylessStep::DeleteOne(&y),
+                KeylessStep::Insert(vec![&z]),
+            ]
+        );
+        let toast = Row::from_json(json!({"a": UNAVAILABLE_VALUE})).expect("object");
+        let unavailable = [keyed(Op::Update, row("x"), Some(toast))];
+        assert!(keyless_steps(&unavailable).is_err());
     }
 
     #[test]

@@ -205,6 +205,24 @@ pub trait Sink: Send {
         changes: &[SinkChange],
         offsets: &[OffsetAdvance],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// For a batch the target rejected: opens one transaction, advances the offsets, and
+    /// applies the changes one at a time in order, each under a savepoint, so a change
+    /// the target rejects is undone alone and the others stay. Returns the rejected
+    /// changes (index in `changes`, reason) with the transaction still open: the caller
+    /// stores them elsewhere (the dead-letter topic) and then calls
+    /// [`Sink::finish_isolated`]. On an error nothing is left open.
+    fn apply_isolated(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> impl Future<Output = Result<Vec<(usize, String)>, SinkError>> + Send;
+
+    /// Commits (or rolls back) the transaction [`Sink::apply_isolated`] left open.
+    fn finish_isolated(
+        &mut self,
+        commit: bool,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// Progress of a direct backfill of one table, as a target records it in the same

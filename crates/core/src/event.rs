@@ -293,6 +293,13 @@ impl TableColumns {
         Self { columns, encoded }
     }
 
+    /// The table has no key: no primary key (nor a unique index standing in for one), so
+    /// a row is identified by all of its columns and two rows may be equal. Its changes
+    /// all go to one partition (see the README's "Tables without a primary key").
+    pub fn is_keyless(&self) -> bool {
+        !self.columns.is_empty() && !self.columns.iter().any(|c| c.key)
+    }
+
     /// Decodes the JSON form.
     pub fn decode(bytes: &[u8]) -> Result<Vec<ColumnDefinition>, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("column definitions: {e}"))

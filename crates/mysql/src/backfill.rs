@@ -44,6 +44,21 @@ impl TableReader {
         table: &TableId,
         key_columns: &[String],
     ) -> Result<Self, TidelinkError> {
+        Self::open_with(dsn, table, key_columns, false).await
+    }
+
+    /// Opens a reader on a table that may have no key, to read it whole
+    /// ([`Self::all_rows`]).
+    pub async fn open_whole(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
+        Self::open_with(dsn, table, &[], true).await
+    }
+
+    async fn open_with(
+        dsn: &str,
+        table: &TableId,
+        key_columns: &[String],
+        keyless_allowed: bool,
+    ) -> Result<Self, TidelinkError> {
         let mut conn = connect(dsn, "backfill").await?;
         let mut schema = load_table(&mut conn, table)
             .await?
@@ -87,9 +102,10 @@ impl TableReader {
             }
             schema.key = key;
         }
-        if schema.key.is_empty() {
+        if schema.key.is_empty() && !keyless_allowed {
             return Err(TidelinkError::permanent(format!(
-                "table {table} has no primary key: a backfill pages through a table by its key. Add one, or name the columns of a unique NOT NULL index with --key-columns"
+                "table {table} has no primary key: a backfill pages through a table by its key, so its existing rows are not copied (its changes are streamed). \
+                 Add a primary key, or name the columns of a unique NOT NULL index with --key-columns"
             )));
         }
         let estimated_rows: Option<u64> = conn
@@ -285,6 +301,123 @@ impl TableReader {
             .into_iter()
             .next()
             .map(|(_, _, k)| k))
+    }
+
+    /// The table has no key.
+    pub fn is_keyless(&self) -> bool {
+        self.schema.key.is_empty()
+    }
+
+    /// Every row of the table, in no particular order (one consistent read).
+    pub async fn all_rows(&self) -> Result<Vec<Row>, TidelinkError> {
+        let sql = format!(
+            "SELECT {} FROM {}",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name)
+        );
+        Ok(self
+            .select(&sql)
+            .await?
+            .into_iter()
+            .map(|(_, image, _)| image)
+            .collect())
+    }
+
+    /// Opens a consistent snapshot (`START TRANSACTION WITH CONSISTENT SNAPSHOT`) and
+    /// returns the binlog position it matches: every transaction the snapshot sees was
+    /// written to the binlog before it, every other one after (MariaDB's
+    /// `binlog_snapshot_file` and `binlog_snapshot_position`). Rows then come from
+    /// [`Self::stream_consistent`]; [`Self::end_consistent`] closes the transaction.
+    pub async fn begin_consistent(&self) -> Result<(String, u64), TidelinkError> {
+        let mut conn = self.conn.lock().await;
+        let context = |what: &str| format!("{what} of {}", self.table);
+        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .map_err(|e| classify(&e).context(context("setting up the consistent read")))?;
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            .await
+            .map_err(|e| classify(&e).context(context("starting the consistent read")))?;
+        let status: Vec<(String, String)> = conn
+            .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+            .await
+            .map_err(|e| classify(&e).context(context("reading the snapshot's binlog position")))?;
+        let value = |name: &str| {
+            status
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        match (
+            value("binlog_snapshot_file"),
+            value("binlog_snapshot_position").and_then(|p| p.parse::<u64>().ok()),
+        ) {
+            (Some(file), Some(pos)) if !file.is_empty() => Ok((file, pos)),
+            _ => {
+                let _ = conn.query_drop("ROLLBACK").await;
+                Err(TidelinkError::permanent(format!(
+                    "table {} has no primary key, and this server does not tell the binlog position of a consistent snapshot                      (binlog_snapshot_file, a MariaDB status variable), so its existing rows cannot be copied exactly: add a primary key",
+                    self.table
+                )))
+            }
+        }
+    }
+
+    /// Sends every row of the consistent read to `rows`, `chunk` at a time.
+    pub async fn stream_consistent(
+        &self,
+        chunk: usize,
+        rows: tokio::sync::mpsc::Sender<Vec<Row>>,
+    ) -> Result<(), TidelinkError> {
+        let sql = format!(
+            "SELECT {} FROM {}",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name)
+        );
+        let mut conn = self.conn.lock().await;
+        let context = || format!("reading {}", self.table);
+        let mut result = conn
+            .query_iter(sql)
+            .await
+            .map_err(|e| classify(&e).context(context()))?;
+        let mut batch = Vec::with_capacity(chunk);
+        while let Some(row) = result
+            .next()
+            .await
+            .map_err(|e| classify(&e).context(context()))?
+        {
+            let values = row.unwrap();
+            let mut image = Row::with_capacity(self.schema.columns.len());
+            for (column, value) in self.schema.columns.iter().zip(values.iter()) {
+                let json = text_to_json(value, column)
+                    .map_err(|e| TidelinkError::permanent(format!("{}: {e}", self.table)))?;
+                image.insert(column.name.clone(), json);
+            }
+            batch.push(image);
+            if batch.len() >= chunk
+                && rows
+                    .send(std::mem::replace(&mut batch, Vec::with_capacity(chunk)))
+                    .await
+                    .is_err()
+            {
+                return Ok(());
+            }
+        }
+        if !batch.is_empty() {
+            let _ = rows.send(batch).await;
+        }
+        Ok(())
+    }
+
+    /// Ends the consistent read.
+    pub async fn end_consistent(&self) -> Result<(), TidelinkError> {
+        self.conn
+            .lock()
+            .await
+            .query_drop("COMMIT")
+            .await
+            .map_err(|e| {
+                classify(&e).context(format!("ending the consistent read of {}", self.table))
+            })
     }
 
     fn column_list(&self) -> String {

@@ -16,7 +16,9 @@ use crate::values::push_literal;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use std::collections::HashMap;
-use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
+use tidelink_core::coalesce::{
+    coalesce, keyless_steps, truncate_segments, KeylessStep, TableBatch, UpsertGroup,
+};
 use tidelink_core::{
     ColumnDefinition, OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError,
     SourceOrder, TableColumns, TableId, TidelinkError, TopicPartition,
@@ -312,18 +314,121 @@ impl MysqlSink {
         Ok(())
     }
 
+    /// The tables of `changes` whose targets have no primary key, in first-seen order.
+    async fn keyless_tables(&mut self, changes: &[SinkChange]) -> Result<Vec<TableId>, SinkError> {
+        let mut seen: Vec<&TableId> = Vec::new();
+        let mut keyless = Vec::new();
+        for change in changes {
+            if seen.contains(&&change.table) {
+                continue;
+            }
+            seen.push(&change.table);
+            let target = self
+                .target_table(&change.table, change.source_columns.as_deref())
+                .await?;
+            if !target.columns.values().any(|c| c.key) {
+                keyless.push(change.table.clone());
+            }
+        }
+        Ok(keyless)
+    }
+
+    /// Applies a table without a key step by step: inserts together, each delete removing
+    /// one row equal to its image (`<=>`, so NULL matches NULL).
+    async fn apply_keyless(
+        &mut self,
+        table: &TableId,
+        steps: Vec<KeylessStep<'_>>,
+    ) -> Result<(), SinkError> {
+        let target = self.target_table(table, None).await?;
+        for step in steps {
+            match step {
+                KeylessStep::Insert(rows) => {
+                    let mut start = 0;
+                    // Rows of one shape go into one statement.
+                    while start < rows.len() {
+                        let columns: Vec<&str> = rows[start].keys().collect();
+                        let end = rows[start..]
+                            .iter()
+                            .position(|r| !r.keys().eq(columns.iter().copied()))
+                            .map_or(rows.len(), |i| start + i);
+                        let head = format!(
+                            "INSERT INTO {} ({}) VALUES ",
+                            target.quoted,
+                            quoted_list(&columns)
+                        );
+                        let inserts = statements(
+                            &head,
+                            "",
+                            &target,
+                            table,
+                            rows[start..end].iter().copied(),
+                            &columns,
+                        )?;
+                        for statement in inserts {
+                            self.run(&statement, &format!("inserting into {table}"))
+                                .await?;
+                        }
+                        start = end;
+                    }
+                }
+                KeylessStep::DeleteOne(image) => {
+                    let mut sql = format!("DELETE FROM {} WHERE ", target.quoted);
+                    for (i, (column, value)) in image.iter().enumerate() {
+                        let info = target.columns.get(column).ok_or_else(|| {
+                            SinkError::Rejected(format!(
+                                "target table {table} has no column `{column}`"
+                            ))
+                        })?;
+                        if i > 0 {
+                            sql.push_str(" AND ");
+                        }
+                        sql.push_str(&quote_ident(column));
+                        sql.push_str(" <=> ");
+                        push_literal(&mut sql, value, info)
+                            .map_err(|e| SinkError::Rejected(format!("{table}: {e}")))?;
+                    }
+                    sql.push_str(" LIMIT 1");
+                    self.run(&sql, &format!("deleting from {table}")).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn apply_in_transaction(
         &mut self,
         changes: &[SinkChange],
         offsets: &[OffsetAdvance],
     ) -> Result<(), SinkError> {
         self.advance_offsets(offsets).await?;
+        self.apply_changes(changes).await
+    }
+
+    /// A batch's changes (and their history rows), inside the open transaction.
+    async fn apply_changes(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
         if self.settings.record_history && !changes.is_empty() {
             self.record_history(changes).await?;
         }
         for (segment, truncate) in truncate_segments(changes) {
-            for batch in coalesce(segment)? {
-                self.apply_table(batch).await?;
+            let keyless = self.keyless_tables(segment).await?;
+            if keyless.is_empty() {
+                for batch in coalesce(segment)? {
+                    self.apply_table(batch).await?;
+                }
+            } else {
+                let keyed: Vec<SinkChange> = segment
+                    .iter()
+                    .filter(|c| !keyless.contains(&c.table))
+                    .cloned()
+                    .collect();
+                for batch in coalesce(&keyed)? {
+                    self.apply_table(batch).await?;
+                }
+                for table in &keyless {
+                    let changes = segment.iter().filter(|c| c.table == *table);
+                    self.apply_keyless(table, keyless_steps(changes)?).await?;
+                }
             }
             if let Some(truncate) = truncate {
                 let target = self
@@ -627,7 +732,101 @@ impl MysqlSink {
     }
 }
 
+impl MysqlSink {
+    /// DDL commits implicitly: tables to create are created before a transaction opens (a
+    /// table that cannot be is reported again from inside it).
+    async fn create_tables_first(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
+        let mut seen: Vec<&TableId> = Vec::new();
+        for change in changes {
+            if !seen.contains(&&change.table) {
+                seen.push(&change.table);
+                if let Err(SinkError::Transient(e)) = self
+                    .target_table(&change.table, change.source_columns.as_deref())
+                    .await
+                {
+                    return Err(SinkError::Transient(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(rollback) = conn.query_drop("ROLLBACK").await {
+                tracing::debug!(error = %rollback, "rollback failed; reconnecting");
+                self.conn = None;
+            }
+        }
+    }
+
+    async fn isolated_in_transaction(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        self.advance_offsets(offsets).await?;
+        let mut rejected = Vec::new();
+        for (i, change) in changes.iter().enumerate() {
+            self.run("SAVEPOINT tidelink_change", "setting a savepoint")
+                .await?;
+            match self.apply_changes(std::slice::from_ref(change)).await {
+                Ok(()) => {
+                    self.run("RELEASE SAVEPOINT tidelink_change", "releasing a savepoint")
+                        .await?;
+                }
+                Err(SinkError::Rejected(reason)) => {
+                    self.run(
+                        "ROLLBACK TO SAVEPOINT tidelink_change",
+                        "undoing a rejected change",
+                    )
+                    .await?;
+                    self.tables.clear();
+                    rejected.push((i, reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(rejected)
+    }
+}
+
 impl Sink for MysqlSink {
+    async fn apply_isolated(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        self.conn()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        self.create_tables_first(changes).await?;
+        self.run("START TRANSACTION", "starting a transaction")
+            .await?;
+        let result = self.isolated_in_transaction(changes, offsets).await;
+        if let Err(e) = &result {
+            self.rollback().await;
+            if matches!(e, SinkError::Transient(_)) {
+                self.conn = None;
+            }
+        }
+        result
+    }
+
+    async fn finish_isolated(&mut self, commit: bool) -> Result<(), SinkError> {
+        if commit {
+            let result = self.run("COMMIT", "committing").await;
+            if result.is_err() {
+                self.rollback().await;
+                self.conn = None;
+            }
+            result.map(|_| ())
+        } else {
+            self.rollback().await;
+            Ok(())
+        }
+    }
+
     async fn recorded(
         &mut self,
         partitions: &[TopicPartition],
@@ -644,6 +843,7 @@ impl Sink for MysqlSink {
         self.conn()
             .await
             .map_err(|e| SinkError::Transient(e.message))?;
+        self.create_tables_first(changes).await?;
         self.run("START TRANSACTION", "starting a transaction")
             .await?;
         match self.apply_in_transaction(changes, offsets).await {

@@ -70,6 +70,21 @@ impl TableReader {
         table: &TableId,
         key_columns: &[String],
     ) -> Result<Self, TidelinkError> {
+        Self::open_with(dsn, table, key_columns, false).await
+    }
+
+    /// Describes a table that may have no key at all (REPLICA IDENTITY FULL), to read it
+    /// whole in one consistent transaction ([`Self::begin_consistent`]).
+    pub async fn open_whole(dsn: &str, table: &TableId) -> Result<Self, TidelinkError> {
+        Self::open_with(dsn, table, &[], true).await
+    }
+
+    async fn open_with(
+        dsn: &str,
+        table: &TableId,
+        key_columns: &[String],
+        keyless_allowed: bool,
+    ) -> Result<Self, TidelinkError> {
         let client = connect_with_options(dsn, "backfill", VALUE_FORMAT_OPTIONS).await?;
         let oid: Option<u32> = client
             .query_one(
@@ -107,9 +122,10 @@ impl TableReader {
             crate::catalog::check_unique_key(&client, oid, table, key_columns).await?;
             key_columns.to_vec()
         };
-        if primary_key.is_empty() {
+        if primary_key.is_empty() && !keyless_allowed {
             return Err(TidelinkError::permanent(format!(
-                "table {table} has no primary key: a backfill pages through rows by key. Add one, or name the columns of a unique NOT NULL index with --key-columns"
+                "table {table} has no primary key: a backfill pages through rows by key. Add one, or name the columns of a unique NOT NULL index with --key-columns. \
+                 (A running pipeline copies a table without a key by itself, in one consistent read: `snapshot: initial`.)"
             )));
         }
         let key: Vec<usize> = primary_key
@@ -145,6 +161,93 @@ impl TableReader {
             type_oids: oids,
             definitions: Arc::new(TableColumns::new(definitions)),
             estimated_rows: estimated_rows as i64,
+        })
+    }
+
+    /// The table has no key (no primary key, identity index or `--key-columns`).
+    pub fn is_keyless(&self) -> bool {
+        self.key.is_empty()
+    }
+
+    /// Opens a `REPEATABLE READ` transaction and a cursor over every row of the table,
+    /// and returns which transactions its snapshot sees. Rows then come from
+    /// [`Self::fetch_consistent`] until it returns none; [`Self::end_consistent`] closes
+    /// the transaction. The stream's changes of the transactions the snapshot sees are
+    /// already in these rows ([`SnapshotVisibility::sees`]).
+    pub async fn begin_consistent(&self) -> Result<SnapshotVisibility, TidelinkError> {
+        let columns = self
+            .columns
+            .iter()
+            .map(|(name, _)| quote_ident(name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let context = |what: &str| format!("{what} of {}", self.table);
+        self.client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| classify(&e).context(context("starting the consistent read")))?;
+        // The snapshot is taken by the first statement; the WAL position read after it
+        // lies past every commit the snapshot sees.
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
+                &[],
+            )
+            .await
+            .map_err(|e| classify(&e).context(context("reading the snapshot")))?;
+        let snapshot: String = row.get(0);
+        let lsn: String = row.get(1);
+        let visibility = SnapshotVisibility::parse(&snapshot, &lsn).ok_or_else(|| {
+            TidelinkError::permanent(format!("unexpected snapshot {snapshot:?} at {lsn:?}"))
+        })?;
+        self.client
+            .batch_execute(&format!(
+                "DECLARE tidelink_whole_table NO SCROLL CURSOR FOR SELECT {columns} FROM {}",
+                quote_table(&self.table.schema, &self.table.name)
+            ))
+            .await
+            .map_err(|e| classify(&e).context(context("opening the consistent read")))?;
+        Ok(visibility)
+    }
+
+    /// The next `limit` rows of the consistent read: each row's key (for a table without
+    /// a key, the whole row) and image.
+    pub async fn fetch_consistent(&self, limit: usize) -> Result<Vec<(Row, Row)>, TidelinkError> {
+        let rows = self
+            .rows(&format!("FETCH {limit} FROM tidelink_whole_table"))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, image, _)| {
+                if self.key.is_empty() {
+                    (image.clone(), image)
+                } else {
+                    (key, image)
+                }
+            })
+            .collect())
+    }
+
+    /// Every row of the table, in no particular order (one consistent read).
+    pub async fn all_rows(&self) -> Result<Vec<Row>, TidelinkError> {
+        self.begin_consistent().await?;
+        let mut rows = Vec::new();
+        loop {
+            let chunk = self.fetch_consistent(10_000).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            rows.extend(chunk.into_iter().map(|(_, image)| image));
+        }
+        self.end_consistent().await?;
+        Ok(rows)
+    }
+
+    /// Ends the consistent read.
+    pub async fn end_consistent(&self) -> Result<(), TidelinkError> {
+        self.client.batch_execute("COMMIT").await.map_err(|e| {
+            classify(&e).context(format!("ending the consistent read of {}", self.table))
         })
     }
 
@@ -652,5 +755,86 @@ mod copy_tests {
         assert_eq!(copy_unescape(b"a\\tb\\\\c\\n"), "a\tb\\c\n");
         assert_eq!(copy_unescape(b"\\101x"), "Ax");
         assert_eq!(copy_unescape(b"plain"), "plain");
+    }
+}
+
+/// Which transactions a snapshot sees (`pg_current_snapshot()`), and a WAL position past
+/// the commit of every one of them. A streamed transaction that committed before `upto`
+/// and that the snapshot sees is already in rows read with the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotVisibility {
+    /// Every transaction id below this had finished.
+    pub xmin: u64,
+    /// No transaction id from this on had finished.
+    pub xmax: u64,
+    /// Transactions between the two that were still running.
+    pub running: Vec<u64>,
+    /// WAL position (LSN) read after the snapshot was taken.
+    pub upto: u64,
+}
+
+impl SnapshotVisibility {
+    /// From `pg_current_snapshot()`'s text (`xmin:xmax:xip,…`) and an LSN's (`X/Y`).
+    pub fn parse(snapshot: &str, lsn: &str) -> Option<Self> {
+        let mut parts = snapshot.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let running = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        let (high, low) = lsn.split_once('/')?;
+        let upto =
+            (u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?;
+        Some(Self {
+            xmin,
+            xmax,
+            running,
+            upto,
+        })
+    }
+
+    /// Whether the snapshot sees the transaction `xid` (32 bits, as the stream names it)
+    /// that committed at `commit_lsn`.
+    pub fn sees(&self, xid: u32, commit_lsn: u64) -> bool {
+        if commit_lsn >= self.upto {
+            return false;
+        }
+        // Widen the 32-bit id to the 64-bit one nearest xmax: ids in use lie within 2^31
+        // of it.
+        let epoch = self.xmax >> 32;
+        let mut full = (epoch << 32) | u64::from(xid);
+        if full > self.xmax + (1 << 31) && epoch > 0 {
+            full -= 1 << 32;
+        }
+        full < self.xmin || (full < self.xmax && !self.running.contains(&full))
+    }
+}
+
+#[cfg(test)]
+mod visibility_tests {
+    use super::SnapshotVisibility;
+
+    #[test]
+    fn sees_what_finished_before_the_snapshot() {
+        let v = SnapshotVisibility::parse("100:105:101,103", "0/16B3748").expect("parses");
+        assert_eq!(v.upto, 0x16B3748);
+        assert!(v.sees(99, 10));
+        assert!(v.sees(100, 10));
+        assert!(!v.sees(101, 10), "running then");
+        assert!(v.sees(102, 10));
+        assert!(!v.sees(105, 10), "started after");
+        assert!(!v.sees(99, 0x16B3748), "committed after the position");
+        let empty = SnapshotVisibility::parse("7:7:", "1/0").expect("parses");
+        assert!(empty.running.is_empty());
+        assert_eq!(empty.upto, 1 << 32);
+        // Ids wrap at 2^32: xmax of epoch 1.
+        let wrapped = SnapshotVisibility::parse("4294967290:4294967300:", "0/10").expect("parses");
+        assert!(wrapped.sees(4_294_967_295, 1));
+        assert!(wrapped.sees(2, 1), "epoch 1, below xmax");
+        assert!(!wrapped.sees(5, 1), "epoch 1, at xmax");
     }
 }

@@ -22,7 +22,9 @@ use crate::connection::{connect, describe, is_transient_state, quote_ident, quot
 use crate::text_array::TextArray;
 use crate::types::{target_kind, TargetKind};
 use std::collections::HashMap;
-use tidelink_core::coalesce::{coalesce, truncate_segments, TableBatch, UpsertGroup};
+use tidelink_core::coalesce::{
+    coalesce, keyless_steps, truncate_segments, KeylessStep, TableBatch, UpsertGroup,
+};
 use tidelink_core::{
     OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError, SourceOrder, TableId,
     TidelinkError, TopicPartition,
@@ -55,6 +57,9 @@ pub(crate) struct TargetColumn {
 struct TargetTable {
     quoted: String,
     columns: HashMap<String, TargetColumn>,
+    /// No primary key or unique index: changes are applied in order, matching rows by
+    /// every column (see [`keyless_steps`]).
+    keyless: bool,
 }
 
 /// A PostgreSQL target.
@@ -127,9 +132,19 @@ impl PgSink {
             }
         }
         let columns = load_target_columns(client, &mut self.types, &quoted).await?;
+        let keyed: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::text::regclass \
+                 AND (indisprimary OR (indisunique AND indpred IS NULL AND indexprs IS NULL)))",
+                &[&quoted],
+            )
+            .await
+            .map_err(|e| sink_error(&e, &format!("reading the indexes of target table {table}")))?
+            .get(0);
         let target = TargetTable {
             quoted,
             columns: columns.into_iter().collect(),
+            keyless: !keyed,
         };
         self.tables.insert(table.clone(), target.clone());
         Ok(target)
@@ -325,18 +340,128 @@ impl PgSink {
         Ok(())
     }
 
+    /// The tables of `changes` whose targets have no key, in first-seen order (each
+    /// target looked up, or created, once).
+    async fn keyless_tables(&mut self, changes: &[SinkChange]) -> Result<Vec<TableId>, SinkError> {
+        let mut seen: Vec<&TableId> = Vec::new();
+        let mut keyless = Vec::new();
+        for change in changes {
+            if seen.contains(&&change.table) {
+                continue;
+            }
+            seen.push(&change.table);
+            let target = self
+                .target_table(&change.table, change.source_columns.as_deref())
+                .await?;
+            if target.keyless {
+                keyless.push(change.table.clone());
+            }
+        }
+        Ok(keyless)
+    }
+
+    /// Applies a table without a key step by step: inserts together, each delete removing
+    /// one row equal to its image (columns compared in their text form, so types without
+    /// an equality operator such as `json` compare too, and NULL matches NULL).
+    async fn apply_keyless(
+        &mut self,
+        table: &TableId,
+        steps: Vec<KeylessStep<'_>>,
+    ) -> Result<(), SinkError> {
+        let target = self.target_table(table, None).await?;
+        for step in steps {
+            match step {
+                KeylessStep::Insert(rows) => {
+                    let columns: Vec<&str> = rows[0].keys().collect();
+                    let mut start = 0;
+                    // Rows of one shape go into one statement.
+                    while start < rows.len() {
+                        let end = rows[start..]
+                            .iter()
+                            .position(|r| !r.keys().eq(columns.iter().copied()))
+                            .map_or(rows.len(), |i| start + i);
+                        let columns: Vec<&str> = rows[start].keys().collect();
+                        let params = column_params(
+                            &target,
+                            table,
+                            &columns,
+                            rows[start..end].iter().copied(),
+                        )?;
+                        let sql = format!(
+                            "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
+                            target.quoted,
+                            quoted_list(&columns),
+                            casts(&target, &columns),
+                            placeholders(columns.len(), 1),
+                            quoted_list(&columns),
+                        );
+                        self.execute(sql, &params, &format!("inserting into {table}"))
+                            .await?;
+                        start = end;
+                    }
+                }
+                KeylessStep::DeleteOne(image) => {
+                    let columns: Vec<&str> = image.keys().collect();
+                    let params = column_params(&target, table, &columns, std::iter::once(image))?;
+                    let matches = columns
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "t.{}::text IS NOT DISTINCT FROM ({})::text",
+                                quote_ident(c),
+                                cast(&target, c)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" AND ");
+                    let sql = format!(
+                        "DELETE FROM {0} WHERE ctid = (SELECT t.ctid FROM {0} t, unnest({1}) AS u({2}) \
+                         WHERE {matches} LIMIT 1)",
+                        target.quoted,
+                        placeholders(columns.len(), 1),
+                        quoted_list(&columns),
+                    );
+                    self.execute(sql, &params, &format!("deleting from {table}"))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn apply_in_transaction(
         &mut self,
         changes: &[SinkChange],
         offsets: &[OffsetAdvance],
     ) -> Result<(), SinkError> {
         self.advance_offsets(offsets).await?;
+        self.apply_changes(changes).await
+    }
+
+    /// A batch's changes (and their history rows), inside the open transaction.
+    async fn apply_changes(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
         if self.settings.record_history && !changes.is_empty() {
             self.record_history(changes).await?;
         }
         for (segment, truncate) in truncate_segments(changes) {
-            for batch in coalesce(segment)? {
-                self.apply_table(batch).await?;
+            let keyless = self.keyless_tables(segment).await?;
+            if keyless.is_empty() {
+                for batch in coalesce(segment)? {
+                    self.apply_table(batch).await?;
+                }
+            } else {
+                let keyed: Vec<SinkChange> = segment
+                    .iter()
+                    .filter(|c| !keyless.contains(&c.table))
+                    .cloned()
+                    .collect();
+                for batch in coalesce(&keyed)? {
+                    self.apply_table(batch).await?;
+                }
+                for table in &keyless {
+                    let changes = segment.iter().filter(|c| c.table == *table);
+                    self.apply_keyless(table, keyless_steps(changes)?).await?;
+                }
             }
             if let Some(truncate) = truncate {
                 let target = self
@@ -393,7 +518,88 @@ impl PgSink {
     }
 }
 
+impl PgSink {
+    async fn rollback(&mut self) {
+        if let Some(client) = &self.client {
+            if let Err(rollback) = client.batch_execute("ROLLBACK").await {
+                tracing::debug!(error = %rollback, "rollback failed; reconnecting");
+                self.client = None;
+            }
+        }
+    }
+
+    async fn isolated_in_transaction(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        self.advance_offsets(offsets).await?;
+        let mut rejected = Vec::new();
+        for (i, change) in changes.iter().enumerate() {
+            self.execute(
+                "SAVEPOINT tidelink_change".into(),
+                NO_PARAMS,
+                "setting a savepoint",
+            )
+            .await?;
+            match self.apply_changes(std::slice::from_ref(change)).await {
+                Ok(()) => {
+                    self.execute(
+                        "RELEASE SAVEPOINT tidelink_change".into(),
+                        NO_PARAMS,
+                        "releasing a savepoint",
+                    )
+                    .await?;
+                }
+                Err(SinkError::Rejected(reason)) => {
+                    self.execute(
+                        "ROLLBACK TO SAVEPOINT tidelink_change".into(),
+                        NO_PARAMS,
+                        "undoing a rejected change",
+                    )
+                    .await?;
+                    // A rejection may come from a target table that changed.
+                    self.tables.clear();
+                    rejected.push((i, reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(rejected)
+    }
+}
+
 impl Sink for PgSink {
+    async fn apply_isolated(
+        &mut self,
+        changes: &[SinkChange],
+        offsets: &[OffsetAdvance],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        self.client()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        self.execute("BEGIN".into(), NO_PARAMS, "starting a transaction")
+            .await?;
+        let result = self.isolated_in_transaction(changes, offsets).await;
+        if result.is_err() {
+            self.rollback().await;
+        }
+        result
+    }
+
+    async fn finish_isolated(&mut self, commit: bool) -> Result<(), SinkError> {
+        if commit {
+            let result = self.execute("COMMIT".into(), NO_PARAMS, "committing").await;
+            if result.is_err() {
+                self.rollback().await;
+            }
+            result.map(|_| ())
+        } else {
+            self.rollback().await;
+            Ok(())
+        }
+    }
+
     async fn recorded(
         &mut self,
         partitions: &[TopicPartition],
@@ -470,16 +676,19 @@ fn column_params<'r>(
 fn casts(target: &TargetTable, columns: &[&str]) -> String {
     columns
         .iter()
-        .map(|c| {
-            let sql_type = target
-                .columns
-                .get(*c)
-                .map(|t| t.sql_type.as_str())
-                .unwrap_or("text");
-            format!("u.{}::{}", quote_ident(c), sql_type)
-        })
+        .map(|c| cast(target, c))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `u.<column>::<its target type>`: a column of the `unnest` of the parameters, cast.
+fn cast(target: &TargetTable, column: &str) -> String {
+    let sql_type = target
+        .columns
+        .get(column)
+        .map(|t| t.sql_type.as_str())
+        .unwrap_or("text");
+    format!("u.{}::{}", quote_ident(column), sql_type)
 }
 
 fn placeholders(n: usize, first: usize) -> String {

@@ -118,6 +118,22 @@ impl Reader {
         }
     }
 
+    /// The table has no key (opened with [`open_whole_reader`]).
+    pub(crate) fn is_keyless(&self) -> bool {
+        match self {
+            Reader::Postgres(r) => r.is_keyless(),
+            Reader::Mysql(r) => r.is_keyless(),
+        }
+    }
+
+    /// Every row, in no particular order.
+    pub(crate) async fn all_rows(&self) -> Result<Vec<Row>, TidelinkError> {
+        match self {
+            Reader::Postgres(r) => r.all_rows().await,
+            Reader::Mysql(r) => r.all_rows().await,
+        }
+    }
+
     pub(crate) async fn rows_for(&self, keys: &[Row]) -> Result<Chunk, TidelinkError> {
         match self {
             Reader::Postgres(r) => r.rows_for(keys).await,
@@ -135,6 +151,18 @@ pub(crate) async fn open_reader(
         Reader::Postgres(tidelink_postgres::backfill::TableReader::open(&dsn, table, &[]).await?)
     } else {
         Reader::Mysql(tidelink_mysql::backfill::TableReader::open(&dsn, table, &[]).await?)
+    })
+}
+
+/// Opens a reader on any table of either engine, with or without a key.
+pub(crate) async fn open_whole_reader(
+    (postgres, dsn): (bool, String),
+    table: &TableId,
+) -> Result<Reader, TidelinkError> {
+    Ok(if postgres {
+        Reader::Postgres(tidelink_postgres::backfill::TableReader::open_whole(&dsn, table).await?)
+    } else {
+        Reader::Mysql(tidelink_mysql::backfill::TableReader::open_whole(&dsn, table).await?)
     })
 }
 
@@ -209,6 +237,15 @@ impl SourceSide<'_> {
             .collect()
     }
 
+    /// A reader on a source table that may have no key.
+    pub(crate) async fn open_whole(&self, table: &TableId) -> Result<Reader, TidelinkError> {
+        let location = match self.kind {
+            SourceKind::Postgres(pg) => (true, pg.dsn.clone()),
+            SourceKind::Mysql(my) => (false, my.dsn.clone()),
+        };
+        open_whole_reader(location, table).await
+    }
+
     pub(crate) async fn open(
         &self,
         table: &TableId,
@@ -246,6 +283,9 @@ pub struct BackfillOptions {
     /// Read at most this many rows per second from each table (`None`: as fast as the
     /// pipeline takes them), to spare a busy source.
     pub max_rows_per_second: Option<u64>,
+    /// Tables left out (the daemon copies tables without a key itself, see
+    /// `whole_table`).
+    pub exclude: Vec<TableId>,
 }
 
 /// Holds the reading of one table to [`BackfillOptions::max_rows_per_second`].
@@ -277,13 +317,20 @@ impl ReadPace {
 
 /// Progress of one table, as recorded after each chunk.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct TableProgress {
+pub(crate) struct TableProgress {
     /// Key (text form) of the last row copied.
-    after: Option<Vec<String>>,
+    pub(crate) after: Option<Vec<String>>,
     /// Rows copied so far.
-    rows: u64,
+    pub(crate) rows: u64,
     /// The table is finished.
-    done: bool,
+    pub(crate) done: bool,
+    /// A table without a key, copied whole: which transactions its snapshot saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) visibility: Option<tidelink_postgres::backfill::SnapshotVisibility>,
+    /// A MySQL-family table without a key, copied whole: the binlog place its snapshot
+    /// matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) binlog_snapshot: Option<crate::whole_table::BinlogSnapshot>,
 }
 
 /// The compacted topic recording backfill progress.
@@ -299,7 +346,8 @@ pub async fn backfill(
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, u64)>, TidelinkError> {
     let side = source_side(pipeline)?;
-    let tables = side.selected_tables(pipeline, &options.tables).await?;
+    let mut tables = side.selected_tables(pipeline, &options.tables).await?;
+    tables.retain(|t| !options.exclude.contains(t));
     if let Some(sink) = &options.direct {
         return backfill_direct(pipeline, &side, tables, sink, options, shutdown).await;
     }
@@ -311,7 +359,82 @@ pub async fn backfill(
         admin::read_latest_by_key(kafka, &progress_topic).await?;
     let mut schemas_topic_ready = false;
     let mut report = Vec::new();
+    let run = KafkaBackfill {
+        pipeline,
+        side: &side,
+        options,
+        metrics,
+        shutdown,
+        producer: &producer,
+        progress_topic: &progress_topic,
+        recorded: &recorded,
+    };
+    // One table's failure does not keep the others from being copied: it is reported,
+    // counted, and the backfill ends with an error naming every table that failed.
+    let mut failed: Vec<(TableId, TidelinkError)> = Vec::new();
     for table in tables {
+        let labels = [pipeline.name.as_str(), &table.to_string()].map(str::to_string);
+        match run.table(&table, &mut schemas_topic_ready).await {
+            Ok(Some(rows)) => {
+                set_table_failed(metrics, &labels, false);
+                report.push((table, rows));
+            }
+            Ok(None) => return Ok(report),
+            Err(e) => {
+                tracing::error!(pipeline = %pipeline.name, %table, error = %e,
+                    "snapshot of the table failed; the other tables are still copied");
+                set_table_failed(metrics, &labels, true);
+                failed.push((table, e));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        let transient = failed.iter().all(|(_, e)| e.is_transient());
+        let list = failed
+            .iter()
+            .map(|(t, e)| format!("{t}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let message = format!("{} of the tables could not be copied: {list}", failed.len());
+        return Err(if transient {
+            TidelinkError::transient(message)
+        } else {
+            TidelinkError::permanent(message)
+        });
+    }
+    Ok(report)
+}
+
+/// What every table of one backfill through Kafka shares.
+struct KafkaBackfill<'a> {
+    pipeline: &'a PipelineConfig,
+    side: &'a SourceSide<'a>,
+    options: &'a BackfillOptions,
+    metrics: Option<&'a Metrics>,
+    shutdown: &'a Shutdown,
+    producer: &'a EventProducer,
+    progress_topic: &'a str,
+    recorded: &'a HashMap<String, Vec<u8>>,
+}
+
+impl KafkaBackfill<'_> {
+    /// Copies one table; `None` when stopped before it finished.
+    async fn table(
+        &self,
+        table: &TableId,
+        schemas_topic_ready: &mut bool,
+    ) -> Result<Option<u64>, TidelinkError> {
+        let KafkaBackfill {
+            pipeline,
+            side,
+            options,
+            metrics,
+            shutdown,
+            producer,
+            progress_topic,
+            recorded,
+        } = *self;
+        let kafka = &pipeline.kafka;
         let mut progress: TableProgress = recorded
             .get(&table.to_string())
             .and_then(|bytes| serde_json::from_slice(bytes).ok())
@@ -321,21 +444,20 @@ pub async fn backfill(
         }
         if progress.done {
             tracing::info!(%table, rows = progress.rows, "already backfilled by an earlier run; skipping (--restart copies it again)");
-            report.push((table, progress.rows));
-            continue;
+            return Ok(Some(progress.rows));
         }
         if progress.rows > 0 {
             tracing::info!(%table, rows_done = progress.rows, "resuming after the last completed chunk");
         }
-        let reader = side.open(&table, &options.key_columns).await?;
+        let reader = side.open(table, &options.key_columns).await?;
         let topic = topic_of(kafka, &table.schema, &table.name);
         admin::ensure_topics(kafka, std::slice::from_ref(&topic)).await?;
         publish_definitions(
-            &producer,
+            producer,
             kafka,
-            &mut schemas_topic_ready,
+            schemas_topic_ready,
             &mut None,
-            &table,
+            table,
             reader.definitions(),
         )
         .await?;
@@ -426,14 +548,14 @@ pub async fn backfill(
                 complete_chunk(
                     sent,
                     &reader,
-                    &producer,
+                    producer,
                     &topic,
-                    &table,
+                    table,
                     &source,
                     &mut progress,
                 )
                 .await?;
-                record(&producer, &progress_topic, &table, &progress).await?;
+                record(producer, progress_topic, table, &progress).await?;
                 count_chunk(
                     metrics,
                     &labels,
@@ -444,11 +566,11 @@ pub async fn backfill(
             }
             if stopping && !finished {
                 tracing::info!(%table, rows = progress.rows, "stopped; rerun the same command to continue");
-                return Ok(report);
+                return Ok(None);
             }
             if finished {
                 progress.done = true;
-                record(&producer, &progress_topic, &table, &progress).await?;
+                record(producer, progress_topic, table, &progress).await?;
                 if let Some(metrics) = metrics {
                     metrics
                         .backfill_remaining
@@ -457,7 +579,7 @@ pub async fn backfill(
                 }
                 if options.progress_bar {
                     report_progress(
-                        &table,
+                        table,
                         &progress,
                         progress.rows as i64,
                         rows_at_start,
@@ -477,7 +599,7 @@ pub async fn backfill(
             if last_report.elapsed() >= every {
                 last_report = Instant::now();
                 report_progress(
-                    &table,
+                    table,
                     &progress,
                     reader.estimated_rows(),
                     rows_at_start,
@@ -486,9 +608,17 @@ pub async fn backfill(
                 );
             }
         }
-        report.push((table, progress.rows));
+        Ok(Some(progress.rows))
     }
-    Ok(report)
+}
+
+fn set_table_failed(metrics: Option<&Metrics>, labels: &[String; 2], failed: bool) {
+    if let Some(metrics) = metrics {
+        metrics
+            .backfill_failed_tables
+            .with_label_values(&[&labels[0], &labels[1]])
+            .set(if failed { 1 } else { 0 });
+    }
 }
 
 fn count_chunk(
@@ -706,6 +836,8 @@ async fn backfill_direct(
                     after: None,
                     rows: progress.rows,
                     done: false,
+                    visibility: None,
+                    binlog_snapshot: None,
                 };
                 report_progress(
                     &table,
@@ -730,6 +862,8 @@ async fn backfill_direct(
                 after: None,
                 rows: progress.rows,
                 done: true,
+                visibility: None,
+                binlog_snapshot: None,
             };
             report_progress(
                 &table,
@@ -935,7 +1069,7 @@ async fn complete_chunk(
     Ok(())
 }
 
-async fn record(
+pub(crate) async fn record(
     producer: &EventProducer,
     topic: &str,
     table: &TableId,

@@ -11,6 +11,7 @@ pub mod shutdown;
 pub mod sink_worker;
 pub mod status;
 pub mod verify;
+mod whole_table;
 
 pub use metrics::Metrics;
 pub use pipeline::{run_pipelines, Role};

@@ -44,6 +44,8 @@ pub mod names {
     pub const BACKFILL_CHUNKS: &str = "tidelink_backfill_chunks_total";
     /// Rows a running backfill still has to copy (from the planner's estimate).
     pub const BACKFILL_REMAINING: &str = "tidelink_backfill_remaining_rows";
+    /// 1 while a table's snapshot (or backfill) has failed and waits for its retry.
+    pub const BACKFILL_FAILED: &str = "tidelink_backfill_table_failed";
     /// Messages sent to the dead-letter topic.
     pub const SINK_DEAD_LETTER: &str = "tidelink_sink_dead_letter_messages_total";
     /// Changes skipped because the target had applied them already (a source republished
@@ -87,6 +89,7 @@ pub mod names {
         BACKFILL_ROWS,
         BACKFILL_CHUNKS,
         BACKFILL_REMAINING,
+        BACKFILL_FAILED,
         ERRORS,
         COMPONENT_UP,
     ];
@@ -135,6 +138,8 @@ pub struct Metrics {
     pub backfill_chunks: IntCounterVec,
     /// See [`names::BACKFILL_REMAINING`].
     pub backfill_remaining: GaugeVec,
+    /// See [`names::BACKFILL_FAILED`].
+    pub backfill_failed_tables: IntGaugeVec,
     /// See [`names::ERRORS`].
     pub errors: IntCounterVec,
     /// See [`names::COMPONENT_UP`].
@@ -204,6 +209,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(assigned.clone()))
+            .expect("unique metric");
+        let failed_tables = IntGaugeVec::new(
+            Opts::new(
+                BACKFILL_FAILED,
+                "1 while the table's snapshot has failed (the others go on; it is retried)",
+            ),
+            &["pipeline", "table"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(failed_tables.clone()))
             .expect("unique metric");
         let up = IntGaugeVec::new(
             Opts::new(
@@ -332,6 +348,7 @@ impl Metrics {
                 &["pipeline", "component", "kind"],
             ),
             component_up: up,
+            backfill_failed_tables: failed_tables,
             readiness: Arc::new(Mutex::new(BTreeMap::new())),
             registry,
         }

@@ -248,6 +248,7 @@ async fn run_mysql_source(
         metrics: &metrics,
         shutdown: &shutdown,
         topics_created: &topics_created,
+        keyless: &[],
     };
     metrics.set_ready(&name, "source", false);
     let mut attempt = 0;
@@ -268,7 +269,40 @@ async fn run_mysql_source(
                 name.clone(),
                 stop_store.clone(),
             ));
+            // Tables without a key are copied whole before the stream is read (see
+            // whole_table), and the stream leaves out what their snapshots saw.
+            let keyless: Vec<TableId> = report
+                .tables
+                .iter()
+                .filter(|t| t.key.is_empty())
+                .map(|t| t.table.clone())
+                .collect();
+            let restart = match pipeline.snapshot {
+                SnapshotMode::Never => None,
+                SnapshotMode::Initial => Some(false),
+                SnapshotMode::WhenNeeded => Some(report.fresh),
+            };
+            if let Some(restart) = restart {
+                let seen = crate::whole_table::snapshot_whole_mysql_tables(
+                    &pipeline,
+                    &settings.dsn,
+                    source.binlog_server_id(),
+                    &keyless,
+                    restart,
+                    &producer,
+                    &metrics,
+                    &shutdown,
+                )
+                .await?;
+                for (table, place) in seen {
+                    source.skip_seen_by(table, place.server_id, &place.file, place.pos);
+                }
+            }
             let tables = report.tables.iter().map(|t| &t.table);
+            let run = SourceRun {
+                keyless: &keyless,
+                ..run
+            };
             let result = run
                 .publish_from(&mut source, tables, report.fresh, &mut attempt)
                 .await;
@@ -308,6 +342,7 @@ async fn run_postgres_source(
         metrics: &metrics,
         shutdown: &shutdown,
         topics_created: &topics_created,
+        keyless: &[],
     };
     metrics.set_ready(&name, "source", false);
     // The slot's retained WAL is watched even while the source cannot stream: that is when
@@ -322,8 +357,44 @@ async fn run_postgres_source(
     let mut attempt = 0;
     while !shutdown.is_triggered() {
         let result = async {
-            let (mut source, report) = PgSource::start(settings.clone()).await?;
+            let report = PgSource::prepare(&settings).await?;
+            // Tables without a key are copied whole before the stream starts (see
+            // whole_table), and the stream leaves out what their snapshots saw.
+            let keyless: Vec<TableId> = report
+                .tables
+                .iter()
+                .filter(|t| !t.has_primary_key && t.replica_identity == 'f')
+                .map(|t| t.table.clone())
+                .collect();
+            let restart = match pipeline.snapshot {
+                SnapshotMode::Never => None,
+                SnapshotMode::Initial => Some(false),
+                SnapshotMode::WhenNeeded => Some(report.slot_created),
+            };
+            let seen = match restart {
+                None => Vec::new(),
+                Some(restart) => {
+                    crate::whole_table::snapshot_whole_tables(
+                        &pipeline,
+                        &settings.dsn,
+                        &keyless,
+                        restart,
+                        &producer,
+                        &metrics,
+                        &shutdown,
+                    )
+                    .await?
+                }
+            };
+            let mut source = PgSource::open(settings.clone(), &report).await?;
+            for (table, visibility) in seen {
+                source.skip_seen_by(table, visibility);
+            }
             let tables = report.tables.iter().map(|t| &t.table);
+            let run = SourceRun {
+                keyless: &keyless,
+                ..run
+            };
             let result = run
                 .publish_from(&mut source, tables, report.slot_created, &mut attempt)
                 .await;
@@ -344,12 +415,15 @@ async fn run_postgres_source(
 }
 
 /// What each run of a pipeline's source shares.
+#[derive(Clone, Copy)]
 struct SourceRun<'a> {
     pipeline: &'a PipelineConfig,
     producer: &'a EventProducer,
     metrics: &'a Metrics,
     shutdown: &'a Shutdown,
     topics_created: &'a watch::Sender<bool>,
+    /// Tables the key-range snapshot leaves out (copied whole before streaming).
+    keyless: &'a [TableId],
 }
 
 impl SourceRun<'_> {
@@ -369,7 +443,13 @@ impl SourceRun<'_> {
             .collect();
         admin::ensure_topics(&pipeline.kafka, &topics).await?;
         self.topics_created.send_replace(true);
-        let snapshot = start_snapshot(pipeline, new_start, self.metrics, self.shutdown);
+        let snapshot = start_snapshot(
+            pipeline,
+            new_start,
+            self.keyless,
+            self.metrics,
+            self.shutdown,
+        );
         self.metrics.set_ready(name, "source", true);
         *attempt = 0;
         let result = publish(
@@ -395,6 +475,7 @@ impl SourceRun<'_> {
 fn start_snapshot(
     pipeline: &PipelineConfig,
     slot_created: bool,
+    keyless: &[TableId],
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -406,6 +487,7 @@ fn start_snapshot(
     let pipeline = pipeline.clone();
     let shutdown = shutdown.clone();
     let metrics = metrics.clone();
+    let exclude = keyless.to_vec();
     Some(tokio::spawn(async move {
         let mut options = BackfillOptions {
             tables: Vec::new(),
@@ -416,6 +498,7 @@ fn start_snapshot(
             direct: None,
             key_columns: Vec::new(),
             max_rows_per_second: None,
+            exclude,
         };
         let mut attempt = 0;
         loop {

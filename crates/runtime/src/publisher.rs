@@ -106,8 +106,11 @@ pub async fn publish<S: Source>(
                     output.count(event.op, pipeline, metrics);
                     last_commit_ts = Some(event.source.ts_ms);
                     let (key, value) = encoder.encode(&event, now_ms());
-                    // A truncate has no key; partition 0 keeps its copy ordered there.
-                    let partition = (event.op == Op::Truncate).then_some(0);
+                    // A truncate has no key; partition 0 keeps its copy ordered there. A
+                    // table without a key sends everything there too: its rows can be equal,
+                    // so only one order for the whole table keeps them right.
+                    let keyless = event.columns.as_ref().is_some_and(|c| c.is_keyless());
+                    let partition = (event.op == Op::Truncate || keyless).then_some(0);
                     if let Some(columns) = &event.columns {
                         publish_definitions(
                             producer,

@@ -492,13 +492,18 @@ impl<S: Sink> Worker<S> {
                 continue;
             }
             let prepared = self.prepare_with_definitions(&messages).await?;
-            for (message, reason) in &prepared.undecodable {
-                let id = (partition_of(message), message.offset());
-                if !dead_lettered.contains(&id) {
-                    self.dead_letter(message, reason).await?;
-                    dead_lettered.push(id);
-                }
-            }
+            let undecodable: Vec<(&OwnedMessage, String)> = prepared
+                .undecodable
+                .iter()
+                .filter(|(m, _)| !dead_lettered.contains(&(partition_of(m), m.offset())))
+                .map(|(m, reason)| (*m, reason.clone()))
+                .collect();
+            self.dead_letter_all(&undecodable).await?;
+            dead_lettered.extend(
+                undecodable
+                    .iter()
+                    .map(|(m, _)| (partition_of(m), m.offset())),
+            );
             let started = Instant::now();
             match self.sink.apply(&prepared.changes, &prepared.offsets).await {
                 Ok(()) => {
@@ -524,8 +529,7 @@ impl<S: Sink> Worker<S> {
                     self.count_error("rejected");
                     tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason,
                         "the target rejected a batch; applying its changes one by one");
-                    messages.retain(|m| !dead_lettered.contains(&(partition_of(m), m.offset())));
-                    return self.apply_one_by_one(messages).await;
+                    return self.apply_isolating(messages, dead_lettered).await;
                 }
                 Err(SinkError::Transient(reason)) => {
                     self.count_error("transient");
@@ -541,63 +545,103 @@ impl<S: Sink> Worker<S> {
         }
     }
 
-    async fn apply_one_by_one(&mut self, messages: Vec<OwnedMessage>) -> Result<(), TidelinkError> {
-        for message in messages {
-            let p = partition_of(&message);
-            if !self.assigned.contains_key(&p) {
-                continue;
+    /// After the target rejected a batch: applies it again in one transaction, each change
+    /// under a savepoint ([`Sink::apply_isolated`]), sends the rejected ones to the
+    /// dead-letter topic and, once Kafka holds them, commits the rest with the offsets. A
+    /// poison table thus costs one transaction per batch, not one per message, and the
+    /// batch's other tables and partitions go on. `dead_lettered`: undecodable messages
+    /// already sent.
+    async fn apply_isolating(
+        &mut self,
+        mut messages: Vec<OwnedMessage>,
+        dead_lettered: Vec<(TopicPartition, i64)>,
+    ) -> Result<(), TidelinkError> {
+        let mut attempt = 0;
+        loop {
+            messages.retain(|m| self.assigned.contains_key(&partition_of(m)));
+            if messages.is_empty() {
+                return Ok(());
             }
-            let mut attempt = 0;
-            loop {
-                self.load_applied_through(std::slice::from_ref(&message))
-                    .await?;
-                let prepared = self
-                    .prepare_with_definitions(std::slice::from_ref(&message))
-                    .await?;
-                let (changes, offsets, source_ts) =
-                    (prepared.changes, prepared.offsets, prepared.source_ts);
-                let started = Instant::now();
-                match self.sink.apply(&changes, &offsets).await {
-                    Ok(()) => {
-                        self.committed(&changes, &offsets, &source_ts, started);
-                        self.count_replays_skipped(prepared.replays_skipped);
-                        self.count_filtered(prepared.filtered);
-                        break;
+            self.load_applied_through(&messages).await?;
+            let prepared = self.prepare_with_definitions(&messages).await?;
+            let started = Instant::now();
+            let result = self
+                .sink
+                .apply_isolated(&prepared.changes, &prepared.offsets)
+                .await;
+            let failure = match result {
+                Ok(rejected) => {
+                    let poison: Vec<(&OwnedMessage, String)> = rejected
+                        .into_iter()
+                        .filter_map(|(i, reason)| {
+                            let origin = &prepared.changes[i].origin;
+                            messages
+                                .iter()
+                                .find(|m| {
+                                    m.partition() == origin.partition
+                                        && m.offset() == origin.offset
+                                        && m.topic() == &*origin.topic
+                                })
+                                .map(|m| (m, reason))
+                        })
+                        .filter(|(m, _)| !dead_lettered.contains(&(partition_of(m), m.offset())))
+                        .collect();
+                    let rejected: Vec<(i32, i64, &str)> = poison
+                        .iter()
+                        .map(|(m, _)| (m.partition(), m.offset(), m.topic()))
+                        .collect();
+                    if let Err(e) = self.dead_letter_all(&poison).await {
+                        let _ = self.sink.finish_isolated(false).await;
+                        return Err(e);
                     }
-                    Err(SinkError::Rejected(reason)) => {
-                        self.dead_letter(&message, &reason).await?;
-                        // Record the offset alone, so the message is not retried.
-                        match self.sink.apply(&[], &offsets).await {
-                            Ok(()) => {
-                                self.committed(&[], &offsets, &[], started);
-                                break;
-                            }
-                            Err(SinkError::Fenced(partitions)) => {
-                                self.refence(&partitions).await?;
-                                break;
-                            }
-                            Err(e) => {
-                                self.count_error("transient");
-                                tracing::warn!(error = %e, "recording a dead-lettered offset failed; retrying");
-                            }
+                    match self.sink.finish_isolated(true).await {
+                        Ok(()) => {
+                            // What was committed: every change but the rejected ones.
+                            let applied: Vec<SinkChange> = prepared
+                                .changes
+                                .iter()
+                                .filter(|c| {
+                                    !rejected.iter().any(|&(p, o, t)| {
+                                        c.origin.partition == p
+                                            && c.origin.offset == o
+                                            && &*c.origin.topic == t
+                                    })
+                                })
+                                .cloned()
+                                .collect();
+                            self.committed(&applied, &prepared.offsets, &[], started);
+                            self.count_replays_skipped(prepared.replays_skipped);
+                            self.count_filtered(prepared.filtered);
+                            return Ok(());
                         }
-                    }
-                    Err(SinkError::Fenced(partitions)) => {
-                        self.refence(&partitions).await?;
-                        break;
-                    }
-                    Err(SinkError::Transient(reason)) => {
-                        self.count_error("transient");
-                        tracing::warn!(%reason, "applying a change failed; retrying");
+                        Err(e) => e,
                     }
                 }
-                attempt += 1;
-                if !backoff(attempt, &self.ctx.shutdown).await {
-                    return Ok(());
+                Err(e) => e,
+            };
+            match failure {
+                SinkError::Fenced(partitions) => {
+                    self.count_error("fenced");
+                    self.refence(&partitions).await?;
+                    messages.retain(|m| !partitions.iter().any(|p| is_of(m, p)));
+                }
+                SinkError::Rejected(reason) => {
+                    // Not a change's fault (the offsets or history could not be written).
+                    return Err(TidelinkError::permanent(format!(
+                        "recording a batch's progress in the target failed: {reason}"
+                    )));
+                }
+                SinkError::Transient(reason) => {
+                    self.count_error("transient");
+                    tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason, attempt,
+                        "applying a rejected batch change by change failed; retrying");
+                    attempt += 1;
+                    if !backoff(attempt, &self.ctx.shutdown).await {
+                        return Ok(());
+                    }
                 }
             }
         }
-        Ok(())
     }
 
     /// While this worker holds no partition: fails (so the worker rejoins the group) when a
@@ -802,19 +846,50 @@ impl<S: Sink> Worker<S> {
         self.consumer.commit_for_monitoring(&monitoring);
     }
 
-    async fn dead_letter(
+    /// Sends messages to the dead-letter topic together and waits until Kafka holds all of
+    /// them. The first few of a batch are logged one by one, the rest in one line.
+    async fn dead_letter_all(
         &mut self,
+        messages: &[(&OwnedMessage, String)],
+    ) -> Result<(), TidelinkError> {
+        const LOGGED: usize = 10;
+        let mut deliveries = Vec::with_capacity(messages.len());
+        for (i, (message, reason)) in messages.iter().enumerate() {
+            deliveries.push(self.send_dead_letter(message, reason, i < LOGGED).await?);
+        }
+        if messages.len() > LOGGED {
+            let (first, reason) = &messages[LOGGED];
+            tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name,
+                more = messages.len() - LOGGED, first_topic = %first.topic(), %reason,
+                dead_letter_topic = %self.dead_letter_topic, "more messages of the batch sent to the dead-letter topic");
+        }
+        for delivery in deliveries {
+            delivery.acknowledged().await?;
+        }
+        self.ctx
+            .metrics
+            .sink_dead_letter
+            .with_label_values(&self.labels())
+            .inc_by(messages.len() as u64);
+        Ok(())
+    }
+
+    async fn send_dead_letter(
+        &self,
         message: &OwnedMessage,
         reason: &str,
-    ) -> Result<(), TidelinkError> {
+        log: bool,
+    ) -> Result<tidelink_kafka::producer::PendingDelivery, TidelinkError> {
         let origin = format!(
             "{}[{}]@{}",
             message.topic(),
             message.partition(),
             message.offset()
         );
-        tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %origin, %reason,
-            dead_letter_topic = %self.dead_letter_topic, "message sent to the dead-letter topic");
+        if log {
+            tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %origin, %reason,
+                dead_letter_topic = %self.dead_letter_topic, "message sent to the dead-letter topic");
+        }
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "tidelink.error",
@@ -842,13 +917,7 @@ impl<S: Sink> Worker<S> {
                 Some(headers),
             )
             .await?;
-        delivery.acknowledged().await?;
-        self.ctx
-            .metrics
-            .sink_dead_letter
-            .with_label_values(&self.labels())
-            .inc();
-        Ok(())
+        Ok(delivery)
     }
 
     fn count_error(&self, kind: &str) {

@@ -15,7 +15,7 @@
 //! columns must hold the masked value. Checksums compare only tables whose transform, if
 //! any, just drops columns; other tables are read row by row.
 
-use crate::backfill::{open_reader, source_side, Reader};
+use crate::backfill::{open_reader, open_whole_reader, source_side, Reader};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tidelink_config::{PipelineConfig, SinkConfig, SinkTarget};
@@ -92,7 +92,27 @@ pub async fn verify(
                 continue;
             }
             let target_table = sink.target_table(table);
-            let source = side.open(table, &[]).await?;
+            let source = match side.open(table, &[]).await {
+                Ok(source) => source,
+                Err(e) => {
+                    let whole = side.open_whole(table).await?;
+                    if !whole.is_keyless() {
+                        return Err(e);
+                    }
+                    let target = open_whole_reader(target_kind(sink)?, &target_table).await?;
+                    let transform = sink.transform_for(table);
+                    let report = compare_whole(
+                        sink,
+                        table,
+                        &target_table,
+                        (&whole, &target),
+                        transform.as_ref(),
+                    )
+                    .await?;
+                    reports.push(report);
+                    continue;
+                }
+            };
             let target = open_reader(target_kind(sink)?, &target_table).await?;
             let transform = sink.transform_for(table);
             let report = compare(
@@ -199,6 +219,86 @@ async fn compare(
         eprintln!();
     }
     recheck(report, source, target, transform, options).await
+}
+
+/// A table without a key: both sides are read whole and compared as multisets of rows
+/// (equal rows count), in the form [`same_value`] compares values in. A row the source
+/// holds more often than the target is missing, one the target holds more often is extra;
+/// either is reported as the whole row.
+async fn compare_whole(
+    sink: &SinkConfig,
+    table: &TableId,
+    target_table: &TableId,
+    (source, target): (&Reader, &Reader),
+    transform: Option<&TableTransform>,
+) -> Result<TableReport, TidelinkError> {
+    let source_rows = source.all_rows().await?;
+    let target_rows = target.all_rows().await?;
+    let mut report = TableReport {
+        sink: sink.name.clone(),
+        source: table.to_string(),
+        target: target_table.to_string(),
+        rows: source_rows.len() as u64,
+        missing: Vec::new(),
+        extra: Vec::new(),
+        different: Vec::new(),
+        checksummed_ranges: None,
+        ranges_read: 0,
+    };
+    let mut columns: Vec<String> = Vec::new();
+    // Per canonical row: how many more the source holds than the target, and one image.
+    let mut counts: HashMap<String, (i64, Row)> = HashMap::new();
+    for image in source_rows {
+        let Some(image) = expected(transform, image) else {
+            continue;
+        };
+        if columns.is_empty() {
+            columns = image.keys().map(str::to_string).collect();
+        }
+        let entry = counts
+            .entry(canonical_row(&image, &columns))
+            .or_insert((0, image));
+        entry.0 += 1;
+    }
+    for image in target_rows {
+        if columns.is_empty() {
+            columns = image.keys().map(str::to_string).collect();
+        }
+        let entry = counts
+            .entry(canonical_row(&image, &columns))
+            .or_insert((0, image));
+        entry.0 -= 1;
+    }
+    for (_, (count, image)) in counts {
+        for _ in 0..count.max(0) {
+            report.missing.push(image.clone());
+        }
+        for _ in 0..(-count).max(0) {
+            report.extra.push(image.clone());
+        }
+    }
+    Ok(report)
+}
+
+/// A row's values for `columns`, written so that values [`same_value`] holds equal are
+/// written the same.
+fn canonical_row(row: &Row, columns: &[String]) -> String {
+    use serde_json::Value;
+    columns
+        .iter()
+        .map(|c| match row.get(c) {
+            None => "-".to_string(),
+            Some(Value::Null) => "null".to_string(),
+            Some(Value::Bool(b)) => format!("n:{}", u8::from(*b)),
+            Some(Value::Number(n)) => format!("n:{}", n.as_f64().unwrap_or(f64::NAN)),
+            Some(Value::String(s)) => match s.parse::<f64>() {
+                Ok(n) => format!("n:{n}"),
+                Err(_) => format!("s:{}", s.trim_end_matches(' ')),
+            },
+            Some(other) => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\u{1}")
 }
 
 /// A source row as the sink's transform leaves it in the target; `None` when its filter

@@ -161,6 +161,10 @@ fn registered_series_match_the_name_list() {
         .backfill_remaining
         .with_label_values(&["p", "t"])
         .set(0.0);
+    metrics
+        .backfill_failed_tables
+        .with_label_values(&["p", "t"])
+        .set(0);
     metrics.set_ready("p", "source", true);
     let gathered: BTreeSet<String> = metrics
         .registry

@@ -212,6 +212,7 @@ fn main() -> ExitCode {
                 direct,
                 key_columns,
                 max_rows_per_second: max_rate,
+                exclude: Vec::new(),
             };
             let result = runtime.block_on(async {
                 let shutdown = Shutdown::new();

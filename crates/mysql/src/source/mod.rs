@@ -93,6 +93,10 @@ pub struct MysqlSource {
     confirmed: watch::Sender<Option<BinlogPosition>>,
     /// The `server_id` of the server streamed from (see `SourceInfo::binlog_server_id`).
     binlog_server_id: u32,
+    /// Tables copied whole with a consistent snapshot: the server and binlog place
+    /// (file number, position) it matched. Rows events of such a table before that place
+    /// are in the copy already and are not emitted.
+    snapshotted: HashMap<TableId, (u32, [u64; 2])>,
 }
 
 impl MysqlSource {
@@ -144,6 +148,7 @@ impl MysqlSource {
             unconfirmed: VecDeque::new(),
             confirmed: watch::channel(None).0,
             binlog_server_id: report.server_id,
+            snapshotted: HashMap::new(),
         };
         Ok((
             source,
@@ -153,6 +158,20 @@ impl MysqlSource {
                 position,
             },
         ))
+    }
+
+    /// Leaves out the rows events of `table` written before `file`:`pos` of the binlog of
+    /// server `server_id`: a consistent snapshot matching that place holds them (a table
+    /// without a key, copied whole).
+    pub fn skip_seen_by(&mut self, table: TableId, server_id: u32, file: &str, pos: u64) {
+        if let Some(number) = binlog_file_number(file) {
+            self.snapshotted.insert(table, (server_id, [number, pos]));
+        }
+    }
+
+    /// The `server_id` of the server streamed from.
+    pub fn binlog_server_id(&self) -> u32 {
+        self.binlog_server_id
     }
 
     /// The last position whose changes Kafka acknowledged; store it to resume there.
@@ -213,11 +232,6 @@ impl MysqlSource {
                 "{table}: the binlog has rows for a table that no longer exists; its definition is unknown"
             )));
         };
-        if schema.key.is_empty() {
-            return Err(TidelinkError::permanent(format!(
-                "table {table} has no primary key: tidelink keys every change by primary key (add one, or leave the table out of `tables`)"
-            )));
-        }
         if let (Some(names), false) = (binlog_names, matches(&schema)) {
             // The server sends column names (binlog_row_metadata=FULL): read the rows by
             // them, exactly as they were written before a later ALTER.
@@ -280,6 +294,12 @@ impl MysqlSource {
         );
         if !tidelink_config::matches_any(&self.settings.tables, &table.schema, &table.name) {
             return Ok(());
+        }
+        if let Some((server, place)) = self.snapshotted.get(&table) {
+            let here = binlog_file_number(&self.file).map(|n| [n, header_pos]);
+            if *server == self.binlog_server_id && here.is_some_and(|here| here < *place) {
+                return Ok(());
+            }
         }
         let tme = tme.clone();
         let columns = tme.columns_count() as usize;
@@ -523,7 +543,17 @@ fn image(row: &BinlogRow, schema: &TableSchema) -> Result<Row, TidelinkError> {
     Ok(out)
 }
 
+/// `binlog.000042` → 42.
+fn binlog_file_number(file: &str) -> Option<u64> {
+    file.rsplit_once('.')?.1.parse().ok()
+}
+
+/// The row's key: its primary-key columns, or for a table without one the whole row (the
+/// binlog carries full images, `binlog_row_image=FULL`).
 fn key_of(row: &Row, schema: &TableSchema) -> Row {
+    if schema.key.is_empty() {
+        return row.clone();
+    }
     schema
         .key
         .iter()

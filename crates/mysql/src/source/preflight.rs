@@ -133,9 +133,8 @@ pub async fn preflight(
             continue;
         };
         if schema.key.is_empty() {
-            return Err(TidelinkError::permanent(format!(
-                "table {id} has no primary key: tidelink keys every change by primary key (add one, or leave the table out of `tables`)"
-            )));
+            tracing::warn!(table = %id,
+                "table has no primary key; its changes are keyed by the whole row, equal rows are kept as duplicates, and all its changes go to partition 0 of its topic");
         }
         tables.push(schema);
     }

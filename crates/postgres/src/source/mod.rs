@@ -22,6 +22,7 @@ pub use preflight::{
     preflight, slot_status, slot_status_on, PreflightReport, SlotStatus, SourceTable,
 };
 
+use crate::backfill::SnapshotVisibility;
 use crate::catalog::{self, TypeCache};
 use crate::connection::{self, parse_dsn};
 use crate::types::{text_to_json, ValueKind};
@@ -73,6 +74,8 @@ struct RelationInfo {
     columns: Vec<ColumnInfo>,
     /// Indexes of the columns forming the message key (primary key, else replica identity).
     key: Vec<usize>,
+    /// No primary key or identity index (REPLICA IDENTITY FULL): the whole row is the key.
+    keyless: bool,
     /// Column definitions sent with every event of the table.
     definitions: Arc<TableColumns>,
     /// The envelope's `source` block for the table, without the transaction's fields.
@@ -102,6 +105,9 @@ pub struct PgSource {
     /// The parts of every change's `source` block that never change (version, connector,
     /// pipeline name, snapshot flag, database), built once.
     source_block: SourceInfo,
+    /// Tables copied whole with a snapshot, and which transactions it saw: their changes
+    /// are in the copy already and are not emitted again.
+    snapshotted: HashMap<TableId, SnapshotVisibility>,
 }
 
 impl PgSource {
@@ -110,10 +116,27 @@ impl PgSource {
     pub async fn start(
         settings: PgSourceSettings,
     ) -> Result<(Self, PreflightReport), TidelinkError> {
-        let report = preflight(&settings).await?;
+        let report = Self::prepare(&settings).await?;
+        let source = Self::open(settings, &report).await?;
+        Ok((source, report))
+    }
+
+    /// Runs preflight, which creates the publication and slot when absent, and logs its
+    /// warnings. The slot then holds every change committed from here on, so a snapshot
+    /// taken before [`Self::open`] misses nothing.
+    pub async fn prepare(settings: &PgSourceSettings) -> Result<PreflightReport, TidelinkError> {
+        let report = preflight(settings).await?;
         for warning in &report.warnings {
             tracing::warn!(pipeline = %settings.pipeline, "{warning}");
         }
+        Ok(report)
+    }
+
+    /// Starts streaming from the slot's confirmed position, after [`Self::prepare`].
+    pub async fn open(
+        settings: PgSourceSettings,
+        report: &PreflightReport,
+    ) -> Result<Self, TidelinkError> {
         let config = parse_dsn(&settings.dsn)?;
         let source_block = SourceInfo {
             version: Arc::from(env!("CARGO_PKG_VERSION")),
@@ -134,20 +157,24 @@ impl PgSource {
             "PostgreSQL source streaming from {}",
             redact_dsn(&settings.dsn)
         );
-        Ok((
-            Self {
-                confirmed: report.confirmed_flush_lsn,
-                source_block,
-                settings,
-                client,
-                catalog,
-                types: TypeCache::default(),
-                relations: HashMap::new(),
-                transaction: None,
-                ready: VecDeque::new(),
-            },
-            report,
-        ))
+        Ok(Self {
+            confirmed: report.confirmed_flush_lsn,
+            source_block,
+            settings,
+            client,
+            catalog,
+            types: TypeCache::default(),
+            relations: HashMap::new(),
+            transaction: None,
+            ready: VecDeque::new(),
+            snapshotted: HashMap::new(),
+        })
+    }
+
+    /// Leaves out the streamed changes of `table` that `visibility`'s snapshot already
+    /// saw: rows read with that snapshot hold them (a table without a key, copied whole).
+    pub fn skip_seen_by(&mut self, table: TableId, visibility: SnapshotVisibility) {
+        self.snapshotted.insert(table, visibility);
     }
 
     /// Stops the stream, telling the server the last confirmed position.
@@ -179,8 +206,15 @@ impl PgSource {
                 kind: self.types.classify(c.type_oid),
             })
             .collect();
-        let primary_key = catalog::primary_key(&self.catalog, rel.id).await?;
-        let key: Vec<usize> = if primary_key.is_empty() {
+        let mut primary_key = catalog::primary_key(&self.catalog, rel.id).await?;
+        if primary_key.is_empty() {
+            primary_key = catalog::replica_identity_index(&self.catalog, rel.id).await?;
+        }
+        // No primary key and no identity index: REPLICA IDENTITY FULL (preflight refuses
+        // the rest). The whole row identifies it; the definitions name no key, which tells
+        // sinks to create the target without one and match rows by every column.
+        let keyless = primary_key.is_empty();
+        let key: Vec<usize> = if keyless {
             rel.columns
                 .iter()
                 .enumerate()
@@ -206,7 +240,7 @@ impl PgSource {
                 ColumnDefinition {
                     name: c.name.to_string(),
                     sql_type,
-                    key: key.contains(&i),
+                    key: !keyless && key.contains(&i),
                     not_null,
                 }
             })
@@ -224,6 +258,7 @@ impl PgSource {
                 table,
                 columns,
                 key,
+                keyless,
                 definitions: Arc::new(TableColumns::new(definitions)),
                 source,
             },
@@ -241,6 +276,15 @@ impl PgSource {
 
     /// Queues a change, numbering it within its transaction (`source.seq`).
     fn emit(&mut self, mut event: ChangeEvent) {
+        if let (Some(tx), false) = (self.transaction, self.snapshotted.is_empty()) {
+            if self
+                .snapshotted
+                .get(&event.table)
+                .is_some_and(|v| v.sees(tx.xid, tx.final_lsn))
+            {
+                return;
+            }
+        }
         if let Some(tx) = self.transaction.as_mut() {
             event.source.seq = Some(tx.events);
             tx.events += 1;
@@ -272,8 +316,8 @@ impl PgSource {
             }
             PgOutputMessage::Update { relation, old, new } => {
                 let rel = self.relation(relation, "Update")?;
-                let key = key_of(rel, &new)?;
-                let old_key = match &old {
+                let mut key = key_of(rel, &new)?;
+                let mut old_key = match &old {
                     Some(old) => Some(key_of(rel, &old.values)?),
                     None => None,
                 };
@@ -282,6 +326,12 @@ impl PgSource {
                     Some(old) => Some(build_old_row(rel, old)?),
                     None => None,
                 };
+                if rel.keyless {
+                    // The key is the whole row, with unchanged TOASTed values taken from
+                    // the old row (the server sends all of it under REPLICA IDENTITY FULL).
+                    key = after.clone();
+                    old_key = before.clone();
+                }
                 let source = Self::source_info(rel, tx);
                 let table = rel.table.clone();
                 let columns = Some(rel.definitions.clone());

@@ -116,7 +116,8 @@ pub async fn preflight(settings: &PgSourceSettings) -> Result<PreflightReport, T
                  Add a primary key, or ALTER TABLE {table} REPLICA IDENTITY FULL to key it by the whole row"
             )),
             (false, 'f') => warnings.push(format!(
-                "table {table} has no primary key; its changes are keyed by the whole row (REPLICA IDENTITY FULL)"
+                "table {table} has no primary key; its rows are identified by all their columns (REPLICA IDENTITY FULL): equal rows stay duplicates, \
+                 all its changes go to partition 0 of its topic, and its snapshot is one consistent read during which the stream waits"
             )),
             (false, _) => warnings.push(format!(
                 "table {table} has no primary key; its changes are keyed by its replica identity index"
