@@ -1160,3 +1160,144 @@ async fn mariadb_table_without_a_key_is_snapshotted_and_streamed_into_both_engin
     assert_eq!(keys, vec![0], "created without a key");
     drop(daemon);
 }
+
+/// Columns added, renamed, widened and dropped on a MariaDB source reach a MariaDB and a
+/// PostgreSQL target in order with the rows (the source logs full row metadata, so rows
+/// read after a later ALTER keep their columns).
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_schema_changes_reach_both_engines() {
+    use mysql_async::prelude::Queryable;
+    // Rows read after later ALTERs are decoded by the names the server logged.
+    let setup = Setup {
+        source: MariaDb::start_with(
+            1,
+            &[
+                "--binlog-format=ROW",
+                "--binlog-row-image=FULL",
+                "--binlog-row-metadata=FULL",
+            ],
+        ),
+        broker: Broker::start(),
+        work: tempfile::tempdir().expect("work dir"),
+        metrics_port: free_port(),
+    };
+    setup.source.execute("mysql", "CREATE DATABASE shop").await;
+    setup
+        .source
+        .execute(
+            "shop",
+            "CREATE TABLE items (id int PRIMARY KEY, name varchar(10), qty int NOT NULL DEFAULT 0)",
+        )
+        .await;
+    let maria = MariaDb::start(2);
+    let postgres = PgCluster::start();
+    postgres.create_database("replica").await;
+    let sinks = format!(
+        "        mysql:\n          dsn: {}\n          create_tables: true\n      - name: pg\n        postgres:\n          dsn: {}\n          create_tables: true\n",
+        maria.dsn("mysql"),
+        postgres.dsn("replica"),
+    );
+    let config = setup.config(&setup.mysql_source(), &sinks, "    snapshot: never\n");
+    let _daemon = setup.run(&config, "schema.log");
+    setup.wait_ready().await;
+    let mut conn = setup.source.conn("shop").await;
+    for step in [
+        "INSERT INTO items SELECT seq, CONCAT('n', seq), seq FROM seq_1_to_200",
+        "ALTER TABLE items ADD COLUMN note text NULL",
+        "INSERT INTO items SELECT seq, CONCAT('n', seq), seq, CONCAT('note ', seq) FROM seq_201_to_400",
+        "ALTER TABLE items RENAME COLUMN name TO title",
+        "UPDATE items SET title = CONCAT('t', id) WHERE id % 5 = 0",
+        "ALTER TABLE items MODIFY COLUMN title varchar(40)",
+        "INSERT INTO items VALUES (401, 'a title longer than ten characters', 1, 'wide')",
+        "ALTER TABLE items DROP COLUMN qty",
+        "INSERT INTO items SELECT seq, 'after drop', 'x' FROM seq_402_to_500",
+        "DELETE FROM items WHERE id % 11 = 0",
+    ] {
+        conn.query_drop(step).await.expect("step");
+        if step.starts_with("ALTER") {
+            continue; // targets follow a schema change with the rows after it
+        }
+        // The source streams as the migration runs: each step's rows reach both targets
+        // before the next step starts.
+        let expected = mariadb_rows(&mut conn, "shop.items", "id").await;
+        let source_columns: Vec<String> = conn
+            .query("SELECT column_name FROM information_schema.columns WHERE table_schema = 'shop' AND table_name = 'items' ORDER BY ordinal_position")
+            .await
+            .expect("columns");
+        let mut target = maria.conn("mysql").await;
+        let pg = postgres.client("replica").await;
+        let mut caught_up = false;
+        for _ in 0..240 {
+            let pg_columns: Vec<String> = first_column(
+                &pg,
+                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = 'shop' AND table_name = 'items' ORDER BY ordinal_position",
+            )
+            .await
+            .unwrap_or_default();
+            let pg_count: Vec<i64> = first_column(&pg, "SELECT count(*) FROM shop.items")
+                .await
+                .unwrap_or_default();
+            if pg_columns == source_columns
+                && pg_count == [expected.len() as i64]
+                && target
+                    .query::<String, _>("SELECT table_name FROM information_schema.tables WHERE table_schema = 'shop'")
+                    .await
+                    .is_ok_and(|t| !t.is_empty())
+                && mariadb_rows(&mut target, "shop.items", "id").await == expected
+            {
+                caught_up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(caught_up, "after `{step}` the targets did not catch up:\n{}", setup.logs());
+    }
+    let expected = mariadb_rows(&mut conn, "shop.items", "id").await;
+    let mut target = maria.conn("mysql").await;
+    let pg = postgres.client("replica").await;
+    let mut in_sync = false;
+    for _ in 0..240 {
+        let pg_rows: Vec<String> = first_column(
+            &pg,
+            "SELECT concat_ws('|', id, coalesce(title, '∅'), coalesce(note, '∅')) FROM shop.items ORDER BY id",
+        )
+        .await
+        .unwrap_or_default();
+        let maria_rows: Vec<String> = target
+            .query("SELECT 1 FROM information_schema.columns WHERE table_schema = 'shop' AND table_name = 'items' AND column_name = 'title'")
+            .await
+            .unwrap_or_default();
+        if !maria_rows.is_empty()
+            && mariadb_rows(&mut target, "shop.items", "id").await == expected
+            && pg_rows == expected
+        {
+            in_sync = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if !in_sync {
+        let maria_rows = mariadb_rows(&mut target, "shop.items", "id").await;
+        let pg_rows: Vec<String> = first_column(
+            &pg,
+            "SELECT concat_ws('|', id, coalesce(title, '∅'), coalesce(note, '∅')) FROM shop.items ORDER BY id",
+        )
+        .await
+        .unwrap_or_default();
+        panic!(
+            "targets did not follow the source: source {} rows {:?}…, MariaDB {} rows {:?}…, PostgreSQL {} rows {:?}…\n{}",
+            expected.len(),
+            expected.iter().take(3).collect::<Vec<_>>(),
+            maria_rows.len(),
+            maria_rows.iter().take(3).collect::<Vec<_>>(),
+            pg_rows.len(),
+            pg_rows.iter().take(3).collect::<Vec<_>>(),
+            setup.logs()
+        );
+    }
+    let types: Vec<String> = target
+        .query("SELECT CONCAT(column_name, ' ', column_type) FROM information_schema.columns WHERE table_schema = 'shop' AND table_name = 'items' ORDER BY ordinal_position")
+        .await
+        .expect("columns");
+    assert_eq!(types, ["id int(11)", "title varchar(40)", "note text"]);
+}

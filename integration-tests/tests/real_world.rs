@@ -206,3 +206,159 @@ async fn a_table_the_target_rejects_is_dead_lettered_in_batches_while_the_others
         .expect("count");
     assert_eq!(rows, vec![0]);
 }
+
+/// Columns added, renamed, widened and dropped on the source reach the target in order
+/// with the rows, which end equal to the source's; a type change the target cannot hold
+/// sends the table's changes to the dead-letter topic with the reason instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_on_the_source_reach_the_target_in_order_with_the_data() {
+    let schema =
+        "CREATE TABLE items (id int PRIMARY KEY, name varchar(10), qty int NOT NULL DEFAULT 0);
+                  CREATE TABLE other (id int PRIMARY KEY, v text);";
+    let p = PgPipeline::start(schema).await;
+    let config = p.write_config_without_snapshot("schema.yaml", "");
+    let _daemon = p.run_ready(&config, "schema.log").await;
+    let source = p.source.client("app").await;
+    let steps = [
+        "INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 300) g",
+        "ALTER TABLE items ADD COLUMN note text",
+        "INSERT INTO items SELECT g, 'n' || g, g, 'note ' || g FROM generate_series(301, 600) g",
+        "UPDATE items SET note = 'later' WHERE id % 7 = 0",
+        "ALTER TABLE items RENAME COLUMN name TO title",
+        "UPDATE items SET title = 't' || id WHERE id % 5 = 0",
+        "ALTER TABLE items ALTER COLUMN title TYPE varchar(40)",
+        "INSERT INTO items VALUES (601, 'a title longer than ten characters', 1, 'wide')",
+        "ALTER TABLE items DROP COLUMN qty",
+        "INSERT INTO items SELECT g, 'after drop', 'x' FROM generate_series(602, 700) g",
+        "DELETE FROM items WHERE id % 11 = 0",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        source.batch_execute(step).await.expect("step");
+        source
+            .batch_execute(&format!("INSERT INTO other VALUES ({i}, 'step {i}')"))
+            .await
+            .expect("other");
+    }
+    p.wait_in_sync(&[("items", "id"), ("other", "id")], CATCH_UP)
+        .await;
+    let target = p.target.client("replica").await;
+    let columns: Vec<String> = first_column(
+        &target,
+        "SELECT attname || ' ' || format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'items'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .await
+    .expect("columns");
+    assert_eq!(
+        columns,
+        ["id integer", "title character varying(40)", "note text"],
+        "the target follows the source's columns"
+    );
+
+    // A type change the target cannot follow (integer to text): it is not made by itself,
+    // the error names the column and both types, the rows the target rejects are
+    // dead-lettered, and the other table keeps flowing.
+    source
+        .batch_execute(
+            "ALTER TABLE items ADD COLUMN code integer;
+             INSERT INTO items VALUES (800, 'coded', 'n', 5);",
+        )
+        .await
+        .expect("code column");
+    p.wait_in_sync(&[("items", "id")], CATCH_UP).await;
+    source
+        .batch_execute(
+            "ALTER TABLE items ALTER COLUMN code TYPE text;
+             INSERT INTO items VALUES (801, 'lettered', 'n', 'abc');
+             INSERT INTO other VALUES (100, 'after the type change');",
+        )
+        .await
+        .expect("type change");
+    p.wait_in_sync(&[("other", "id")], CATCH_UP).await;
+    let port = p.metrics_port;
+    tidelink_integration_tests::wait_until(
+        Duration::from_secs(60),
+        "the row the target cannot hold is dead-lettered",
+        || async move {
+            http_get(port, "/metrics")
+                .await
+                .is_some_and(|m| metric_sum(&m, "tidelink_sink_dead_letter_messages_total") >= 1.0)
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(p.work.path().join("schema.log")).unwrap_or_default();
+    assert!(
+        log.contains("column `code` is integer in the target but text in the source"),
+        "the error names the column and the types:\n{}",
+        p.logs_tail()
+    );
+    let kept: Vec<String> = first_column(&target, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'code'")
+        .await
+        .expect("type");
+    assert_eq!(kept, ["integer"], "never changed by itself");
+}
+
+/// A partitioned table arrives in one target table, rows moving between partitions
+/// included; a table created on the source while the pipeline runs is picked up (added to
+/// the publication, its existing rows copied, then streamed) without a restart, and a
+/// table created without a usable key is reported and left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_and_newly_created_tables_reach_the_target_without_a_restart() {
+    let schema = "CREATE TABLE measurements (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+                  CREATE TABLE measurements_eu PARTITION OF measurements FOR VALUES IN ('eu');
+                  CREATE TABLE measurements_us PARTITION OF measurements FOR VALUES IN ('us');
+                  INSERT INTO measurements SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g FROM generate_series(1, 1000) g;";
+    let p = PgPipeline::start_with(schema, "").await;
+    let config = p.write_config("partitions.yaml", "          create_tables: true\n");
+    let _daemon = p.run_ready(&config, "partitions.log").await;
+    let source = p.source.client("app").await;
+    source
+        .batch_execute(
+            "INSERT INTO measurements SELECT g, 'eu', g FROM generate_series(1001, 1500) g;
+             UPDATE measurements SET region = 'us', v = v + 1 WHERE id % 10 = 0 AND region = 'eu';
+             DELETE FROM measurements WHERE id % 13 = 0;",
+        )
+        .await
+        .expect("partition workload");
+    p.wait_in_sync(&[("measurements", "id, region")], CATCH_UP)
+        .await;
+    let target = p.target.client("replica").await;
+    let partitions: Vec<i64> = first_column(
+        &target,
+        "SELECT count(*) FROM pg_class WHERE relname LIKE 'measurements%'",
+    )
+    .await
+    .expect("tables");
+    assert_eq!(partitions, vec![2], "one target table (and its key index)");
+
+    source
+        .batch_execute(
+            "CREATE TABLE late (id int PRIMARY KEY, v text);
+             INSERT INTO late SELECT g, 'before' FROM generate_series(1, 300) g;
+             CREATE TABLE loose (a int);",
+        )
+        .await
+        .expect("new tables");
+    // Changes while the new table is being picked up, and after.
+    for round in 0..20 {
+        source
+            .batch_execute(&format!(
+                "INSERT INTO late VALUES ({}, 'during'); UPDATE late SET v = 'changed' WHERE id = {};",
+                1000 + round,
+                1 + round
+            ))
+            .await
+            .expect("late workload");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    p.wait_in_sync(&[("late", "id"), ("measurements", "id, region")], CATCH_UP)
+        .await;
+    let log = std::fs::read_to_string(p.work.path().join("partitions.log")).unwrap_or_default();
+    assert!(
+        log.contains("table public.loose has no primary key") && log.contains("is not captured"),
+        "the table that cannot be captured is named:\n{}",
+        p.logs_tail()
+    );
+    let (code, output) = p.verify(&config, "it", &[], "partitions-verify.log");
+    assert_eq!(code, Some(0), "verify finds every table equal:\n{output}");
+}

@@ -296,6 +296,40 @@ pub struct SinkConfig {
     /// row filters. Every entry whose `tables` match a source table applies to it.
     #[serde(default)]
     pub transforms: Vec<TransformConfig>,
+    /// What a source table's schema change does to the target table: `apply` (default)
+    /// adds, drops and renames columns and widens types; `ignore` leaves the target as it
+    /// is and writes only the columns it has; `fail` sends the table's changes that need
+    /// the change to the dead-letter topic.
+    #[serde(default)]
+    pub schema_changes: SchemaChangePolicy,
+    /// What a source `TRUNCATE` does: `apply` (default) empties the target table;
+    /// `ignore` leaves it as it is.
+    #[serde(default)]
+    pub truncate: TruncatePolicy,
+}
+
+/// See [`SinkConfig::schema_changes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaChangePolicy {
+    /// Change the target table alike.
+    #[default]
+    Apply,
+    /// Leave the target table; write the columns it has.
+    Ignore,
+    /// Dead-letter the changes that need a schema change.
+    Fail,
+}
+
+/// See [`SinkConfig::truncate`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncatePolicy {
+    /// Empty the target table.
+    #[default]
+    Apply,
+    /// Leave the target table as it is.
+    Ignore,
 }
 
 /// One transform entry of a sink.

@@ -218,6 +218,26 @@ pub trait Sink: Send {
         offsets: &[OffsetAdvance],
     ) -> impl Future<Output = Result<Vec<(usize, String)>, SinkError>> + Send;
 
+    /// The target table's columns in table order, each with its type as
+    /// [`Sink::target_type_for`] spells types; `None` when the table does not exist.
+    fn target_columns(
+        &mut self,
+        table: &TableId,
+    ) -> impl Future<Output = Result<Option<Vec<(String, String)>>, SinkError>> + Send;
+
+    /// The target type a source column gets (as `create_tables` maps it), spelt so that
+    /// [`crate::schema_change::widens`] compares it with the target's types.
+    fn target_type_for(&self, column: &crate::ColumnDefinition) -> Result<String, String>;
+
+    /// Changes the target table so it follows its source table's schema changes (column
+    /// types are the source's, mapped as `create_tables` maps them). Runs on its own,
+    /// before the batch that needs it; a change the target cannot make is `Rejected`.
+    fn alter_table(
+        &mut self,
+        table: &TableId,
+        changes: &[crate::schema_change::SchemaChange],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
     /// Commits (or rolls back) the transaction [`Sink::apply_isolated`] left open.
     fn finish_isolated(
         &mut self,

@@ -207,6 +207,19 @@ pub async fn read_latest_by_key(
     kafka: &KafkaConfig,
     topic: &str,
 ) -> Result<std::collections::HashMap<String, Vec<u8>>, TidelinkError> {
+    Ok(read_all_by_key(kafka, topic)
+        .await?
+        .into_iter()
+        .filter_map(|(key, mut values)| values.pop().map(|v| (key, v)))
+        .collect())
+}
+
+/// Reads a small keyed topic from the beginning to its end and returns every value of each
+/// key still held, oldest first (a compacted topic may have dropped older ones).
+pub async fn read_all_by_key(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Result<std::collections::HashMap<String, Vec<Vec<u8>>>, TidelinkError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let consumer: BaseConsumer = client_config::admin(kafka)?
@@ -220,7 +233,8 @@ pub async fn read_latest_by_key(
         let metadata = consumer
             .fetch_metadata(Some(&topic), timeout)
             .map_err(|e| TidelinkError::transient(format!("metadata of {topic}: {e}")))?;
-        let mut latest = std::collections::HashMap::new();
+        let mut latest: std::collections::HashMap<String, Vec<Vec<u8>>> =
+            std::collections::HashMap::new();
         let partitions: Vec<i32> = metadata
             .topics()
             .iter()
@@ -253,7 +267,9 @@ pub async fn read_latest_by_key(
                         next = message.offset() + 1;
                         if let (Some(key), Some(value)) = (message.key(), message.payload()) {
                             latest
-                                .insert(String::from_utf8_lossy(key).into_owned(), value.to_vec());
+                                .entry(String::from_utf8_lossy(key).into_owned())
+                                .or_default()
+                                .push(value.to_vec());
                         }
                     }
                     Some(Err(e)) => {

@@ -792,6 +792,84 @@ impl MysqlSink {
 }
 
 impl Sink for MysqlSink {
+    fn target_type_for(&self, column: &ColumnDefinition) -> Result<String, String> {
+        mysql_type_for(column).map(|t| format!("mysql:{t}"))
+    }
+
+    async fn target_columns(
+        &mut self,
+        table: &TableId,
+    ) -> Result<Option<Vec<(String, String)>>, SinkError> {
+        self.conn()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        let conn = self.live()?;
+        let schema = load_table(conn, table)
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        Ok(schema.map(|s| {
+            s.columns
+                .iter()
+                .map(|c| (c.name.to_string(), format!("mysql:{}", c.column_type)))
+                .collect()
+        }))
+    }
+
+    async fn alter_table(
+        &mut self,
+        table: &TableId,
+        changes: &[tidelink_core::schema_change::SchemaChange],
+    ) -> Result<(), SinkError> {
+        use tidelink_core::schema_change::SchemaChange;
+        let quoted = quote_table(&table.schema, &table.name);
+        let type_of = |c: &ColumnDefinition| {
+            mysql_type_for(c).map_err(|e| SinkError::Rejected(format!("{table}: {e}")))
+        };
+        self.conn()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        for change in changes {
+            let sql = match change {
+                SchemaChange::Add(c) => format!(
+                    "ALTER TABLE {quoted} ADD COLUMN {} {}",
+                    quote_ident(&c.name),
+                    type_of(c)?
+                ),
+                SchemaChange::Drop(name) => {
+                    format!("ALTER TABLE {quoted} DROP COLUMN {}", quote_ident(name))
+                }
+                SchemaChange::Rename { from, to } => format!(
+                    "ALTER TABLE {quoted} RENAME COLUMN {} TO {}",
+                    quote_ident(from),
+                    quote_ident(to)
+                ),
+                SchemaChange::Widen { column, .. } => {
+                    let t = type_of(column)?;
+                    let null = if column.not_null && !t.ends_with("NULL") {
+                        " NOT NULL"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "ALTER TABLE {quoted} MODIFY COLUMN {} {t}{null}",
+                        quote_ident(&column.name)
+                    )
+                }
+            };
+            // DDL commits by itself in MySQL: each statement stands alone.
+            let result = self
+                .run(&sql, &format!("changing target table {table}"))
+                .await;
+            if let Err(e) = result {
+                self.tables.clear();
+                return Err(e);
+            }
+        }
+        self.tables.clear();
+        tracing::info!(%table, changes = ?changes, "changed the target table to follow its source");
+        Ok(())
+    }
+
     async fn apply_isolated(
         &mut self,
         changes: &[SinkChange],

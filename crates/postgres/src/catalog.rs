@@ -87,6 +87,32 @@ pub(crate) async fn column_definitions(
         .collect())
 }
 
+/// The SQL type names (as [`column_definitions`] spells them) of columns given by type OID
+/// and modifier, as a Relation message describes them: right for the table as the
+/// message's transaction saw it, even after later DDL changed the catalog.
+pub(crate) async fn type_names(
+    client: &tokio_postgres::Client,
+    types: &[(u32, i32)],
+) -> Result<Vec<String>, TidelinkError> {
+    let oids: Vec<u32> = types.iter().map(|t| t.0).collect();
+    let modifiers: Vec<i32> = types.iter().map(|t| t.1).collect();
+    let rows = client
+        .query(
+            "SELECT CASE WHEN t.typtype IN ('e', 'c') THEN 'text' \
+                         WHEN et.typtype IN ('e', 'c') THEN 'text[]' \
+                         WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) \
+                         ELSE format_type(u.oid, u.modifier) END \
+             FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS u(oid, modifier, n) \
+             JOIN pg_type t ON t.oid = u.oid \
+             LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A' \
+             ORDER BY u.n",
+            &[&oids, &modifiers],
+        )
+        .await
+        .map_err(|e| classify(&e).context("reading type names"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// `pg_type` rows for these OIDs.
 async fn fetch_types(
     client: &tokio_postgres::Client,

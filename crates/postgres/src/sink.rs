@@ -519,6 +519,29 @@ impl PgSink {
 }
 
 impl PgSink {
+    /// Creates the missing target tables of `changes` (`create_tables`) on their own, before
+    /// the batch's transaction: a batch the target rejects then rolls back its rows, not the
+    /// table, and what follows it (schema changes, row-by-row retries) finds the table. A
+    /// table that cannot be created is reported again from inside the transaction.
+    async fn create_tables_first(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
+        if !self.settings.create_tables {
+            return Ok(());
+        }
+        let mut seen: Vec<&TableId> = Vec::new();
+        for change in changes {
+            if !seen.contains(&&change.table) {
+                seen.push(&change.table);
+                if let Err(SinkError::Transient(e)) = self
+                    .target_table(&change.table, change.source_columns.as_deref())
+                    .await
+                {
+                    return Err(SinkError::Transient(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn rollback(&mut self) {
         if let Some(client) = &self.client {
             if let Err(rollback) = client.batch_execute("ROLLBACK").await {
@@ -570,6 +593,101 @@ impl PgSink {
 }
 
 impl Sink for PgSink {
+    fn target_type_for(&self, column: &tidelink_core::ColumnDefinition) -> Result<String, String> {
+        postgres_type_for(&column.sql_type)
+    }
+
+    async fn target_columns(
+        &mut self,
+        table: &TableId,
+    ) -> Result<Option<Vec<(String, String)>>, SinkError> {
+        self.client()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let quoted = quote_table(&table.schema, &table.name);
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&quoted],
+            )
+            .await
+            .map_err(|e| sink_error(&e, &format!("reading the columns of target table {table}")))?;
+        let exists: Option<u32> = client
+            .query_one("SELECT to_regclass($1)::oid", &[&quoted])
+            .await
+            .map_err(|e| sink_error(&e, &format!("looking up target table {table}")))?
+            .get(0);
+        Ok(exists.map(|_| rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    }
+
+    async fn alter_table(
+        &mut self,
+        table: &TableId,
+        changes: &[tidelink_core::schema_change::SchemaChange],
+    ) -> Result<(), SinkError> {
+        use tidelink_core::schema_change::SchemaChange;
+        let quoted = quote_table(&table.schema, &table.name);
+        let type_of = |c: &tidelink_core::ColumnDefinition| {
+            postgres_type_for(&c.sql_type)
+                .map_err(|e| SinkError::Rejected(format!("{table}.{}: {e}", c.name)))
+        };
+        let mut statements = Vec::new();
+        for change in changes {
+            statements.push(match change {
+                // Rows already in the target have no value for it: nullable.
+                SchemaChange::Add(c) => format!(
+                    "ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS {} {}",
+                    quote_ident(&c.name),
+                    type_of(c)?
+                ),
+                SchemaChange::Drop(name) => {
+                    format!(
+                        "ALTER TABLE {quoted} DROP COLUMN IF EXISTS {}",
+                        quote_ident(name)
+                    )
+                }
+                SchemaChange::Rename { from, to } => format!(
+                    "ALTER TABLE {quoted} RENAME COLUMN {} TO {}",
+                    quote_ident(from),
+                    quote_ident(to)
+                ),
+                SchemaChange::Widen { column, .. } => {
+                    let t = type_of(column)?;
+                    format!(
+                        "ALTER TABLE {quoted} ALTER COLUMN {0} TYPE {t} USING {0}::{t}",
+                        quote_ident(&column.name)
+                    )
+                }
+            });
+        }
+        self.client()
+            .await
+            .map_err(|e| SinkError::Transient(e.message))?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let sql = format!("BEGIN; {}; COMMIT", statements.join("; "));
+        let result = client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| sink_error(&e, &format!("changing target table {table}")));
+        if result.is_err() {
+            self.rollback().await;
+        }
+        // Statements and column types prepared before are stale now.
+        self.tables.clear();
+        self.statements.clear();
+        result?;
+        tracing::info!(%table, changes = ?changes, "changed the target table to follow its source");
+        Ok(())
+    }
+
     async fn apply_isolated(
         &mut self,
         changes: &[SinkChange],
@@ -578,6 +696,7 @@ impl Sink for PgSink {
         self.client()
             .await
             .map_err(|e| SinkError::Transient(e.message))?;
+        self.create_tables_first(changes).await?;
         self.execute("BEGIN".into(), NO_PARAMS, "starting a transaction")
             .await?;
         let result = self.isolated_in_transaction(changes, offsets).await;
@@ -616,6 +735,7 @@ impl Sink for PgSink {
         self.client()
             .await
             .map_err(|e| SinkError::Transient(e.message))?;
+        self.create_tables_first(changes).await?;
         self.execute("BEGIN".into(), NO_PARAMS, "starting a transaction")
             .await?;
         let result = self.apply_in_transaction(changes, offsets).await;
@@ -715,7 +835,7 @@ fn sink_error(error: &tokio_postgres::Error, what: &str) -> SinkError {
     }
 }
 
-/// Creates a target table (and its schema) from the source's column definitions, inside
+/// Creates a target table (and its schema) from the source's column definitions, before
 /// the batch's transaction. A concurrent creation by another worker is transient: the retry
 /// finds the table.
 async fn create_table(client: &Client, table: &TableId, columns: &[u8]) -> Result<(), SinkError> {

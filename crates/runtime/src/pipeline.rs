@@ -355,9 +355,12 @@ async fn run_postgres_source(
         shutdown.clone(),
     ));
     let mut attempt = 0;
+    let mut has_run = false;
     while !shutdown.is_triggered() {
         let result = async {
-            let report = PgSource::prepare(&settings).await?;
+            // Once the pipeline ran, a new table it cannot capture is reported, not fatal.
+            let report = PgSource::prepare_with(&settings, has_run).await?;
+            has_run = true;
             // Tables without a key are copied whole before the stream starts (see
             // whole_table), and the stream leaves out what their snapshots saw.
             let keyless: Vec<TableId> = report
@@ -391,13 +394,25 @@ async fn run_postgres_source(
                 source.skip_seen_by(table, visibility);
             }
             let tables = report.tables.iter().map(|t| &t.table);
+            // A table created meanwhile that matches `tables` ends this run: the next one
+            // adds it to the publication, copies it and streams it.
+            let run_stop = Shutdown::new();
+            let captured: Vec<TableId> = report.tables.iter().map(|t| t.table.clone()).collect();
+            let watch = tokio::spawn(watch_new_tables(
+                settings.clone(),
+                captured,
+                shutdown.clone(),
+                run_stop.clone(),
+            ));
             let run = SourceRun {
                 keyless: &keyless,
+                shutdown: &run_stop,
                 ..run
             };
             let result = run
                 .publish_from(&mut source, tables, report.slot_created, &mut attempt)
                 .await;
+            watch.abort();
             source.shutdown().await;
             result
         }
@@ -552,6 +567,59 @@ async fn after_run(
                 .with_label_values(&[pipeline, component, "permanent"])
                 .inc();
             Err(e)
+        }
+    }
+}
+
+/// How often a PostgreSQL source looks for new tables matching its patterns.
+const NEW_TABLE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Ends a run of a PostgreSQL source (`run_stop`) when the global stop comes, or when a
+/// table matching the source's patterns exists that the run does not capture: the next
+/// run adds it to the publication and, per the snapshot mode, copies it. A table that
+/// cannot be captured (no key, no usable replica identity) is reported once instead.
+async fn watch_new_tables(
+    settings: PgSourceSettings,
+    captured: Vec<TableId>,
+    shutdown: Shutdown,
+    run_stop: Shutdown,
+) {
+    let mut reported: Vec<String> = Vec::new();
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => {
+                run_stop.trigger();
+                return;
+            }
+            _ = tokio::time::sleep(NEW_TABLE_CHECK_INTERVAL) => {}
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = tidelink_postgres::connection::connect(&settings.dsn, "table watch")
+                .await
+                .ok();
+        }
+        let Some(c) = &client else { continue };
+        match tidelink_postgres::source::new_tables(c, &settings.tables, &captured).await {
+            Ok((new, refused)) => {
+                for problem in refused {
+                    if !reported.contains(&problem) {
+                        tracing::warn!(pipeline = %settings.pipeline, "{problem}: it matches the source's tables but is not captured");
+                        reported.push(problem);
+                    }
+                }
+                if !new.is_empty() {
+                    let names: Vec<String> = new.iter().map(ToString::to_string).collect();
+                    tracing::info!(pipeline = %settings.pipeline, tables = ?names,
+                        "new tables match the source's tables; restarting the stream to capture them");
+                    run_stop.trigger();
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pipeline = %settings.pipeline, error = %e, "cannot look for new tables");
+                client = None;
+            }
         }
     }
 }

@@ -21,10 +21,11 @@ use rdkafka::Message;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidelink_config::{KafkaConfig, SinkConfig};
+use tidelink_config::{KafkaConfig, SchemaChangePolicy, SinkConfig, TruncatePolicy};
+use tidelink_core::schema_change::SchemaChange;
 use tidelink_core::{
-    MessageOrigin, OffsetAdvance, Op, Sink, SinkChange, SinkError, SourceOrder, TableColumns,
-    TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
+    ColumnDefinition, MessageOrigin, OffsetAdvance, Op, Row, Sink, SinkChange, SinkError,
+    SourceOrder, TableColumns, TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
 };
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern};
 use tidelink_kafka::{
@@ -74,6 +75,8 @@ struct Prepared<'m> {
     /// Replayed source tables with no column definitions read yet (only tracked when the
     /// sink creates tables).
     lacking_definitions: Vec<TableId>,
+    /// Each target table of the batch with its source table, once.
+    sources: Vec<(TableId, TableId)>,
 }
 
 struct Worker<S: Sink> {
@@ -107,6 +110,20 @@ struct Worker<S: Sink> {
     orphan_check: Option<(Instant, GroupProgress)>,
     /// The consumer-lag report running in the background, if any.
     lag_report: Option<tokio::task::JoinHandle<()>>,
+    /// Per source table: the columns its rows have carried, so a target column that rows
+    /// stop carrying is known to come from the source (and may be dropped).
+    seen_columns: HashMap<TableId, std::collections::HashSet<String>>,
+    /// Per source table: columns renamed since this worker started (old name, new name).
+    renamed: HashMap<TableId, Vec<(String, String)>>,
+    /// Per source table: every version of its definitions read from `<prefix>.schemas`.
+    definition_history: HashMap<TableId, Vec<Arc<[u8]>>>,
+    /// Type changes already reported, so each is logged once.
+    kept_type_reported: std::collections::HashSet<String>,
+    /// Per target table: row shapes (column lists) already looked at, and whether rows of
+    /// that shape need rewriting for the target.
+    settled_shapes: HashMap<TableId, Vec<(Vec<String>, bool)>>,
+    /// Per target table: its columns and their types, as last read.
+    target_columns: HashMap<TableId, Vec<(String, String)>>,
 }
 
 /// One partition's part of a batch being prepared.
@@ -130,6 +147,41 @@ struct TableRoute {
     replayed: bool,
     target: TableId,
     transform: Option<TableTransform>,
+}
+
+/// Rows from before a schema change (in this batch, or arriving through other partitions)
+/// take renamed columns' new names and lose the columns the target does not have (gone
+/// from the source, or left out under `schema_changes: ignore`).
+fn rewrite_rows(
+    changes: &mut [SinkChange],
+    target: &TableId,
+    target_columns: &[(String, String)],
+    renamed: &[(String, String)],
+) -> bool {
+    let mut rewritten = false;
+    for change in changes.iter_mut().filter(|c| c.table == *target) {
+        let Some(image) = change.after.as_mut() else {
+            continue;
+        };
+        for (from, to) in renamed {
+            if !image.contains_key(to) {
+                if let Some(value) = image.remove(from) {
+                    image.insert(to.as_str(), value);
+                    rewritten = true;
+                }
+            }
+        }
+        let stale: Vec<String> = image
+            .keys()
+            .filter(|k| !target_columns.iter().any(|(t, _)| t == k))
+            .map(str::to_string)
+            .collect();
+        rewritten |= !stale.is_empty();
+        for column in stale {
+            image.remove(&column);
+        }
+    }
+    rewritten
 }
 
 /// Per partition: the group's committed offset and the high watermark.
@@ -185,6 +237,12 @@ pub async fn run_worker<S: Sink + 'static>(
         idle_since: Some(Instant::now()),
         orphan_check: None,
         lag_report: None,
+        seen_columns: HashMap::new(),
+        renamed: HashMap::new(),
+        target_columns: HashMap::new(),
+        settled_shapes: HashMap::new(),
+        definition_history: HashMap::new(),
+        kept_type_reported: Default::default(),
     };
     worker.ctx.metrics.set_ready(
         &worker.ctx.pipeline,
@@ -326,6 +384,7 @@ impl<S: Sink> Worker<S> {
             source_ts: Vec::with_capacity(messages.len()),
             undecodable: Vec::new(),
             lacking_definitions: Vec::new(),
+            sources: Vec::new(),
         };
         let creates_tables = self.creates_tables();
         // Per partition of the batch, found again for each message without allocating.
@@ -412,6 +471,19 @@ impl<S: Sink> Worker<S> {
                             self.shaped_definitions(&decoded.table, columns, transform)
                         });
                     }
+                    if op == Op::Truncate && self.ctx.sink.truncate == TruncatePolicy::Ignore {
+                        continue;
+                    }
+                    if prepared
+                        .sources
+                        .last()
+                        .is_none_or(|(target, _)| *target != route.target)
+                        && !prepared.sources.iter().any(|(t, _)| *t == route.target)
+                    {
+                        prepared
+                            .sources
+                            .push((route.target.clone(), decoded.table.clone()));
+                    }
                     prepared.changes.push(SinkChange {
                         table: route.target.clone(),
                         op,
@@ -455,14 +527,8 @@ impl<S: Sink> Worker<S> {
         if prepared.lacking_definitions.is_empty() {
             return Ok(prepared);
         }
+        self.refresh_definitions().await?;
         let topic = schemas_topic(&self.ctx.kafka.topic_prefix);
-        let latest = admin::read_latest_by_key(&self.ctx.kafka, &topic).await?;
-        for (key, value) in latest {
-            if let Some((schema, name)) = key.split_once('.') {
-                self.definitions
-                    .insert(TableId::new(schema, name), Arc::from(value));
-            }
-        }
         for table in prepared.lacking_definitions {
             if !self.definitions.contains_key(&table) {
                 tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %table, %topic,
@@ -473,10 +539,444 @@ impl<S: Sink> Worker<S> {
         Ok(self.prepare(messages))
     }
 
+    /// Reads the source tables' latest column definitions from `<prefix>.schemas`.
+    async fn refresh_definitions(&mut self) -> Result<(), TidelinkError> {
+        let topic = schemas_topic(&self.ctx.kafka.topic_prefix);
+        let all = admin::read_all_by_key(&self.ctx.kafka, &topic).await?;
+        for (key, values) in all {
+            let Some((schema, name)) = key.split_once('.') else {
+                continue;
+            };
+            let table = TableId::new(schema, name);
+            // A source publishes a table's definitions again after each restart: keep
+            // one of each run of equal versions.
+            let mut versions: Vec<Arc<[u8]>> = Vec::new();
+            for value in values {
+                if versions.last().is_none_or(|v| **v != *value) {
+                    versions.push(Arc::from(value));
+                }
+            }
+            if let Some(last) = versions.last() {
+                if self.definitions.get(&table).is_none_or(|d| **d != **last) {
+                    self.definitions.insert(table.clone(), last.clone());
+                }
+            }
+            self.definition_history.insert(table, versions);
+        }
+        Ok(())
+    }
+
+    /// Every version of a source table's definitions still held in `<prefix>.schemas`,
+    /// oldest first, shaped for the target.
+    fn shaped_history(&mut self, source: &TableId) -> Vec<Vec<ColumnDefinition>> {
+        let versions = self
+            .definition_history
+            .get(source)
+            .cloned()
+            .unwrap_or_default();
+        let transform = self.route(source).transform.clone();
+        versions
+            .iter()
+            .filter_map(|v| TableColumns::decode(v).ok())
+            .map(|columns| match &transform {
+                Some(t) => t.shape_definitions(columns),
+                None => columns,
+            })
+            .collect()
+    }
+
+    /// A source table's latest definitions as this sink's target receives them (its
+    /// transform's dropped columns left out); `None` when none were published.
+    fn shaped_latest(&mut self, source: &TableId) -> Option<Vec<ColumnDefinition>> {
+        let encoded = self.definitions.get(source)?;
+        let columns = TableColumns::decode(encoded).ok()?;
+        Some(match &self.route(source).transform {
+            Some(transform) => transform.shape_definitions(columns),
+            None => columns,
+        })
+    }
+
+    /// Follows the schema changes of the batch's source tables (see
+    /// [`SinkConfig::schema_changes`]). A table is looked at when one of its rows does
+    /// not have the columns last followed (or, with `force`, always): its latest
+    /// definitions are read and compared with those, and the target table is changed to
+    /// match. Rows are then shaped for the target: values of columns gone from the source
+    /// are left out and renamed columns take their new names (rows from before the change,
+    /// still arriving through other partitions), and with `ignore` columns the target
+    /// lacks are left out. Returns whether a target table was changed, and the changes
+    /// that cannot be applied (index, reason): the policy is `fail`, or the target could
+    /// not be changed. "Changed" also counts rows rewritten for their target.
+    async fn follow_schema_changes(
+        &mut self,
+        prepared: &mut Prepared<'_>,
+        force: bool,
+    ) -> Result<(bool, Vec<(usize, String)>), TidelinkError> {
+        let policy = self.ctx.sink.schema_changes;
+        let mut altered = false;
+        let mut rejected = Vec::new();
+        let mut refreshed = false;
+        for (target, source) in prepared.sources.clone() {
+            if self.definitions_absent.contains(&source) {
+                continue; // not published by tidelink: nothing to follow
+            }
+            let images = || {
+                prepared
+                    .changes
+                    .iter()
+                    .filter(|c| c.table == target)
+                    .filter_map(|c| c.after.as_ref())
+            };
+            // Rows carry their columns in table order.
+            let fits = |image: &Row, names: &[(String, String)]| {
+                image.len() == names.len() && image.keys().zip(names).all(|(k, (n, _))| k == n)
+            };
+            let Some(cached) = self.cached_target_columns(&target).await? else {
+                continue; // created with the batch (create_tables)
+            };
+            // Row shapes looked at before, and whether they need rewriting.
+            let settled = self.settled_shapes.get(&target);
+            let mut known = true;
+            let mut rewrite = false;
+            for image in images() {
+                if fits(image, &cached) {
+                    continue;
+                }
+                match settled.and_then(|s| {
+                    s.iter()
+                        .find(|(shape, _)| image.keys().eq(shape.iter().map(String::as_str)))
+                }) {
+                    Some((_, needs)) => rewrite |= needs,
+                    None => {
+                        known = false;
+                        break;
+                    }
+                }
+            }
+            if !force && known {
+                if rewrite {
+                    let renamed = self.renamed.get(&source).cloned().unwrap_or_default();
+                    altered |= rewrite_rows(&mut prepared.changes, &target, &cached, &renamed);
+                }
+                continue;
+            }
+            // Someone may have changed the target meanwhile: read it again.
+            self.target_columns.remove(&target);
+            let Some(target_columns) = self.cached_target_columns(&target).await? else {
+                continue;
+            };
+            if !force && images().all(|image| fits(image, &target_columns)) {
+                continue;
+            }
+            let names: Vec<String> = target_columns.iter().map(|(n, _)| n.clone()).collect();
+            let seen = self.seen_columns.entry(source.clone()).or_default();
+            for image in images() {
+                for column in image.keys() {
+                    if !seen.contains(column) {
+                        seen.insert(column.to_string());
+                    }
+                }
+            }
+            if !refreshed {
+                self.refresh_definitions().await?;
+                refreshed = true;
+            }
+            let Some(latest) = self.shaped_latest(&source) else {
+                self.definitions_absent.insert(source.clone());
+                continue;
+            };
+            let seen = self.seen_columns.get(&source).cloned().unwrap_or_default();
+            // Rows of a shape one of the definitions' versions has: the versions from that
+            // one to the latest say exactly what changed. Others are read by their columns.
+            let history = self.shaped_history(&source);
+            let mut columns = names.clone();
+            let mut changes: Vec<SchemaChange> = Vec::new();
+            let mut kept_types: Vec<String> = Vec::new();
+            let mut unmatched: Vec<&Row> = Vec::new();
+            let mut shapes: Vec<Vec<&str>> = Vec::new();
+            for image in images() {
+                let shape: Vec<&str> = image.keys().collect();
+                if shapes.contains(&shape) {
+                    continue;
+                }
+                let version = history.iter().rposition(|v| {
+                    v.len() == shape.len() && v.iter().zip(&shape).all(|(c, n)| c.name == *n)
+                });
+                shapes.push(shape);
+                let Some(version) = version else {
+                    unmatched.push(image);
+                    continue;
+                };
+                for pair in history[version..].windows(2) {
+                    let (steps, kept) =
+                        tidelink_core::schema_change::diff_versions(&pair[0], &pair[1]);
+                    kept_types.extend(kept);
+                    for step in steps {
+                        match step {
+                            SchemaChange::Add(column) => {
+                                if !columns.contains(&column.name) {
+                                    columns.push(column.name.clone());
+                                    changes.push(SchemaChange::Add(column));
+                                }
+                            }
+                            SchemaChange::Drop(name) => {
+                                if columns.contains(&name) {
+                                    columns.retain(|c| *c != name);
+                                    changes.push(SchemaChange::Drop(name));
+                                }
+                            }
+                            SchemaChange::Rename { from, to } => {
+                                if policy == SchemaChangePolicy::Apply {
+                                    let rename = (from.clone(), to.clone());
+                                    let aliases = self.renamed.entry(source.clone()).or_default();
+                                    if !aliases.contains(&rename) {
+                                        aliases.push(rename);
+                                    }
+                                }
+                                if columns.contains(&from) && !columns.contains(&to) {
+                                    for c in columns.iter_mut().filter(|c| **c == from) {
+                                        *c = to.clone();
+                                    }
+                                    changes.push(SchemaChange::Rename { from, to });
+                                }
+                            }
+                            SchemaChange::Widen { column, from } => {
+                                if columns.contains(&column.name)
+                                    && !changes.iter().any(|c| matches!(c, SchemaChange::Widen { column: w, .. } if w.name == column.name))
+                                {
+                                    changes.push(SchemaChange::Widen { column, from });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            changes.extend(tidelink_core::schema_change::follow_rows(
+                &columns,
+                unmatched,
+                &latest,
+                &|c| seen.contains(c) || latest.iter().any(|d| d.name == c),
+            ));
+            for reason in kept_types {
+                if self
+                    .kept_type_reported
+                    .insert(format!("{target}: {reason}"))
+                {
+                    tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, table = %source, target_table = %target,
+                        "{reason}, which the target cannot follow without losing values: the target column keeps its type, and rows it rejects go to the dead-letter topic until it is changed by hand");
+                }
+            }
+            // A widening is made only where the target's type is narrower than the new one.
+            let mut keep = Vec::with_capacity(changes.len());
+            for change in changes {
+                if let SchemaChange::Widen { column, .. } = &change {
+                    // The target's column, under its name before a rename in these changes.
+                    let before = keep
+                        .iter()
+                        .find_map(|c| match c {
+                            SchemaChange::Rename { from, to } if *to == column.name => {
+                                Some(from.clone())
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| column.name.clone());
+                    let current = target_columns
+                        .iter()
+                        .find(|(n, _)| *n == before)
+                        .map(|(_, t)| t.clone());
+                    let wanted = self.sink.target_type_for(column).ok();
+                    match (current, wanted) {
+                        (Some(current), Some(wanted))
+                            if !tidelink_core::schema_change::same_type(&current, &wanted)
+                                && tidelink_core::schema_change::widens(&current, &wanted) => {}
+                        _ => continue,
+                    }
+                }
+                keep.push(change);
+            }
+            let mut changes = keep;
+            if force {
+                // A rejected batch: a target column whose type the source has changed since
+                // (an earlier version of the definitions maps to the target's type). A
+                // target made different on purpose is left as it is.
+                for (name, current) in &target_columns {
+                    let Some(column) = latest.iter().find(|c| c.name == *name) else {
+                        continue;
+                    };
+                    let Ok(wanted) = self.sink.target_type_for(column) else {
+                        continue;
+                    };
+                    let matched_before = history.iter().any(|version| {
+                        version.iter().any(|c| {
+                            c.name == *name
+                                && self.sink.target_type_for(c).is_ok_and(|t| {
+                                    tidelink_core::schema_change::same_type(&t, current)
+                                })
+                        })
+                    });
+                    tracing::info!(%name, %current, %wanted, matched_before, versions = history.len(), "DEBUG force");
+                    if !matched_before
+                        || tidelink_core::schema_change::same_type(current, &wanted)
+                        || changes.iter().any(|c| matches!(c, SchemaChange::Widen { column: w, .. } if w.name == *name))
+                    {
+                        continue;
+                    }
+                    if tidelink_core::schema_change::widens(current, &wanted) {
+                        changes.push(SchemaChange::Widen {
+                            column: column.clone(),
+                            from: current.clone(),
+                        });
+                    } else if !tidelink_core::schema_change::widens(&wanted, current) {
+                        // Neither holds the other's values: never changed by itself, so no
+                        // value is cut; what the target cannot take is dead-lettered.
+                        tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name,
+                            table = %source, target_table = %target, column = %name,
+                            target_type = %current, source_type = %column.sql_type,
+                            "column `{name}` is {current} in the target but {} in the source, and the target cannot follow without losing values; \
+                             its rows the target rejects go to the dead-letter topic until the target column is changed by hand",
+                            column.sql_type);
+                    }
+                }
+            }
+            if !changes.is_empty() {
+                let outcome = match policy {
+                    SchemaChangePolicy::Ignore => Ok(()),
+                    SchemaChangePolicy::Fail => Err(format!(
+                        "schema change of {source} ({changes:?}) and the sink has schema_changes: fail"
+                    )),
+                    SchemaChangePolicy::Apply => {
+                        self.target_columns.remove(&target);
+                        match self.sink.alter_table(&target, &changes).await {
+                            Ok(()) => {
+                                altered = true;
+                                for change in &changes {
+                                    if let SchemaChange::Rename { from, to } = change {
+                                        let aliases = self.renamed.entry(source.clone()).or_default();
+                                        let rename = (from.clone(), to.clone());
+                                        if !aliases.contains(&rename) {
+                                            aliases.push(rename);
+                                        }
+                                    }
+                                }
+                                Ok(())
+                            }
+                            Err(SinkError::Transient(reason)) => {
+                                return Err(TidelinkError::transient(reason))
+                            }
+                            Err(e) => Err(format!("changing {target} to follow {source}: {e}")),
+                        }
+                    }
+                };
+                if let Err(reason) = outcome {
+                    tracing::error!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, table = %source, %reason,
+                        "the target table cannot follow its source; the table's changes go to the dead-letter topic");
+                    for (i, change) in prepared.changes.iter().enumerate() {
+                        if change.table == target && change.after.is_some() {
+                            rejected.push((i, reason.clone()));
+                        }
+                    }
+                    continue;
+                }
+            }
+            if altered {
+                self.settled_shapes.remove(&target);
+            }
+            let Some(target_columns) = self.cached_target_columns(&target).await? else {
+                continue;
+            };
+            let renamed = self.renamed.get(&source).cloned().unwrap_or_default();
+            // Remember the rows' shapes, so the next batches of them are not looked at.
+            let shapes = self.settled_shapes.entry(target.clone()).or_default();
+            for image in images() {
+                if !shapes
+                    .iter()
+                    .any(|(shape, _)| image.keys().eq(shape.iter().map(String::as_str)))
+                {
+                    let needs = image.keys().any(|k| {
+                        !target_columns.iter().any(|(t, _)| t == k)
+                            || renamed.iter().any(|(from, _)| from == k)
+                    });
+                    shapes.push((image.keys().map(str::to_string).collect(), needs));
+                }
+            }
+            altered |= rewrite_rows(&mut prepared.changes, &target, &target_columns, &renamed);
+        }
+        Ok((altered, rejected))
+    }
+
+    /// The target table's columns, read once and again after this worker changed it.
+    async fn cached_target_columns(
+        &mut self,
+        table: &TableId,
+    ) -> Result<Option<Vec<(String, String)>>, TidelinkError> {
+        if let Some(columns) = self.target_columns.get(table) {
+            return Ok(Some(columns.clone()));
+        }
+        let columns = self.sink_target_columns(table).await?;
+        if let Some(columns) = &columns {
+            self.target_columns.insert(table.clone(), columns.clone());
+        }
+        Ok(columns)
+    }
+
+    /// Sends the changes that cannot be applied to the dead-letter topic and takes them
+    /// out of the batch (their offsets still advance with it).
+    async fn drop_rejected(
+        &mut self,
+        prepared: &mut Prepared<'_>,
+        messages: &[OwnedMessage],
+        rejected: Vec<(usize, String)>,
+        dead_lettered: &mut Vec<(TopicPartition, i64)>,
+    ) -> Result<(), TidelinkError> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        let mut poison: Vec<(&OwnedMessage, String)> = Vec::new();
+        for (i, reason) in &rejected {
+            let origin = &prepared.changes[*i].origin;
+            if let Some(m) = messages.iter().find(|m| {
+                m.partition() == origin.partition
+                    && m.offset() == origin.offset
+                    && m.topic() == &*origin.topic
+            }) {
+                if !dead_lettered.contains(&(partition_of(m), m.offset())) {
+                    poison.push((m, reason.clone()));
+                }
+            }
+        }
+        self.dead_letter_all(&poison).await?;
+        dead_lettered.extend(poison.iter().map(|(m, _)| (partition_of(m), m.offset())));
+        let drop: std::collections::HashSet<usize> = rejected.iter().map(|(i, _)| *i).collect();
+        let mut index = 0;
+        prepared.changes.retain(|_| {
+            index += 1;
+            !drop.contains(&(index - 1))
+        });
+        let mut index = 0;
+        prepared.source_ts.retain(|_| {
+            index += 1;
+            !drop.contains(&(index - 1))
+        });
+        Ok(())
+    }
+
+    async fn sink_target_columns(
+        &mut self,
+        table: &TableId,
+    ) -> Result<Option<Vec<(String, String)>>, TidelinkError> {
+        match self.sink.target_columns(table).await {
+            Ok(columns) => Ok(columns),
+            Err(SinkError::Transient(reason)) => Err(TidelinkError::transient(reason)),
+            Err(e) => Err(TidelinkError::permanent(e.to_string())),
+        }
+    }
+
     async fn apply_buffer(&mut self) -> Result<(), TidelinkError> {
         let mut messages = std::mem::take(&mut self.buffer);
         let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
         let mut attempt = 0;
+        // A rejected batch may need a schema change its rows' columns do not show (a
+        // widened type): after a rejection every table's definitions are looked at once.
+        let mut followed_after_rejection = false;
         loop {
             if let Err(e) = self.load_applied_through(&messages).await {
                 if !e.is_transient() {
@@ -491,7 +991,12 @@ impl<S: Sink> Worker<S> {
                 }
                 continue;
             }
-            let prepared = self.prepare_with_definitions(&messages).await?;
+            let mut prepared = self.prepare_with_definitions(&messages).await?;
+            let (_, cannot_follow) = self
+                .follow_schema_changes(&mut prepared, followed_after_rejection)
+                .await?;
+            self.drop_rejected(&mut prepared, &messages, cannot_follow, &mut dead_lettered)
+                .await?;
             let undecodable: Vec<(&OwnedMessage, String)> = prepared
                 .undecodable
                 .iter()
@@ -527,6 +1032,16 @@ impl<S: Sink> Worker<S> {
                 }
                 Err(SinkError::Rejected(reason)) => {
                     self.count_error("rejected");
+                    if !followed_after_rejection {
+                        followed_after_rejection = true;
+                        let mut again = self.prepare_with_definitions(&messages).await?;
+                        let (altered, _) = self.follow_schema_changes(&mut again, true).await?;
+                        if altered {
+                            tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason,
+                                "the target rejected a batch, which now follows its source's schema changes; applying it again");
+                            continue;
+                        }
+                    }
                     tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, %reason,
                         "the target rejected a batch; applying its changes one by one");
                     return self.apply_isolating(messages, dead_lettered).await;
@@ -563,7 +1078,11 @@ impl<S: Sink> Worker<S> {
                 return Ok(());
             }
             self.load_applied_through(&messages).await?;
-            let prepared = self.prepare_with_definitions(&messages).await?;
+            let mut prepared = self.prepare_with_definitions(&messages).await?;
+            let mut dead = dead_lettered.clone();
+            let (_, cannot_follow) = self.follow_schema_changes(&mut prepared, false).await?;
+            self.drop_rejected(&mut prepared, &messages, cannot_follow, &mut dead)
+                .await?;
             let started = Instant::now();
             let result = self
                 .sink

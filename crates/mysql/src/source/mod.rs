@@ -23,7 +23,7 @@ pub use position::{BinlogCheckpoint, BinlogPosition, GtidState};
 pub use preflight::{preflight, PreflightReport};
 
 use crate::connection::{classify, connect, describe, parse_dsn};
-use crate::schema::{load_table, TableSchema};
+use crate::schema::{load_table, ColumnInfo, TableSchema};
 use crate::values::binlog_to_json;
 use futures::StreamExt;
 use mysql_async::binlog::events::{EventData, OptionalMetadataField, RowsEventData, TableMapEvent};
@@ -236,13 +236,34 @@ impl MysqlSource {
             // The server sends column names (binlog_row_metadata=FULL): read the rows by
             // them, exactly as they were written before a later ALTER.
             let mut by_name = Vec::with_capacity(names.len());
-            for name in names {
-                let column = schema.columns.iter().find(|c| *c.name == **name).ok_or_else(|| {
-                    TidelinkError::permanent(format!(
-                        "{table}: the binlog rows have column `{name}`, which the table no longer has; its type is unknown"
-                    ))
-                })?;
-                by_name.push(column.clone());
+            for (i, name) in names.iter().enumerate() {
+                let column = match schema.columns.iter().find(|c| *c.name == **name) {
+                    Some(column) => column.clone(),
+                    // Renamed since (same place, and the name there now is not in these
+                    // rows): read as the column now in its place, under the name the rows
+                    // were written with; sinks follow the rename.
+                    None if names.len() == schema.columns.len()
+                        && !names.iter().any(|n| **n == *schema.columns[i].name) =>
+                    {
+                        ColumnInfo {
+                            name: Arc::from(name.as_str()),
+                            ..schema.columns[i].clone()
+                        }
+                    }
+                    // Dropped since: its values have no place in the table any more and
+                    // are left out of the rows (targets drop the column too).
+                    None => {
+                        tracing::debug!(%table, column = %name, "rows carry a column the table no longer has; its values are left out");
+                        ColumnInfo {
+                            name: Arc::from(name.as_str()),
+                            data_type: String::new(),
+                            key: false,
+                            not_null: false,
+                            ..schema.columns[0].clone()
+                        }
+                    }
+                };
+                by_name.push(column);
             }
             let key_names: Vec<Arc<str>> = schema
                 .key
@@ -536,6 +557,9 @@ fn hex(bytes: &[u8]) -> String {
 fn image(row: &BinlogRow, schema: &TableSchema) -> Result<Row, TidelinkError> {
     let mut out = Row::with_capacity(schema.columns.len());
     for (i, column) in schema.columns.iter().enumerate() {
+        if column.data_type.is_empty() {
+            continue; // a column dropped since the row was written
+        }
         let value = binlog_to_json(row.as_ref(i), column)
             .map_err(|e| TidelinkError::permanent(format!("{}: {e}", schema.table)))?;
         out.insert(column.name.clone(), value);

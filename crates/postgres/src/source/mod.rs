@@ -19,7 +19,7 @@ pub mod pgoutput;
 mod preflight;
 
 pub use preflight::{
-    preflight, slot_status, slot_status_on, PreflightReport, SlotStatus, SourceTable,
+    new_tables, preflight, slot_status, slot_status_on, PreflightReport, SlotStatus, SourceTable,
 };
 
 use crate::backfill::SnapshotVisibility;
@@ -125,7 +125,16 @@ impl PgSource {
     /// warnings. The slot then holds every change committed from here on, so a snapshot
     /// taken before [`Self::open`] misses nothing.
     pub async fn prepare(settings: &PgSourceSettings) -> Result<PreflightReport, TidelinkError> {
-        let report = preflight(settings).await?;
+        Self::prepare_with(settings, false).await
+    }
+
+    /// [`Self::prepare`]; `lenient` leaves out (with a warning) matching tables that
+    /// cannot be captured instead of refusing them, for a source that already runs.
+    pub async fn prepare_with(
+        settings: &PgSourceSettings,
+        lenient: bool,
+    ) -> Result<PreflightReport, TidelinkError> {
+        let report = preflight::preflight_with(settings, lenient).await?;
         for warning in &report.warnings {
             tracing::warn!(pipeline = %settings.pipeline, "{warning}");
         }
@@ -227,16 +236,24 @@ impl PgSource {
                 .filter_map(|name| columns.iter().position(|c| *c.name == **name))
                 .collect()
         };
+        // Types come from the message (the table as this transaction saw it, even when
+        // later DDL changed the catalog since); NOT NULL from the catalog, by name.
         let catalog_columns = catalog::column_definitions(&self.catalog, rel.id).await?;
+        let types: Vec<(u32, i32)> = rel
+            .columns
+            .iter()
+            .map(|c| (c.type_oid, c.type_modifier))
+            .collect();
+        let type_names = catalog::type_names(&self.catalog, &types).await?;
         let definitions = columns
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let (sql_type, not_null) = catalog_columns
+                let sql_type = type_names.get(i).cloned().unwrap_or_else(|| "text".into());
+                let not_null = catalog_columns
                     .iter()
                     .find(|(name, _, _)| **name == *c.name)
-                    .map(|(_, t, n)| (t.clone(), *n))
-                    .unwrap_or_else(|| ("text".into(), false));
+                    .is_some_and(|(_, _, n)| *n);
                 ColumnDefinition {
                     name: c.name.to_string(),
                     sql_type,

@@ -17,6 +17,8 @@ pub struct SourceTable {
     pub has_primary_key: bool,
     /// `d`, `n`, `f` or `i`.
     pub replica_identity: char,
+    /// A partitioned table: its partitions' changes are published as its own.
+    pub partitioned: bool,
 }
 
 /// What preflight found and did.
@@ -36,6 +38,16 @@ pub struct PreflightReport {
 
 /// Runs every check; creates the publication, then the slot, when absent.
 pub async fn preflight(settings: &PgSourceSettings) -> Result<PreflightReport, TidelinkError> {
+    preflight_with(settings, false).await
+}
+
+/// [`preflight`]; with `lenient`, a matching table that cannot be captured (no key and no
+/// usable replica identity) is a warning and is left out instead of stopping the source:
+/// for a source that is already running when such a table appears.
+pub async fn preflight_with(
+    settings: &PgSourceSettings,
+    lenient: bool,
+) -> Result<PreflightReport, TidelinkError> {
     let place = format!("source {}", redact_dsn(&settings.dsn));
     let client = connect(&settings.dsn, "preflight")
         .await
@@ -77,7 +89,7 @@ pub async fn preflight(settings: &PgSourceSettings) -> Result<PreflightReport, T
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
-                    has_table_privilege(c.oid, 'SELECT') \
+                    has_table_privilege(c.oid, 'SELECT'), c.relkind = 'p' \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -106,6 +118,7 @@ pub async fn preflight(settings: &PgSourceSettings) -> Result<PreflightReport, T
                 "table {table}: role `{user}` has no SELECT privilege (GRANT SELECT ON {table} TO {user})"
             ));
         }
+        let problems_before = problems.len();
         match (has_pk, identity) {
             (_, 'n') => problems.push(format!(
                 "table {table} has REPLICA IDENTITY NOTHING: its updates and deletes cannot be captured \
@@ -124,10 +137,16 @@ pub async fn preflight(settings: &PgSourceSettings) -> Result<PreflightReport, T
             )),
             _ => {}
         }
+        if lenient && problems.len() > problems_before {
+            let problem = problems.pop().expect("pushed above");
+            warnings.push(format!("{problem}; it is not captured"));
+            continue;
+        }
         tables.push(SourceTable {
             table,
             has_primary_key: has_pk,
             replica_identity: identity,
+            partitioned: row.get(5),
         });
     }
     if tables.is_empty() {
@@ -163,7 +182,7 @@ async fn ensure_publication(
     let publication = &settings.publication;
     let existing = client
         .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[publication],
         )
         .await
@@ -178,8 +197,10 @@ async fn ensure_publication(
     match existing {
         None => {
             let all: Vec<&SourceTable> = tables.iter().collect();
+            // A partitioned table's changes are published as the table's own, so one
+            // target table receives every partition's rows.
             let sql = format!(
-                "CREATE PUBLICATION \"{publication}\" FOR TABLE {}",
+                "CREATE PUBLICATION \"{publication}\" FOR TABLE {} WITH (publish_via_partition_root = true)",
                 list(&all)
             );
             client.batch_execute(&sql).await.map_err(|e| {
@@ -191,7 +212,20 @@ async fn ensure_publication(
             Ok(true)
         }
         Some(row) if row.get::<_, bool>(0) => Ok(false),
-        Some(_) => {
+        Some(row) => {
+            if !row.get::<_, bool>(1) && tables.iter().any(|t| t.partitioned) {
+                client
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION \"{publication}\" SET (publish_via_partition_root = true)"
+                    ))
+                    .await
+                    .map_err(|e| {
+                        classify(&e).context(format!(
+                            "{place}: publishing partitioned tables' changes as their own (publication {publication})"
+                        ))
+                    })?;
+                tracing::info!(%publication, "partitions' changes are now published as their partitioned table's");
+            }
             let published = client
                 .query(
                     "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
@@ -352,4 +386,46 @@ pub async fn slot_status_on(
         flush_lag_seconds: row.get(5),
         exists: row.get(6),
     })
+}
+
+/// Tables matching the source's patterns that `known` (the tables captured now) lacks: the
+/// ones that can be captured (a primary key, or REPLICA IDENTITY FULL or USING INDEX), and
+/// the names of those that cannot, with why. For a running source, to pick up tables
+/// created since it started.
+pub async fn new_tables(
+    client: &tokio_postgres::Client,
+    patterns: &[String],
+    known: &[TableId],
+) -> Result<(Vec<TableId>, Vec<String>), TidelinkError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(|e| classify(&e).context("listing tables"))?;
+    let mut usable = Vec::new();
+    let mut refused = Vec::new();
+    for row in rows {
+        let table = TableId::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        if known.contains(&table) || !matches_any(patterns, &table.schema, &table.name) {
+            continue;
+        }
+        let identity: String = row.get(2);
+        let has_pk: bool = row.get(3);
+        match (has_pk, identity.as_str()) {
+            (_, "n") => refused.push(format!("table {table} has REPLICA IDENTITY NOTHING")),
+            (false, "d") => refused.push(format!(
+                "table {table} has no primary key (ALTER TABLE {table} REPLICA IDENTITY FULL to capture it by the whole row)"
+            )),
+            _ => usable.push(table),
+        }
+    }
+    Ok((usable, refused))
 }
