@@ -362,3 +362,59 @@ async fn partitioned_and_newly_created_tables_reach_the_target_without_a_restart
     let (code, output) = p.verify(&config, "it", &[], "partitions-verify.log");
     assert_eq!(code, Some(0), "verify finds every table equal:\n{output}");
 }
+
+/// `schema_changes: ignore` leaves the target as it is and writes the columns it has;
+/// `truncate: ignore` leaves its rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_that_ignores_schema_changes_and_truncates_keeps_its_table_as_it_is() {
+    let p = PgPipeline::start("CREATE TABLE items (id int PRIMARY KEY, name text)").await;
+    let config = p.write_config_without_snapshot(
+        "ignore.yaml",
+        "        schema_changes: ignore\n        truncate: ignore\n",
+    );
+    let _daemon = p.run_ready(&config, "ignore.log").await;
+    let source = p.source.client("app").await;
+    source
+        .batch_execute(
+            "INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 100) g;
+             ALTER TABLE items ADD COLUMN extra text;
+             INSERT INTO items SELECT g, 'n' || g, 'x' FROM generate_series(101, 200) g;
+             UPDATE items SET name = 'changed', extra = 'y' WHERE id % 10 = 0;",
+        )
+        .await
+        .expect("workload");
+    let target = p.target.client("replica").await;
+    let expected: Vec<String> =
+        first_column(&source, "SELECT (id, name)::text FROM items ORDER BY id")
+            .await
+            .expect("source");
+    tidelink_integration_tests::wait_until(CATCH_UP, "the known columns arrive", || {
+        let (target, expected) = (&target, &expected);
+        async move {
+            first_column::<String>(target, "SELECT t::text FROM items t ORDER BY id")
+                .await
+                .is_ok_and(|rows| rows == *expected)
+        }
+    })
+    .await;
+    source
+        .batch_execute("TRUNCATE items; INSERT INTO items VALUES (1000, 'after', 'z');")
+        .await
+        .expect("truncate");
+    tidelink_integration_tests::wait_until(CATCH_UP, "the row after the truncate arrives", || {
+        let target = &target;
+        async move {
+            first_column::<i64>(target, "SELECT count(*) FROM items")
+                .await
+                .is_ok_and(|c| c == [201])
+        }
+    })
+    .await;
+    let columns: Vec<String> = first_column(
+        &target,
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = 'items'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .await
+    .expect("columns");
+    assert_eq!(columns, ["id", "name"], "the target keeps its columns");
+}
