@@ -178,6 +178,27 @@ pub fn coalesce(changes: &[SinkChange]) -> Result<Vec<TableBatch<'_>>, SinkError
     Ok(batches)
 }
 
+/// The first change of each table in `changes`, tables in first-seen order: what a sink
+/// looks a batch's target tables up (or creates them) by.
+pub fn first_of_each_table(changes: &[SinkChange]) -> Vec<&SinkChange> {
+    let mut firsts: Vec<&SinkChange> = Vec::new();
+    for change in changes {
+        if !firsts.iter().any(|c| c.table == change.table) {
+            firsts.push(change);
+        }
+    }
+    firsts
+}
+
+/// The changes of `segment` whose tables are not in `keyless`, for [`coalesce`].
+pub fn keyed_changes(segment: &[SinkChange], keyless: &[TableId]) -> Vec<SinkChange> {
+    segment
+        .iter()
+        .filter(|c| !keyless.contains(&c.table))
+        .cloned()
+        .collect()
+}
+
 /// One step of applying a table without a key (no primary key or unique index in the
 /// target): rows are not coalesced, since two of them may be equal, and each change is
 /// applied in order. Consecutive inserts go together.

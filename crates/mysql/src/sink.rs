@@ -17,7 +17,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use std::collections::HashMap;
 use tidelink_core::coalesce::{
-    coalesce, keyless_steps, truncate_segments, KeylessStep, TableBatch, UpsertGroup,
+    coalesce, first_of_each_table, keyed_changes, keyless_steps, truncate_segments, KeylessStep,
+    TableBatch, UpsertGroup,
 };
 use tidelink_core::{
     ColumnDefinition, OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError,
@@ -316,13 +317,8 @@ impl MysqlSink {
 
     /// The tables of `changes` whose targets have no primary key, in first-seen order.
     async fn keyless_tables(&mut self, changes: &[SinkChange]) -> Result<Vec<TableId>, SinkError> {
-        let mut seen: Vec<&TableId> = Vec::new();
         let mut keyless = Vec::new();
-        for change in changes {
-            if seen.contains(&&change.table) {
-                continue;
-            }
-            seen.push(&change.table);
+        for change in first_of_each_table(changes) {
             let target = self
                 .target_table(&change.table, change.source_columns.as_deref())
                 .await?;
@@ -417,12 +413,7 @@ impl MysqlSink {
                     self.apply_table(batch).await?;
                 }
             } else {
-                let keyed: Vec<SinkChange> = segment
-                    .iter()
-                    .filter(|c| !keyless.contains(&c.table))
-                    .cloned()
-                    .collect();
-                for batch in coalesce(&keyed)? {
+                for batch in coalesce(&keyed_changes(segment, &keyless))? {
                     self.apply_table(batch).await?;
                 }
                 for table in &keyless {
@@ -736,16 +727,12 @@ impl MysqlSink {
     /// DDL commits implicitly: tables to create are created before a transaction opens (a
     /// table that cannot be is reported again from inside it).
     async fn create_tables_first(&mut self, changes: &[SinkChange]) -> Result<(), SinkError> {
-        let mut seen: Vec<&TableId> = Vec::new();
-        for change in changes {
-            if !seen.contains(&&change.table) {
-                seen.push(&change.table);
-                if let Err(SinkError::Transient(e)) = self
-                    .target_table(&change.table, change.source_columns.as_deref())
-                    .await
-                {
-                    return Err(SinkError::Transient(e));
-                }
+        for change in first_of_each_table(changes) {
+            if let Err(SinkError::Transient(e)) = self
+                .target_table(&change.table, change.source_columns.as_deref())
+                .await
+            {
+                return Err(SinkError::Transient(e));
             }
         }
         Ok(())

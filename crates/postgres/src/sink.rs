@@ -23,7 +23,8 @@ use crate::text_array::TextArray;
 use crate::types::{target_kind, TargetKind};
 use std::collections::HashMap;
 use tidelink_core::coalesce::{
-    coalesce, keyless_steps, truncate_segments, KeylessStep, TableBatch, UpsertGroup,
+    coalesce, first_of_each_table, keyed_changes, keyless_steps, truncate_segments, KeylessStep,
+    TableBatch, UpsertGroup,
 };
 use tidelink_core::{
     OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError, SourceOrder, TableId,
@@ -343,13 +344,8 @@ impl PgSink {
     /// The tables of `changes` whose targets have no key, in first-seen order (each
     /// target looked up, or created, once).
     async fn keyless_tables(&mut self, changes: &[SinkChange]) -> Result<Vec<TableId>, SinkError> {
-        let mut seen: Vec<&TableId> = Vec::new();
         let mut keyless = Vec::new();
-        for change in changes {
-            if seen.contains(&&change.table) {
-                continue;
-            }
-            seen.push(&change.table);
+        for change in first_of_each_table(changes) {
             let target = self
                 .target_table(&change.table, change.source_columns.as_deref())
                 .await?;
@@ -450,12 +446,7 @@ impl PgSink {
                     self.apply_table(batch).await?;
                 }
             } else {
-                let keyed: Vec<SinkChange> = segment
-                    .iter()
-                    .filter(|c| !keyless.contains(&c.table))
-                    .cloned()
-                    .collect();
-                for batch in coalesce(&keyed)? {
+                for batch in coalesce(&keyed_changes(segment, &keyless))? {
                     self.apply_table(batch).await?;
                 }
                 for table in &keyless {
@@ -527,16 +518,12 @@ impl PgSink {
         if !self.settings.create_tables {
             return Ok(());
         }
-        let mut seen: Vec<&TableId> = Vec::new();
-        for change in changes {
-            if !seen.contains(&&change.table) {
-                seen.push(&change.table);
-                if let Err(SinkError::Transient(e)) = self
-                    .target_table(&change.table, change.source_columns.as_deref())
-                    .await
-                {
-                    return Err(SinkError::Transient(e));
-                }
+        for change in first_of_each_table(changes) {
+            if let Err(SinkError::Transient(e)) = self
+                .target_table(&change.table, change.source_columns.as_deref())
+                .await
+            {
+                return Err(SinkError::Transient(e));
             }
         }
         Ok(())

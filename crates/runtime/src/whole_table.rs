@@ -34,6 +34,29 @@ use tidelink_postgres::backfill::{SnapshotVisibility, TableReader};
 /// Rows read and sent per round trip.
 const ROWS_PER_FETCH: usize = 5000;
 
+/// Each table with the progress `<prefix>.backfill` records for it.
+async fn recorded_progress(
+    pipeline: &PipelineConfig,
+    tables: &[TableId],
+) -> Result<Vec<(TableId, Option<TableProgress>)>, TidelinkError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kafka = &pipeline.kafka;
+    let progress_topic = progress_topic(&kafka.topic_prefix);
+    admin::ensure_compacted_topic(kafka, &progress_topic).await?;
+    let recorded = admin::read_latest_by_key(kafka, &progress_topic).await?;
+    Ok(tables
+        .iter()
+        .map(|table| {
+            let progress = recorded
+                .get(&table.to_string())
+                .and_then(|bytes| serde_json::from_slice(bytes).ok());
+            (table.clone(), progress)
+        })
+        .collect())
+}
+
 /// Copies each of `tables` (PostgreSQL tables without a key) unless an earlier run did
 /// (`restart`: copy them all again), and returns each table's snapshot visibility, which
 /// the stream must leave out.
@@ -46,19 +69,10 @@ pub(crate) async fn snapshot_whole_tables(
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, SnapshotVisibility)>, TidelinkError> {
-    if tables.is_empty() {
-        return Ok(Vec::new());
-    }
-    let kafka = &pipeline.kafka;
-    let progress_topic = progress_topic(&kafka.topic_prefix);
-    admin::ensure_compacted_topic(kafka, &progress_topic).await?;
-    let recorded = admin::read_latest_by_key(kafka, &progress_topic).await?;
     let mut schemas_topic_ready = false;
     let mut seen = Vec::new();
-    for table in tables {
-        let progress: Option<TableProgress> = recorded
-            .get(&table.to_string())
-            .and_then(|bytes| serde_json::from_slice(bytes).ok());
+    for (table, progress) in recorded_progress(pipeline, tables).await? {
+        let table = &table;
         if let Some(TableProgress {
             done: true,
             visibility: Some(visibility),
@@ -141,19 +155,10 @@ pub(crate) async fn snapshot_whole_mysql_tables(
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Result<Vec<(TableId, BinlogSnapshot)>, TidelinkError> {
-    if tables.is_empty() {
-        return Ok(Vec::new());
-    }
-    let kafka = &pipeline.kafka;
-    let progress_topic = progress_topic(&kafka.topic_prefix);
-    admin::ensure_compacted_topic(kafka, &progress_topic).await?;
-    let recorded = admin::read_latest_by_key(kafka, &progress_topic).await?;
     let mut schemas_topic_ready = false;
     let mut seen = Vec::new();
-    for table in tables {
-        let progress: Option<TableProgress> = recorded
-            .get(&table.to_string())
-            .and_then(|bytes| serde_json::from_slice(bytes).ok());
+    for (table, progress) in recorded_progress(pipeline, tables).await? {
+        let table = &table;
         if let Some(TableProgress {
             done: true,
             binlog_snapshot: Some(place),
