@@ -154,9 +154,10 @@ pub fn follow_rows<'a>(
     changes
 }
 
-/// Whether two type names name the same type (case and spacing aside).
+/// Whether two type names name the same type: case and spacing aside, and spelt either
+/// way where a type has two spellings (`varchar(10)` and `character varying(10)`).
 pub fn same_type(a: &str, b: &str) -> bool {
-    normalize(a) == normalize(b)
+    normalize(a) == normalize(b) || shape(a).is_some_and(|x| shape(b) == Some(x))
 }
 
 /// Lower case, single spaces, `mysql:` prefix and MySQL display widths (`int(11)`) kept
@@ -365,6 +366,15 @@ mod tests {
             ]
         );
         assert_eq!(kept, ["column `note` changed type from text to integer"]);
+    }
+
+    #[test]
+    fn spellings_of_one_type_are_the_same_type() {
+        assert!(same_type("varchar(40)", "character varying(40)"));
+        assert!(same_type("int4", "integer"));
+        assert!(same_type("timestamptz", "timestamp with time zone"));
+        assert!(!same_type("varchar(10)", "character varying(40)"));
+        assert!(!same_type("timestamp", "timestamp with time zone"));
     }
 
     #[test]

@@ -813,7 +813,6 @@ impl<S: Sink> Worker<S> {
                                 })
                         })
                     });
-                    tracing::info!(%name, %current, %wanted, matched_before, versions = history.len(), "DEBUG force");
                     if !matched_before
                         || tidelink_core::schema_change::same_type(current, &wanted)
                         || changes.iter().any(|c| matches!(c, SchemaChange::Widen { column: w, .. } if w.name == *name))
