@@ -386,6 +386,16 @@ async fn a_table_without_primary_key_is_backfilled_by_named_unique_columns() {
         !status.success() && output.contains("no unique index on exactly these columns"),
         "{output}"
     );
+    // `tidelink status` shows the failed table with its reason until it is copied.
+    let report = std::process::Command::new(tidelink_integration_tests::tidelink_binary())
+        .args(["status", "-c", &config.display().to_string()])
+        .output()
+        .expect("status");
+    let report = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        report.contains("public.codes  FAILED") && report.contains("no unique index"),
+        "{report}"
+    );
     let (status, output) = run(&["--key-columns", "region,code"], "right.log");
     assert!(status.success(), "{output}");
     p.source

@@ -331,6 +331,43 @@ pub(crate) struct TableProgress {
     /// matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) binlog_snapshot: Option<crate::whole_table::BinlogSnapshot>,
+    /// Why the last attempt at the table failed (cleared once it is copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
+}
+
+/// A table's snapshot as `<prefix>.backfill` records it, for `tidelink status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSnapshot {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows copied so far.
+    pub rows: u64,
+    /// Finished.
+    pub done: bool,
+    /// Why the last attempt failed, while it is not finished.
+    pub error: Option<String>,
+}
+
+/// Every table's recorded snapshot progress of a pipeline.
+pub async fn snapshot_progress(
+    kafka: &tidelink_config::KafkaConfig,
+) -> Result<Vec<TableSnapshot>, TidelinkError> {
+    let recorded = admin::read_latest_by_key(kafka, &progress_topic(&kafka.topic_prefix)).await?;
+    let mut tables: Vec<TableSnapshot> = recorded
+        .into_iter()
+        .filter_map(|(table, bytes)| {
+            let progress: TableProgress = serde_json::from_slice(&bytes).ok()?;
+            Some(TableSnapshot {
+                table,
+                rows: progress.rows,
+                done: progress.done,
+                error: progress.error,
+            })
+        })
+        .collect();
+    tables.sort_by(|a, b| a.table.cmp(&b.table));
+    Ok(tables)
 }
 
 /// The compacted topic recording backfill progress.
@@ -384,6 +421,18 @@ pub async fn backfill(
                 tracing::error!(pipeline = %pipeline.name, %table, error = %e,
                     "snapshot of the table failed; the other tables are still copied");
                 set_table_failed(metrics, &labels, true);
+                // `tidelink status` shows the reason until the table is copied.
+                let mut progress: TableProgress = recorded
+                    .get(&table.to_string())
+                    .and_then(|bytes| serde_json::from_slice(bytes).ok())
+                    .unwrap_or_default();
+                progress.done = false;
+                progress.error = Some(e.message.clone());
+                if let Err(record_error) =
+                    record(&producer, &progress_topic, &table, &progress).await
+                {
+                    tracing::debug!(error = %record_error, "cannot record the failure");
+                }
                 failed.push((table, e));
             }
         }
@@ -439,6 +488,8 @@ impl KafkaBackfill<'_> {
             .get(&table.to_string())
             .and_then(|bytes| serde_json::from_slice(bytes).ok())
             .unwrap_or_default();
+        // This attempt's outcome replaces an earlier attempt's failure.
+        progress.error = None;
         if options.restart {
             progress = TableProgress::default();
         }
@@ -838,6 +889,7 @@ async fn backfill_direct(
                     done: false,
                     visibility: None,
                     binlog_snapshot: None,
+                    error: None,
                 };
                 report_progress(
                     &table,
@@ -864,6 +916,7 @@ async fn backfill_direct(
                 done: true,
                 visibility: None,
                 binlog_snapshot: None,
+                error: None,
             };
             report_progress(
                 &table,

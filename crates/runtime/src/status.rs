@@ -26,6 +26,9 @@ pub struct PipelineStatus {
     pub source: SourceState,
     /// Per sink.
     pub sinks: Vec<SinkStatus>,
+    /// The snapshot of each table, as recorded in `<prefix>.backfill` (empty before the
+    /// first snapshot).
+    pub snapshot: Vec<crate::backfill::TableSnapshot>,
 }
 
 /// The source's slot, or why it could not be read.
@@ -180,10 +183,14 @@ pub async fn collect(config: &Config, only: Option<&str>) -> Result<Status, Tide
                 .unwrap_or(0);
             sinks.push(status);
         }
+        let snapshot = crate::backfill::snapshot_progress(&pipeline.kafka)
+            .await
+            .unwrap_or_default();
         pipelines.push(PipelineStatus {
             name: pipeline.name.clone(),
             source,
             sinks,
+            snapshot,
         });
     }
     if pipelines.is_empty() {
@@ -229,6 +236,22 @@ impl std::fmt::Display for Status {
                     current_position.as_deref().unwrap_or("-"),
                 )?,
                 SourceState::Unavailable { error } => writeln!(f, "  source  unavailable: {error}")?,
+            }
+            if !p.snapshot.is_empty() {
+                let done = p.snapshot.iter().filter(|t| t.done).count();
+                writeln!(
+                    f,
+                    "  snapshot  {done} of {} tables copied",
+                    p.snapshot.len()
+                )?;
+                for t in p.snapshot.iter().filter(|t| !t.done) {
+                    match &t.error {
+                        Some(e) => {
+                            writeln!(f, "    {}  FAILED after {} rows: {e}", t.table, t.rows)?
+                        }
+                        None => writeln!(f, "    {}  in progress, {} rows", t.table, t.rows)?,
+                    }
+                }
             }
             for s in &p.sinks {
                 writeln!(
