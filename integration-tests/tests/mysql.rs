@@ -1301,3 +1301,50 @@ async fn mariadb_schema_changes_reach_both_engines() {
         .expect("columns");
     assert_eq!(types, ["id int(11)", "title varchar(40)", "note text"]);
 }
+
+/// A table created on a MariaDB source while the pipeline runs is streamed from its
+/// `CREATE TABLE` on, and the sink creates it in the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_created_on_mariadb_while_running_reaches_the_target() {
+    use mysql_async::prelude::Queryable;
+    let setup = Setup::start();
+    setup.source.execute("mysql", "CREATE DATABASE shop").await;
+    setup
+        .source
+        .execute("shop", "CREATE TABLE first (id int PRIMARY KEY)")
+        .await;
+    let postgres = PgCluster::start();
+    postgres.create_database("replica").await;
+    let sink = format!(
+        "        postgres:\n          dsn: {}\n          create_tables: true\n",
+        postgres.dsn("replica")
+    );
+    let config = setup.config(&setup.mysql_source(), &sink, "");
+    let _daemon = setup.run(&config, "late.log");
+    setup.wait_ready().await;
+    let mut conn = setup.source.conn("shop").await;
+    conn.query_drop(
+        "CREATE TABLE late (id int PRIMARY KEY, v varchar(20));
+         INSERT INTO late SELECT seq, CONCAT('v', seq) FROM seq_1_to_300;
+         UPDATE late SET v = 'changed' WHERE id % 3 = 0;
+         DELETE FROM late WHERE id % 7 = 0;",
+    )
+    .await
+    .expect("new table");
+    let expected = mariadb_rows(&mut conn, "shop.late", "id").await;
+    let pg = postgres.client("replica").await;
+    let mut rows = Vec::new();
+    for _ in 0..120 {
+        rows = first_column::<String>(
+            &pg,
+            "SELECT concat_ws('|', id, v) FROM shop.late ORDER BY id",
+        )
+        .await
+        .unwrap_or_default();
+        if rows == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(rows, expected, "{}", setup.logs());
+}
