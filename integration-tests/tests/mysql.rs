@@ -18,6 +18,24 @@ struct Setup {
 }
 
 impl Setup {
+    /// A source that logs full row metadata (`binlog_row_metadata=FULL`): column names,
+    /// so rows are read by name after a later ALTER.
+    fn start_with_full_row_metadata() -> Self {
+        Self {
+            source: MariaDb::start_with(
+                1,
+                &[
+                    "--binlog-format=ROW",
+                    "--binlog-row-image=FULL",
+                    "--binlog-row-metadata=FULL",
+                ],
+            ),
+            broker: Broker::start(),
+            work: tempfile::tempdir().expect("work dir"),
+            metrics_port: free_port(),
+        }
+    }
+
     fn start() -> Self {
         Self {
             source: MariaDb::start(1),
@@ -763,19 +781,7 @@ async fn postgres_to_mariadb_types_and_workload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn full_row_metadata_reads_rows_from_before_a_reshaping_alter() {
     use mysql_async::prelude::Queryable;
-    let setup = Setup {
-        source: MariaDb::start_with(
-            1,
-            &[
-                "--binlog-format=ROW",
-                "--binlog-row-image=FULL",
-                "--binlog-row-metadata=FULL",
-            ],
-        ),
-        broker: Broker::start(),
-        work: tempfile::tempdir().expect("work dir"),
-        metrics_port: free_port(),
-    };
+    let setup = Setup::start_with_full_row_metadata();
     setup.source.execute("mysql", "CREATE DATABASE shop").await;
     setup.source.execute("shop", ORDERS_MARIADB).await;
     let target = PgCluster::start();
@@ -1168,19 +1174,7 @@ async fn mariadb_table_without_a_key_is_snapshotted_and_streamed_into_both_engin
 async fn mariadb_schema_changes_reach_both_engines() {
     use mysql_async::prelude::Queryable;
     // Rows read after later ALTERs are decoded by the names the server logged.
-    let setup = Setup {
-        source: MariaDb::start_with(
-            1,
-            &[
-                "--binlog-format=ROW",
-                "--binlog-row-image=FULL",
-                "--binlog-row-metadata=FULL",
-            ],
-        ),
-        broker: Broker::start(),
-        work: tempfile::tempdir().expect("work dir"),
-        metrics_port: free_port(),
-    };
+    let setup = Setup::start_with_full_row_metadata();
     setup.source.execute("mysql", "CREATE DATABASE shop").await;
     setup
         .source
