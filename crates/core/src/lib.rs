@@ -11,6 +11,7 @@ pub mod event;
 pub mod fuzz;
 pub mod position;
 pub mod row;
+pub mod savepoints;
 pub mod schema_change;
 pub mod transform;
 

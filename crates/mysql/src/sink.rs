@@ -20,6 +20,7 @@ use tidelink_core::coalesce::{
     coalesce, first_of_each_table, keyed_changes, keyless_steps, truncate_segments, KeylessStep,
     TableBatch, UpsertGroup,
 };
+use tidelink_core::savepoints::{apply_each_under_a_savepoint, ChangeByChange};
 use tidelink_core::{
     ColumnDefinition, OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError,
     SourceOrder, TableColumns, TableId, TidelinkError, TopicPartition,
@@ -753,28 +754,21 @@ impl MysqlSink {
         offsets: &[OffsetAdvance],
     ) -> Result<Vec<(usize, String)>, SinkError> {
         self.advance_offsets(offsets).await?;
-        let mut rejected = Vec::new();
-        for (i, change) in changes.iter().enumerate() {
-            self.run("SAVEPOINT tidelink_change", "setting a savepoint")
-                .await?;
-            match self.apply_changes(std::slice::from_ref(change)).await {
-                Ok(()) => {
-                    self.run("RELEASE SAVEPOINT tidelink_change", "releasing a savepoint")
-                        .await?;
-                }
-                Err(SinkError::Rejected(reason)) => {
-                    self.run(
-                        "ROLLBACK TO SAVEPOINT tidelink_change",
-                        "undoing a rejected change",
-                    )
-                    .await?;
-                    self.tables.clear();
-                    rejected.push((i, reason));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(rejected)
+        apply_each_under_a_savepoint(self, changes).await
+    }
+}
+
+impl ChangeByChange for MysqlSink {
+    async fn statement(&mut self, sql: &'static str, what: &'static str) -> Result<(), SinkError> {
+        self.run(sql, what).await.map(|_| ())
+    }
+
+    async fn apply_one(&mut self, change: &SinkChange) -> Result<(), SinkError> {
+        self.apply_changes(std::slice::from_ref(change)).await
+    }
+
+    fn forget_target_tables(&mut self) {
+        self.tables.clear();
     }
 }
 

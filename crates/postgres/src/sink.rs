@@ -26,6 +26,7 @@ use tidelink_core::coalesce::{
     coalesce, first_of_each_table, keyed_changes, keyless_steps, truncate_segments, KeylessStep,
     TableBatch, UpsertGroup,
 };
+use tidelink_core::savepoints::{apply_each_under_a_savepoint, ChangeByChange};
 use tidelink_core::{
     OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError, SourceOrder, TableId,
     TidelinkError, TopicPartition,
@@ -544,38 +545,21 @@ impl PgSink {
         offsets: &[OffsetAdvance],
     ) -> Result<Vec<(usize, String)>, SinkError> {
         self.advance_offsets(offsets).await?;
-        let mut rejected = Vec::new();
-        for (i, change) in changes.iter().enumerate() {
-            self.execute(
-                "SAVEPOINT tidelink_change".into(),
-                NO_PARAMS,
-                "setting a savepoint",
-            )
-            .await?;
-            match self.apply_changes(std::slice::from_ref(change)).await {
-                Ok(()) => {
-                    self.execute(
-                        "RELEASE SAVEPOINT tidelink_change".into(),
-                        NO_PARAMS,
-                        "releasing a savepoint",
-                    )
-                    .await?;
-                }
-                Err(SinkError::Rejected(reason)) => {
-                    self.execute(
-                        "ROLLBACK TO SAVEPOINT tidelink_change".into(),
-                        NO_PARAMS,
-                        "undoing a rejected change",
-                    )
-                    .await?;
-                    // A rejection may come from a target table that changed.
-                    self.tables.clear();
-                    rejected.push((i, reason));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(rejected)
+        apply_each_under_a_savepoint(self, changes).await
+    }
+}
+
+impl ChangeByChange for PgSink {
+    async fn statement(&mut self, sql: &'static str, what: &'static str) -> Result<(), SinkError> {
+        self.execute(sql.into(), NO_PARAMS, what).await.map(|_| ())
+    }
+
+    async fn apply_one(&mut self, change: &SinkChange) -> Result<(), SinkError> {
+        self.apply_changes(std::slice::from_ref(change)).await
+    }
+
+    fn forget_target_tables(&mut self) {
+        self.tables.clear();
     }
 }
 
