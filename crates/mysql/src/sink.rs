@@ -911,12 +911,7 @@ impl Sink for MysqlSink {
                 Ok(())
             }
             Err(e) => {
-                if let Some(conn) = self.conn.as_mut() {
-                    if let Err(rollback) = conn.query_drop("ROLLBACK").await {
-                        tracing::debug!(error = %rollback, "rollback failed; reconnecting");
-                        self.conn = None;
-                    }
-                }
+                self.rollback().await;
                 if matches!(e, SinkError::Transient(_)) {
                     self.conn = None;
                 }

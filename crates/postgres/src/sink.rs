@@ -717,12 +717,7 @@ impl Sink for PgSink {
                 Ok(())
             }
             Err(e) => {
-                if let Some(client) = &self.client {
-                    if let Err(rollback) = client.batch_execute("ROLLBACK").await {
-                        tracing::debug!(error = %rollback, "rollback failed; reconnecting");
-                        self.client = None;
-                    }
-                }
+                self.rollback().await;
                 // A failed statement may have been prepared against a changed table.
                 if matches!(e, SinkError::Rejected(_)) {
                     self.tables.clear();
