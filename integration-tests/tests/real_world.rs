@@ -418,3 +418,63 @@ async fn a_sink_that_ignores_schema_changes_and_truncates_keeps_its_table_as_it_
     .expect("columns");
     assert_eq!(columns, ["id", "name"], "the target keeps its columns");
 }
+
+/// A TRUNCATE of a keyed table is ordered against every partition of its topic: rows
+/// inserted before it, in whichever partition their key hashes to, are gone afterwards;
+/// rows inserted after it are kept, whichever partition's worker gets there first. The
+/// backlog waits in Kafka for two sink workers in separate processes (one partition may
+/// reach the barrier in one process while the others are still in the other), then the
+/// same live.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncate_of_a_keyed_table_is_ordered_across_partitions_and_workers() {
+    let p = PgPipeline::start("CREATE TABLE items (id int PRIMARY KEY, name text)").await;
+    let config = p.write_config_without_snapshot("barrier.yaml", "");
+    let _source = p.run(&config, &["--role", "source"], "source.log");
+    p.wait_source_streaming().await;
+    let source = p.source.client("app").await;
+    source
+        .batch_execute(
+            "INSERT INTO items SELECT g, 'before ' || g FROM generate_series(1, 3000) g;
+             UPDATE items SET name = 'updated' WHERE id % 7 = 0;
+             TRUNCATE items;
+             INSERT INTO items SELECT g, 'after ' || g FROM generate_series(2001, 4000) g;
+             DELETE FROM items WHERE id % 11 = 0;",
+        )
+        .await
+        .expect("workload with a truncate");
+    let sink_config = |name: &str| {
+        let path = p.work.path().join(name);
+        let text = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(
+            &path,
+            text.replace("metrics:\n", "metrics:\n  enabled: false\n")
+                .replace("batch_size: 2000", "batch_size: 500"),
+        )
+        .expect("sink config");
+        path
+    };
+    let (first, second) = (sink_config("sink-1.yaml"), sink_config("sink-2.yaml"));
+    let _sink_1 = p.run(&first, &["--role", "sink"], "sink-1.log");
+    let _sink_2 = p.run(&second, &["--role", "sink"], "sink-2.log");
+    p.wait_in_sync(&[("items", "id")], CATCH_UP).await;
+    // Live: truncates between inserts, while both workers hold partitions.
+    for round in 0..3 {
+        let base = 10_000 * (round + 1);
+        source
+            .batch_execute(&format!(
+                "INSERT INTO items SELECT {base} + g, 'live' FROM generate_series(1, 500) g;
+                 TRUNCATE items;
+                 INSERT INTO items SELECT {base} + g, 'kept' FROM generate_series(501, 800) g;"
+            ))
+            .await
+            .expect("live truncate");
+    }
+    p.wait_in_sync(&[("items", "id")], CATCH_UP).await;
+    let target = p.target.client("replica").await;
+    let left: Vec<i64> = first_column(&target, "SELECT count(*) FROM tidelink.truncate_barriers")
+        .await
+        .expect("barrier rows");
+    assert_eq!(left, [0], "every barrier completed and was cleared");
+    let (code, output) = p.verify(&config, "it", &[], "barrier-verify.log");
+    assert_eq!(code, Some(0), "verify finds the table equal:\n{output}");
+}

@@ -312,6 +312,7 @@ mod tests {
                 offset: 0,
             },
             source_columns: None,
+            barrier: None,
         }
     }
 

@@ -119,6 +119,41 @@ pub struct SinkChange {
     /// The source table's column definitions (JSON of [`crate::ColumnDefinition`]s), when
     /// the message carried them; used to create a missing target table.
     pub source_columns: Option<std::sync::Arc<[u8]>>,
+    /// For a truncate published to every partition of its topic: the barrier its copies
+    /// form. The target truncates once, when the last partition's copy arrives.
+    pub barrier: Option<TruncateBarrier>,
+}
+
+/// A truncate of a keyed table, published once to every partition of its topic so that it
+/// is ordered against each partition's changes. Each partition's copy is an arrival,
+/// recorded in the target with that partition's offsets; the copy that completes the
+/// arrivals truncates. A partition that arrived applies nothing after the truncate until
+/// the barrier is complete ([`Sink::barrier_holds`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TruncateBarrier {
+    /// Names the truncate, the same in every copy (source table and source order).
+    pub id: std::sync::Arc<str>,
+    /// How many partitions carry a copy.
+    pub partitions: i32,
+}
+
+impl TruncateBarrier {
+    /// Of `partitions`, those among the (topic, partition) arrivals a target records at
+    /// barriers not complete yet.
+    pub fn held(
+        arrivals: impl IntoIterator<Item = (String, i32)>,
+        partitions: &[TopicPartition],
+    ) -> Vec<TopicPartition> {
+        let arrived: std::collections::HashSet<TopicPartition> = arrivals
+            .into_iter()
+            .map(|(topic, partition)| TopicPartition { topic, partition })
+            .collect();
+        partitions
+            .iter()
+            .filter(|p| arrived.contains(p))
+            .cloned()
+            .collect()
+    }
 }
 
 /// The Kafka coordinates of a message.
@@ -237,6 +272,13 @@ pub trait Sink: Send {
         table: &TableId,
         changes: &[crate::schema_change::SchemaChange],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Of these partitions, those whose copy of a truncate barrier arrived while the
+    /// barrier is not complete: their changes after the truncate must wait.
+    fn barrier_holds(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> impl Future<Output = Result<Vec<TopicPartition>, TidelinkError>> + Send;
 
     /// Commits (or rolls back) the transaction [`Sink::apply_isolated`] left open.
     fn finish_isolated(

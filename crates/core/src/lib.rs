@@ -17,7 +17,7 @@ pub mod transform;
 
 pub use contract::{
     DirectProgress, MessageOrigin, OffsetAdvance, RecordedProgress, Sink, SinkChange, SinkError,
-    Source, SourceMessage, TopicPartition,
+    Source, SourceMessage, TopicPartition, TruncateBarrier,
 };
 pub use error::{ErrorKind, TidelinkError};
 pub use event::{

@@ -97,6 +97,7 @@ fn main() {
                         offset: offset as i64,
                     },
                     source_columns: None,
+                    barrier: None,
                 }
             })
             .collect();

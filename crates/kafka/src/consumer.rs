@@ -11,7 +11,6 @@
 
 use crate::client_config;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -40,6 +39,9 @@ pub enum ConsumerEvent {
     Revoked(Vec<TopicPartition>),
     /// Messages of assigned partitions, in the order polled (at least one).
     Messages(Vec<OwnedMessage>),
+    /// Fetching of this partition restarted where [`SinkConsumer::rewind`] asked: every
+    /// message of it reported after this event comes from there.
+    Rewound(TopicPartition),
     /// A consumer error worth reporting (the consumer keeps running).
     Error(String),
 }
@@ -159,9 +161,15 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
+/// Rewinds the worker asked for and the consumer thread has not made yet: a partition
+/// and where to fetch it from again (`None`: the beginning).
+type PendingRewinds = Mutex<Vec<(TopicPartition, Option<i64>)>>;
+
 /// A running consumer thread.
 pub struct SinkConsumer {
     consumer: Arc<BaseConsumer<RebalanceContext>>,
+    /// Rewinds asked for and not yet made by the consumer thread.
+    rewinds: Arc<PendingRewinds>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -191,30 +199,33 @@ impl SinkConsumer {
             .subscribe(&[pattern])
             .map_err(|e| TidelinkError::permanent(format!("subscribing to {pattern}: {e}")))?;
         let consumer = Arc::new(consumer);
+        let rewinds = Arc::new(Mutex::new(Vec::new()));
         let thread = {
             let consumer = consumer.clone();
             let stop = stop.clone();
+            let rewinds = rewinds.clone();
             std::thread::Builder::new()
                 .name(format!("consumer {group}"))
-                .spawn(move || poll_loop(&consumer, &stop, &events, &held))
+                .spawn(move || poll_loop(&consumer, &stop, &events, &held, &rewinds))
                 .map_err(|e| TidelinkError::permanent(format!("starting consumer thread: {e}")))?
         };
         Ok(Self {
             consumer,
+            rewinds,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Restarts fetching a partition at `offset` (after another worker moved it).
-    pub fn seek(&self, partition: &TopicPartition, offset: Option<i64>) -> KafkaResult<()> {
-        let offset = offset.map(Offset::Offset).unwrap_or(Offset::Beginning);
-        self.consumer.seek(
-            &partition.topic,
-            partition.partition,
-            offset,
-            Duration::from_secs(5),
-        )
+    /// Asks the consumer thread to fetch a partition again from `offset` (`None`: from
+    /// the beginning). Messages of the partition already on their way to the worker are
+    /// from before; the [`ConsumerEvent::Rewound`] that follows them marks where the
+    /// refetched ones begin.
+    pub fn rewind(&self, partition: &TopicPartition, offset: Option<i64>) {
+        if let Ok(mut rewinds) = self.rewinds.lock() {
+            rewinds.retain(|(p, _)| p != partition);
+            rewinds.push((partition.clone(), offset));
+        }
     }
 
     /// Records applied offsets in Kafka too, for lag monitoring (asynchronous, best effort).
@@ -317,12 +328,14 @@ fn poll_loop(
     stop: &AtomicBool,
     events: &mpsc::Sender<ConsumerEvent>,
     held: &Mutex<VecDeque<OwnedMessage>>,
+    rewinds: &PendingRewinds,
 ) {
     let mut paused = false;
     // Since when the worker's channel has been full.
     let mut blocked_since: Option<std::time::Instant> = None;
     let mut pause = Duration::from_micros(50);
     while !stop.load(Ordering::Relaxed) {
+        rewind_asked(consumer, held, events, rewinds);
         let holding = held.lock().map(|h| h.len()).unwrap_or(0);
         if paused {
             // Nothing is fetched while paused: this poll keeps the group's session alive,
@@ -407,6 +420,47 @@ fn poll_loop(
     consumer.unsubscribe();
     for _ in 0..20 {
         let _ = consumer.poll(Duration::from_millis(50));
+    }
+}
+
+/// Makes the rewinds the worker asked for: seeks, drops the partition's held messages (from
+/// before the seek) and reports [`ConsumerEvent::Rewound`] behind everything handed over
+/// already. A rewind of a partition no longer assigned is dropped; one the consumer cannot
+/// make yet (the partition's fetch is still starting) is tried again next round.
+fn rewind_asked(
+    consumer: &BaseConsumer<RebalanceContext>,
+    held: &Mutex<VecDeque<OwnedMessage>>,
+    events: &mpsc::Sender<ConsumerEvent>,
+    rewinds: &PendingRewinds,
+) {
+    let asked: Vec<(TopicPartition, Option<i64>)> = match rewinds.lock() {
+        Ok(mut rewinds) if !rewinds.is_empty() => std::mem::take(&mut *rewinds),
+        _ => return,
+    };
+    let assignment = consumer.assignment().ok();
+    for (p, offset) in asked {
+        let assigned = assignment
+            .as_ref()
+            .is_none_or(|a| a.find_partition(&p.topic, p.partition).is_some());
+        if !assigned {
+            continue;
+        }
+        let start = offset.map(Offset::Offset).unwrap_or(Offset::Beginning);
+        if let Err(e) = consumer.seek(&p.topic, p.partition, start, Duration::from_secs(5)) {
+            tracing::debug!(error = %e, topic = %p.topic, partition = p.partition, "seek not possible yet; trying again");
+            if let Ok(mut rewinds) = rewinds.lock() {
+                if !rewinds.iter().any(|(q, _)| *q == p) {
+                    rewinds.push((p, offset));
+                }
+            }
+            continue;
+        }
+        if let Ok(mut held) = held.lock() {
+            held.retain(|m| !(p.partition == m.partition() && p.topic == m.topic()));
+        }
+        if events.blocking_send(ConsumerEvent::Rewound(p)).is_err() {
+            return;
+        }
     }
 }
 

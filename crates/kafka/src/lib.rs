@@ -8,6 +8,7 @@ pub mod consumer;
 pub mod envelope;
 pub mod producer;
 pub mod topics;
+pub mod truncate_barrier;
 
 pub use consumer::{ConsumerEvent, OffsetLoader, SinkConsumer, MAX_MESSAGES_PER_EVENT};
 pub use envelope::{decode_change, encode_change, ChangeDecoder, DecodedChange, EnvelopeEncoder};

@@ -274,6 +274,7 @@ impl SequencedProducer {
         key: Option<&[u8]>,
         value: &[u8],
         partition: Option<i32>,
+        headers: Option<OwnedHeaders>,
     ) -> Result<u64, TidelinkError> {
         loop {
             let room = self.counter.room.notified();
@@ -300,6 +301,9 @@ impl SequencedProducer {
             if let Some(partition) = partition {
                 record = record.partition(partition);
             }
+            if let Some(headers) = &headers {
+                record = record.headers(headers.clone());
+            }
             match self.producer.send(record) {
                 Ok(()) => return Ok(number),
                 Err((e, _)) => {
@@ -310,6 +314,22 @@ impl SequencedProducer {
                 }
             }
         }
+    }
+
+    /// How many partitions `topic` has, read from the cluster's metadata (blocking).
+    pub fn partition_count(&self, topic: &str) -> Result<i32, TidelinkError> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| TidelinkError::transient(format!("metadata of topic {topic}: {e}")))?;
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| TidelinkError::transient(format!("topic {topic} has no partitions yet")))
     }
 
     /// The number the next message will get: waiting for the mark to reach it waits for
@@ -389,7 +409,7 @@ mod tests {
         for i in 0..50u64 {
             let key = format!("{{\"id\":{i}}}");
             let number = producer
-                .send("t.s.a", Some(key.as_bytes()), b"{}", None)
+                .send("t.s.a", Some(key.as_bytes()), b"{}", None, None)
                 .await
                 .expect("sent");
             assert_eq!(number, i, "numbered in the order sent");
@@ -404,7 +424,7 @@ mod tests {
         // With the broker away, the mark stays where it is; it moves once the broker is back.
         mock.broker_down(1).expect("broker down");
         let number = producer
-            .send("t.s.a", Some(b"{\"id\":1}"), b"{}", None)
+            .send("t.s.a", Some(b"{\"id\":1}"), b"{}", None, None)
             .await
             .expect("sent");
         assert_eq!(number, 50);
@@ -431,7 +451,7 @@ mod tests {
         let mut producer = SequencedProducer::new(&kafka(mock.bootstrap_servers()), 100, |_| {})
             .expect("producer");
         producer
-            .send("t.s.a", Some(b"{\"id\":1}"), b"{}", None)
+            .send("t.s.a", Some(b"{\"id\":1}"), b"{}", None, None)
             .await
             .expect("sent");
         let mark = producer.mark();
@@ -444,7 +464,7 @@ mod tests {
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
         );
         producer
-            .send("t.s.a", Some(b"{\"id\":2}"), b"{}", None)
+            .send("t.s.a", Some(b"{\"id\":2}"), b"{}", None, None)
             .await
             .expect("sent");
         let refused = within(30, &mark, 2)
@@ -458,7 +478,7 @@ mod tests {
         mock.clear_request_errors(RDKafkaApiKey::Produce);
         // Later messages may be stored, but nothing from the refusal on is ever confirmed.
         let _ = producer
-            .send("t.s.a", Some(b"{\"id\":3}"), b"{}", None)
+            .send("t.s.a", Some(b"{\"id\":3}"), b"{}", None, None)
             .await;
         assert!(within(5, &mark, 3).await.expect("answered").is_err());
         assert!(

@@ -23,7 +23,7 @@ use tidelink_core::coalesce::{
 use tidelink_core::savepoints::{apply_each_under_a_savepoint, ChangeByChange};
 use tidelink_core::{
     ColumnDefinition, OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError,
-    SourceOrder, TableColumns, TableId, TidelinkError, TopicPartition,
+    SourceOrder, TableColumns, TableId, TidelinkError, TopicPartition, TruncateBarrier,
 };
 
 /// Statements are kept below this size (the server's max_allowed_packet is 16 MiB by
@@ -423,6 +423,11 @@ impl MysqlSink {
                 }
             }
             if let Some(truncate) = truncate {
+                if let Some(barrier) = &truncate.barrier {
+                    if !self.arrive_at_barrier(truncate, barrier).await? {
+                        continue;
+                    }
+                }
                 let target = self
                     .target_table(&truncate.table, truncate.source_columns.as_deref())
                     .await?;
@@ -657,6 +662,16 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
                  op char(1) NOT NULL,
                  applied_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.truncate_barriers (
+                 consumer_group varchar(255) NOT NULL,
+                 topic varchar(255) NOT NULL,
+                 barrier varchar(255) NOT NULL,
+                 `partition` int NOT NULL,
+                 partitions int NOT NULL,
+                 arrived_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+                 PRIMARY KEY (consumer_group, topic, barrier, `partition`)) ENGINE=InnoDB"
+        ),
     ] {
         conn.query_drop(&sql).await.map_err(|e| {
             crate::connection::classify(&e).context(format!(
@@ -687,6 +702,74 @@ async fn create_state_tables(conn: &mut Conn, database: &str) -> Result<(), Tide
 }
 
 impl MysqlSink {
+    /// Records, in the batch's transaction, that a partition's copy of a truncate barrier
+    /// arrived. True when it completes the barrier: its rows are cleared and the caller
+    /// truncates. Every arrival first locks the barrier's head row (partition -1), so
+    /// arrivals of one barrier take turns and the last one counts all the others.
+    async fn arrive_at_barrier(
+        &mut self,
+        truncate: &SinkChange,
+        barrier: &TruncateBarrier,
+    ) -> Result<bool, SinkError> {
+        let table = quote_table(&self.settings.state_database, "truncate_barriers");
+        let group = self.settings.group.clone();
+        let keys = (
+            group,
+            truncate.origin.topic.to_string(),
+            barrier.id.to_string(),
+        );
+        let what = format!(
+            "recording {}[{}] at the truncate barrier of {}",
+            truncate.origin.topic, truncate.origin.partition, truncate.table
+        );
+        let conn = self.live()?;
+        conn.exec_drop(
+            format!(
+                "INSERT INTO {table} (consumer_group, topic, barrier, `partition`, partitions) \
+                 VALUES (?, ?, ?, -1, ?) ON DUPLICATE KEY UPDATE partitions = VALUES(partitions)"
+            ),
+            (&keys.0, &keys.1, &keys.2, barrier.partitions),
+        )
+        .await
+        .map_err(|e| rejected_or_transient(&e, &what))?;
+        conn.exec_drop(
+            format!(
+                "INSERT IGNORE INTO {table} (consumer_group, topic, barrier, `partition`, partitions) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ),
+            (
+                &keys.0,
+                &keys.1,
+                &keys.2,
+                truncate.origin.partition,
+                barrier.partitions,
+            ),
+        )
+        .await
+        .map_err(|e| rejected_or_transient(&e, &what))?;
+        // A locking read sees the other arrivals committed since this transaction began.
+        let arrived: Option<i64> = conn
+            .exec_first(
+                format!(
+                    "SELECT COUNT(*) FROM {table} WHERE consumer_group = ? AND topic = ? AND barrier = ? \
+                     AND `partition` >= 0 LOCK IN SHARE MODE"
+                ),
+                &keys,
+            )
+            .await
+            .map_err(|e| rejected_or_transient(&e, &what))?;
+        if arrived.unwrap_or(0) < i64::from(barrier.partitions) {
+            return Ok(false);
+        }
+        conn.exec_drop(
+            format!("DELETE FROM {table} WHERE consumer_group = ? AND topic = ? AND barrier = ?"),
+            &keys,
+        )
+        .await
+        .map_err(|e| rejected_or_transient(&e, &what))?;
+        Ok(true)
+    }
+
     /// The offsets rows of this sink's consumer group.
     async fn recorded_state(
         &mut self,
@@ -794,6 +877,27 @@ impl Sink for MysqlSink {
                 .map(|c| (c.name.to_string(), format!("mysql:{}", c.column_type)))
                 .collect()
         }))
+    }
+
+    async fn barrier_holds(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<TopicPartition>, TidelinkError> {
+        let table = quote_table(&self.settings.state_database, "truncate_barriers");
+        let group = self.settings.group.clone();
+        let conn = self.conn().await?;
+        let rows: Vec<(String, i32)> = conn
+            .exec(
+                format!(
+                    "SELECT DISTINCT topic, `partition` FROM {table} WHERE consumer_group = ? AND `partition` >= 0"
+                ),
+                (&group,),
+            )
+            .await
+            .map_err(|e| {
+                crate::connection::classify(&e).context("reading the truncate barriers")
+            })?;
+        Ok(TruncateBarrier::held(rows, partitions))
     }
 
     async fn alter_table(

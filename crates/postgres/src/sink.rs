@@ -29,7 +29,7 @@ use tidelink_core::coalesce::{
 use tidelink_core::savepoints::{apply_each_under_a_savepoint, ChangeByChange};
 use tidelink_core::{
     OffsetAdvance, RecordedProgress, Row, Sink, SinkChange, SinkError, SourceOrder, TableId,
-    TidelinkError, TopicPartition,
+    TidelinkError, TopicPartition, TruncateBarrier,
 };
 use tokio_postgres::{Client, Statement};
 
@@ -456,6 +456,11 @@ impl PgSink {
                 }
             }
             if let Some(truncate) = truncate {
+                if let Some(barrier) = &truncate.barrier {
+                    if !self.arrive_at_barrier(truncate, barrier).await? {
+                        continue;
+                    }
+                }
                 let target = self
                     .target_table(&truncate.table, truncate.source_columns.as_deref())
                     .await?;
@@ -472,6 +477,74 @@ impl PgSink {
 }
 
 impl PgSink {
+    /// Records, in the batch's transaction, that a partition's copy of a truncate barrier
+    /// arrived. True when it completes the barrier: its rows are cleared and the caller
+    /// truncates. Every arrival first locks the barrier's head row (partition -1), so
+    /// arrivals of one barrier take turns and the last one counts all the others.
+    async fn arrive_at_barrier(
+        &mut self,
+        truncate: &SinkChange,
+        barrier: &TruncateBarrier,
+    ) -> Result<bool, SinkError> {
+        let table = format!(
+            "{}.truncate_barriers",
+            quote_ident(&self.settings.state_schema)
+        );
+        let partition = truncate.origin.partition.to_string();
+        let partitions = barrier.partitions.to_string();
+        let what = format!(
+            "recording {}[{}] at the truncate barrier of {}",
+            truncate.origin.topic, partition, truncate.table
+        );
+        let group = self.settings.group.clone();
+        let keys = [group.as_str(), &truncate.origin.topic, &barrier.id];
+        self.execute(
+            format!(
+                "INSERT INTO {table} (consumer_group, topic, barrier, partition, partitions) \
+                 VALUES ($1, $2, $3, -1, $4::text::int) ON CONFLICT (consumer_group, topic, barrier, partition) \
+                 DO UPDATE SET partitions = EXCLUDED.partitions"
+            ),
+            &[keys[0], keys[1], keys[2], &partitions],
+            &what,
+        )
+        .await?;
+        self.execute(
+            format!(
+                "INSERT INTO {table} (consumer_group, topic, barrier, partition, partitions) \
+                 VALUES ($1, $2, $3, $4::text::int, $5::text::int) ON CONFLICT DO NOTHING"
+            ),
+            &[keys[0], keys[1], keys[2], &partition, &partitions],
+            &what,
+        )
+        .await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| SinkError::Transient("not connected".into()))?;
+        let arrived: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {table} WHERE consumer_group = $1 AND topic = $2 AND barrier = $3 AND partition >= 0"
+                ),
+                &[&keys[0], &keys[1], &keys[2]],
+            )
+            .await
+            .map_err(|e| sink_error(&e, &what))?
+            .get(0);
+        if arrived < i64::from(barrier.partitions) {
+            return Ok(false);
+        }
+        self.execute(
+            format!(
+                "DELETE FROM {table} WHERE consumer_group = $1 AND topic = $2 AND barrier = $3"
+            ),
+            &keys,
+            &what,
+        )
+        .await?;
+        Ok(true)
+    }
+
     /// The offsets rows of this sink's consumer group.
     async fn recorded_state(
         &mut self,
@@ -594,6 +667,31 @@ impl Sink for PgSink {
             .map_err(|e| sink_error(&e, &format!("looking up target table {table}")))?
             .get(0);
         Ok(exists.map(|_| rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    }
+
+    async fn barrier_holds(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<TopicPartition>, TidelinkError> {
+        let schema = quote_ident(&self.settings.state_schema);
+        let group = self.settings.group.clone();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT DISTINCT topic, partition FROM {schema}.truncate_barriers \
+                     WHERE consumer_group = $1 AND partition >= 0"
+                ),
+                &[&group],
+            )
+            .await
+            .map_err(|e| {
+                crate::connection::classify(&e).context("reading the truncate barriers")
+            })?;
+        Ok(TruncateBarrier::held(
+            rows.iter().map(|r| (r.get::<_, String>(0), r.get(1))),
+            partitions,
+        ))
     }
 
     async fn alter_table(
@@ -971,7 +1069,15 @@ async fn create_state_tables(client: &Client, schema: &str) -> Result<(), Tideli
              kafka_offset bigint NOT NULL,
              target_table text NOT NULL,
              op text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now());"
+             applied_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE IF NOT EXISTS {schema}.truncate_barriers (
+             consumer_group text NOT NULL,
+             topic text NOT NULL,
+             barrier text NOT NULL,
+             partition integer NOT NULL,
+             partitions integer NOT NULL,
+             arrived_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (consumer_group, topic, barrier, partition));"
     );
     // Two workers starting together can race on CREATE … IF NOT EXISTS; the loser retries.
     for attempt in 0..3 {

@@ -14,9 +14,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tidelink_config::KafkaConfig;
-use tidelink_core::{Op, Source, SourceMessage, TableColumns, TableId, TidelinkError};
+use tidelink_core::{
+    ChangeEvent, Op, Source, SourceMessage, TableColumns, TableId, TidelinkError, TruncateBarrier,
+};
 use tidelink_kafka::producer::{AckMark, SequencedProducer};
 use tidelink_kafka::topics::{schemas_topic, topic_of};
+use tidelink_kafka::truncate_barrier::barrier_headers;
 use tidelink_kafka::{admin, EnvelopeEncoder, EventProducer};
 use tokio::sync::{mpsc, watch};
 
@@ -106,11 +109,10 @@ pub async fn publish<S: Source>(
                     output.count(event.op, pipeline, metrics);
                     last_commit_ts = Some(event.source.ts_ms);
                     let (key, value) = encoder.encode(&event, now_ms());
-                    // A truncate has no key; partition 0 keeps its copy ordered there. A
-                    // table without a key sends everything there too: its rows can be equal,
-                    // so only one order for the whole table keeps them right.
+                    // A table without a key sends everything to partition 0: its rows can
+                    // be equal, so only one order for the whole table keeps them right.
                     let keyless = event.columns.as_ref().is_some_and(|c| c.is_keyless());
-                    let partition = (event.op == Op::Truncate || keyless).then_some(0);
+                    let partition = keyless.then_some(0);
                     if let Some(columns) = &event.columns {
                         publish_definitions(
                             producer,
@@ -122,7 +124,13 @@ pub async fn publish<S: Source>(
                         )
                         .await?;
                     }
-                    changes.send(&output.topic, key, value, partition).await?;
+                    if event.op == Op::Truncate && !keyless {
+                        send_truncate(&mut changes, &output.topic, &event, value).await?;
+                    } else {
+                        changes
+                            .send(&output.topic, key, value, partition, None)
+                            .await?;
+                    }
                 }
                 SourceMessage::Checkpoint(position) => {
                     let checkpoint = PendingCheckpoint {
@@ -163,6 +171,34 @@ pub async fn publish<S: Source>(
     // Dropping a producer joins its delivery thread: not on a runtime worker.
     let _ = tokio::task::spawn_blocking(move || drop(changes)).await;
     result.and(sent_result)
+}
+
+/// A keyed table's truncate goes to every partition of its topic, each copy naming the
+/// barrier it forms ([`TruncateBarrier`]): the sinks truncate once every partition's
+/// changes before it are applied, and apply none after it sooner. A topic of one partition
+/// (or a source event without a source order) needs no barrier.
+async fn send_truncate(
+    changes: &mut SequencedProducer,
+    topic: &str,
+    event: &ChangeEvent,
+    value: &[u8],
+) -> Result<(), TidelinkError> {
+    let partitions = changes.partition_count(topic)?;
+    let order = event.source.order();
+    let Some(order) = order.filter(|_| partitions > 1) else {
+        changes.send(topic, None, value, Some(0), None).await?;
+        return Ok(());
+    };
+    let headers = barrier_headers(&TruncateBarrier {
+        id: format!("{}@{order}", event.table).into(),
+        partitions,
+    });
+    for partition in 0..partitions {
+        changes
+            .send(topic, None, value, Some(partition), Some(headers.clone()))
+            .await?;
+    }
+    Ok(())
 }
 
 /// What the publisher needs per source table, looked up once: its topic (routes applied)

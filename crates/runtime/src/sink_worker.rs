@@ -28,6 +28,7 @@ use tidelink_core::{
     SourceOrder, TableColumns, TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
 };
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern};
+use tidelink_kafka::truncate_barrier::barrier_of;
 use tidelink_kafka::{
     admin, ChangeDecoder, ConsumerEvent, EventProducer, OffsetLoader, SinkConsumer,
     MAX_MESSAGES_PER_EVENT,
@@ -124,7 +125,28 @@ struct Worker<S: Sink> {
     settled_shapes: HashMap<TableId, Vec<(Vec<String>, bool)>>,
     /// Per target table: its columns and their types, as last read.
     target_columns: HashMap<TableId, Vec<(String, String)>>,
+    /// Partitions whose messages are not taken now: held at a truncate barrier, or
+    /// waiting for the consumer to fetch them again.
+    barrier_waits: HashMap<TopicPartition, BarrierWait>,
+    /// Partitions assigned (or fenced) whose barrier arrivals were not read yet.
+    barriers_unchecked: std::collections::HashSet<TopicPartition>,
+    /// When the held partitions' barriers were last looked at.
+    barriers_checked_at: Instant,
 }
+
+/// Why a partition's messages are left out of batches for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BarrierWait {
+    /// Its copy of a truncate barrier arrived; the other partitions' copies have not all.
+    Held,
+    /// Released (or cut short): the consumer fetches it again from the recorded offset;
+    /// messages before [`ConsumerEvent::Rewound`] are from before.
+    Rewinding,
+}
+
+/// How often a worker holding partitions at a truncate barrier looks whether the barrier
+/// is complete.
+const BARRIER_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One partition's part of a batch being prepared.
 struct BatchProgress {
@@ -243,6 +265,9 @@ pub async fn run_worker<S: Sink + 'static>(
         settled_shapes: HashMap::new(),
         definition_history: HashMap::new(),
         kept_type_reported: Default::default(),
+        barrier_waits: HashMap::new(),
+        barriers_unchecked: Default::default(),
+        barriers_checked_at: Instant::now(),
     };
     worker.ctx.metrics.set_ready(
         &worker.ctx.pipeline,
@@ -281,10 +306,15 @@ impl<S: Sink> Worker<S> {
         let batch_wait = Duration::from_millis(self.ctx.sink.batch_wait_ms);
         let mut last_lag_report = Instant::now();
         loop {
+            let idle = if self.holds_at_barriers() {
+                BARRIER_CHECK_INTERVAL
+            } else {
+                Duration::from_secs(5)
+            };
             let first = tokio::select! {
                 event = events.recv() => event,
                 _ = self.ctx.shutdown.wait() => None,
-                _ = tokio::time::sleep(Duration::from_secs(5)) => Some(ConsumerEvent::Error(String::new())),
+                _ = tokio::time::sleep(idle) => Some(ConsumerEvent::Error(String::new())),
             };
             let Some(first) = first else { break };
             self.handle(first);
@@ -301,6 +331,11 @@ impl<S: Sink> Worker<S> {
             }
             if !self.buffer.is_empty() {
                 self.apply_buffer().await?;
+            }
+            if self.holds_at_barriers()
+                && self.barriers_checked_at.elapsed() >= BARRIER_CHECK_INTERVAL
+            {
+                self.release_completed_barriers().await;
             }
             if last_lag_report.elapsed() > Duration::from_secs(5) {
                 self.report_consumer_lag();
@@ -325,6 +360,8 @@ impl<S: Sink> Worker<S> {
                 for (p, stored) in partitions {
                     self.buffer.retain(|m| !is_of(m, &p));
                     self.applied_through.remove(&p);
+                    self.barrier_waits.remove(&p);
+                    self.barriers_unchecked.insert(p.clone());
                     self.assigned.insert(p, stored);
                 }
                 self.count_assigned();
@@ -333,30 +370,40 @@ impl<S: Sink> Worker<S> {
                 for p in partitions {
                     self.buffer.retain(|m| !is_of(m, &p));
                     self.applied_through.remove(&p);
+                    self.barrier_waits.remove(&p);
+                    self.barriers_unchecked.remove(&p);
                     self.assigned.remove(&p);
                 }
                 self.count_assigned();
             }
             ConsumerEvent::Messages(messages) => {
                 // Runs of messages mostly come from one partition: look it up once per run.
-                let mut last: Option<(&TopicPartition, Option<i64>)> = None;
+                // (partition, next offset to apply, left out for now)
+                let mut last: Option<(&TopicPartition, Option<i64>, bool)> = None;
                 for message in messages {
-                    let next = match last {
-                        Some((p, next)) if is_of(&message, p) => next,
+                    let (next, waiting) = match last {
+                        Some((p, next, waiting)) if is_of(&message, p) => (next, waiting),
                         _ => {
                             let Some((p, next)) =
                                 self.assigned.iter().find(|(p, _)| is_of(&message, p))
                             else {
                                 continue; // not (or no longer) this worker's partition
                             };
-                            last = Some((p, *next));
-                            *next
+                            let waiting = self.barrier_waits.contains_key(p);
+                            last = Some((p, *next, waiting));
+                            (*next, waiting)
                         }
                     };
-                    // Already applied (a redelivery after a seek): skip.
-                    if next.is_none_or(|next| message.offset() >= next) {
+                    // Already applied (a redelivery after a seek), or of a partition
+                    // waiting at a barrier (fetched again once released): skip.
+                    if !waiting && next.is_none_or(|next| message.offset() >= next) {
                         self.buffer.push(message);
                     }
+                }
+            }
+            ConsumerEvent::Rewound(p) => {
+                if self.barrier_waits.get(&p) == Some(&BarrierWait::Rewinding) {
+                    self.barrier_waits.remove(&p);
                 }
             }
             ConsumerEvent::Error(e) => {
@@ -484,6 +531,7 @@ impl<S: Sink> Worker<S> {
                             .sources
                             .push((route.target.clone(), decoded.table.clone()));
                     }
+                    let barrier = (op == Op::Truncate).then(|| barrier_of(message)).flatten();
                     prepared.changes.push(SinkChange {
                         table: route.target.clone(),
                         op,
@@ -491,6 +539,7 @@ impl<S: Sink> Worker<S> {
                         after,
                         origin,
                         source_columns,
+                        barrier,
                     });
                     prepared.source_ts.push(decoded.source_ts_ms);
                 }
@@ -969,8 +1018,163 @@ impl<S: Sink> Worker<S> {
         }
     }
 
+    /// Applies the buffered messages. A partition that reaches a truncate barrier ends its
+    /// part of the batch there; after the commit it is held until the barrier is complete
+    /// (or fetched again at once when it is).
     async fn apply_buffer(&mut self) -> Result<(), TidelinkError> {
         let mut messages = std::mem::take(&mut self.buffer);
+        if !self.leave_out_held_partitions(&mut messages).await {
+            return Ok(());
+        }
+        let cut = self.cut_at_barriers(&mut messages);
+        let applied = self.apply_messages(messages).await;
+        if !cut.is_empty() {
+            self.hold_or_rewind(&cut).await;
+        }
+        applied
+    }
+
+    fn holds_at_barriers(&self) -> bool {
+        self.barrier_waits.values().any(|w| *w == BarrierWait::Held)
+    }
+
+    /// Reads the barrier arrivals of newly assigned partitions among `messages` (another
+    /// worker may have left one held) and drops the messages of held partitions. False
+    /// when shutting down while the target is unreachable.
+    async fn leave_out_held_partitions(&mut self, messages: &mut Vec<OwnedMessage>) -> bool {
+        let mut unchecked: Vec<TopicPartition> = Vec::new();
+        for message in messages.iter() {
+            if !self.barriers_unchecked.is_empty() {
+                let p = partition_of(message);
+                if self.barriers_unchecked.contains(&p) && !unchecked.contains(&p) {
+                    unchecked.push(p);
+                }
+            }
+        }
+        let mut attempt = 0;
+        while !unchecked.is_empty() {
+            match self.sink.barrier_holds(&unchecked).await {
+                Ok(held) => {
+                    for p in unchecked.drain(..) {
+                        self.barriers_unchecked.remove(&p);
+                        if held.contains(&p) {
+                            tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, topic = %p.topic, partition = p.partition,
+                                "partition waits at a truncate barrier until every partition of its topic reaches it");
+                            self.barrier_waits.insert(p, BarrierWait::Held);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.count_error("transient");
+                    tracing::warn!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, error = %e, attempt,
+                        "reading the target's truncate barriers failed; retrying");
+                    // The backlog grows while the target is away: keep the lag visible.
+                    self.report_consumer_lag();
+                    attempt += 1;
+                    if !backoff(attempt, &self.ctx.shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        if !self.barrier_waits.is_empty() {
+            messages.retain(|m| !self.barrier_waits.contains_key(&partition_of(m)));
+        }
+        true
+    }
+
+    /// Ends each partition's part of `messages` at its first copy of a truncate barrier
+    /// (when the sink applies truncates) and returns those partitions, left out of later
+    /// messages until [`Worker::hold_or_rewind`] decides.
+    fn cut_at_barriers(&mut self, messages: &mut Vec<OwnedMessage>) -> Vec<TopicPartition> {
+        if self.ctx.sink.truncate == TruncatePolicy::Ignore {
+            return Vec::new();
+        }
+        let mut cut: Vec<(TopicPartition, i64)> = Vec::new();
+        for message in messages.iter() {
+            if message.headers().is_some()
+                && !cut.iter().any(|(p, _)| is_of(message, p))
+                && barrier_of(message).is_some()
+            {
+                cut.push((partition_of(message), message.offset()));
+            }
+        }
+        if cut.is_empty() {
+            return Vec::new();
+        }
+        messages.retain(|m| {
+            !cut.iter()
+                .any(|(p, offset)| is_of(m, p) && m.offset() > *offset)
+        });
+        cut.into_iter()
+            .map(|(p, _)| {
+                self.barrier_waits.insert(p.clone(), BarrierWait::Held);
+                p
+            })
+            .collect()
+    }
+
+    /// After a batch that ended partitions at a barrier: those whose arrival the target
+    /// records at a barrier not complete stay held; the others are fetched again after it.
+    async fn hold_or_rewind(&mut self, cut: &[TopicPartition]) {
+        let cut: Vec<TopicPartition> = cut
+            .iter()
+            .filter(|p| self.barrier_waits.get(*p) == Some(&BarrierWait::Held))
+            .cloned()
+            .collect();
+        match self.sink.barrier_holds(&cut).await {
+            Ok(held) => {
+                for p in cut {
+                    if held.contains(&p) {
+                        tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, topic = %p.topic, partition = p.partition,
+                            "partition reached a truncate barrier; waiting for the other partitions of its topic");
+                    } else {
+                        self.rewind(&p);
+                    }
+                }
+            }
+            // Held until the next look.
+            Err(e) => tracing::debug!(error = %e, "cannot read the truncate barriers"),
+        }
+        self.barriers_checked_at = Instant::now();
+    }
+
+    /// Releases the held partitions whose barrier is complete.
+    async fn release_completed_barriers(&mut self) {
+        let held: Vec<TopicPartition> = self
+            .barrier_waits
+            .iter()
+            .filter(|(_, w)| **w == BarrierWait::Held)
+            .map(|(p, _)| p.clone())
+            .collect();
+        self.barriers_checked_at = Instant::now();
+        match self.sink.barrier_holds(&held).await {
+            Ok(still) => {
+                for p in held.iter().filter(|p| !still.contains(p)) {
+                    tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, topic = %p.topic, partition = p.partition,
+                        "truncate barrier complete; the partition goes on");
+                    self.rewind(p);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the truncate barriers"),
+        }
+    }
+
+    /// Has the consumer fetch a partition again from the offset the target recorded.
+    fn rewind(&mut self, p: &TopicPartition) {
+        let Some(next) = self.assigned.get(p).copied() else {
+            self.barrier_waits.remove(p);
+            return;
+        };
+        self.buffer.retain(|m| !is_of(m, p));
+        self.barrier_waits.insert(p.clone(), BarrierWait::Rewinding);
+        self.consumer.rewind(p, next);
+    }
+
+    async fn apply_messages(
+        &mut self,
+        mut messages: Vec<OwnedMessage>,
+    ) -> Result<(), TidelinkError> {
         let mut dead_lettered: Vec<(TopicPartition, i64)> = Vec::new();
         let mut attempt = 0;
         // A rejected batch may need a schema change its rows' columns do not show (a
@@ -1302,13 +1506,12 @@ impl<S: Sink> Worker<S> {
         for (p, offset) in partitions.iter().zip(stored) {
             tracing::warn!(topic = %p.topic, partition = p.partition, ?offset,
                 "another worker applied this partition; continuing from its stored offset");
-            self.buffer.retain(|m| !is_of(m, p));
             self.applied_through.remove(p);
             if let Some(slot) = self.assigned.get_mut(p) {
                 *slot = offset;
-                let consumer = self.consumer.clone();
-                let p = p.clone();
-                let _ = tokio::task::spawn_blocking(move || consumer.seek(&p, offset)).await;
+                // The other worker may have left it at a truncate barrier.
+                self.barriers_unchecked.insert(p.clone());
+                self.rewind(p);
             }
         }
         Ok(())

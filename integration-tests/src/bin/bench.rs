@@ -777,6 +777,7 @@ async fn apply_ceiling(rows: u64) -> (f64, u64) {
                 offset,
             },
             source_columns: None,
+            barrier: None,
         }
     };
     let mut changes = Vec::new();
