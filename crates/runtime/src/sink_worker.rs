@@ -1043,8 +1043,8 @@ impl<S: Sink> Worker<S> {
     /// when shutting down while the target is unreachable.
     async fn leave_out_held_partitions(&mut self, messages: &mut Vec<OwnedMessage>) -> bool {
         let mut unchecked: Vec<TopicPartition> = Vec::new();
-        for message in messages.iter() {
-            if !self.barriers_unchecked.is_empty() {
+        if !self.barriers_unchecked.is_empty() {
+            for message in messages.iter() {
                 let p = partition_of(message);
                 if self.barriers_unchecked.contains(&p) && !unchecked.contains(&p) {
                     unchecked.push(p);
@@ -1122,21 +1122,10 @@ impl<S: Sink> Worker<S> {
             .filter(|p| self.barrier_waits.get(*p) == Some(&BarrierWait::Held))
             .cloned()
             .collect();
-        match self.sink.barrier_holds(&cut).await {
-            Ok(held) => {
-                for p in cut {
-                    if held.contains(&p) {
-                        tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, topic = %p.topic, partition = p.partition,
-                            "partition reached a truncate barrier; waiting for the other partitions of its topic");
-                    } else {
-                        self.rewind(&p);
-                    }
-                }
-            }
-            // Held until the next look.
-            Err(e) => tracing::debug!(error = %e, "cannot read the truncate barriers"),
+        for p in self.release_completed(cut).await {
+            tracing::info!(pipeline = %self.ctx.pipeline, sink = %self.ctx.sink.name, topic = %p.topic, partition = p.partition,
+                "partition reached a truncate barrier; waiting for the other partitions of its topic");
         }
-        self.barriers_checked_at = Instant::now();
     }
 
     /// Releases the held partitions whose barrier is complete.
@@ -1147,6 +1136,13 @@ impl<S: Sink> Worker<S> {
             .filter(|(_, w)| **w == BarrierWait::Held)
             .map(|(p, _)| p.clone())
             .collect();
+        self.release_completed(held).await;
+    }
+
+    /// Fetches again those of `held` whose barrier the target records as complete and
+    /// returns the others, still held. When the target cannot be read, all stay held
+    /// until the next look and none is returned.
+    async fn release_completed(&mut self, held: Vec<TopicPartition>) -> Vec<TopicPartition> {
         self.barriers_checked_at = Instant::now();
         match self.sink.barrier_holds(&held).await {
             Ok(still) => {
@@ -1155,8 +1151,12 @@ impl<S: Sink> Worker<S> {
                         "truncate barrier complete; the partition goes on");
                     self.rewind(p);
                 }
+                still
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read the truncate barriers"),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the truncate barriers");
+                Vec::new()
+            }
         }
     }
 
