@@ -1342,3 +1342,205 @@ async fn a_table_created_on_mariadb_while_running_reaches_the_target() {
     }
     assert_eq!(rows, expected, "{}", setup.logs());
 }
+
+/// `TRUNCATE TABLE` on a MariaDB source empties a keyed and a keyless table in a MariaDB
+/// and a PostgreSQL target, ordered against the rows written before and after it (a
+/// keyed table's truncate is a barrier across its four partitions).
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_truncates_reach_both_engines_in_order() {
+    use mysql_async::prelude::Queryable;
+    let setup = Setup::start();
+    setup.source.execute("mysql", "CREATE DATABASE shop").await;
+    setup
+        .source
+        .execute(
+            "shop",
+            "CREATE TABLE items (id int PRIMARY KEY, v varchar(20));
+             CREATE TABLE log (who int, what varchar(20));
+             INSERT INTO items SELECT seq, 'copied' FROM seq_1_to_300;
+             INSERT INTO log SELECT seq % 7, NULL FROM seq_1_to_300;",
+        )
+        .await;
+    let maria = MariaDb::start(2);
+    let postgres = PgCluster::start();
+    postgres.create_database("replica").await;
+    let sinks = format!(
+        "        mysql:\n          dsn: {}\n          create_tables: true\n      - name: pg\n        postgres:\n          dsn: {}\n          create_tables: true\n",
+        maria.dsn("mysql"),
+        postgres.dsn("replica"),
+    );
+    let config = setup.config(&setup.mysql_source(), &sinks, "");
+    let _daemon = setup.run(&config, "truncate.log");
+    setup.wait_ready().await;
+    let mut conn = setup.source.conn("shop").await;
+    for round in 0..3 {
+        let base = 1000 * (round + 1);
+        conn.query_drop(format!(
+            "INSERT INTO items SELECT {base} + seq, 'before' FROM seq_1_to_400;
+             INSERT INTO log SELECT seq % 5, 'before' FROM seq_1_to_100;
+             TRUNCATE TABLE items;
+             TRUNCATE log;
+             INSERT INTO items SELECT {base} + seq, 'after' FROM seq_301_to_600;
+             UPDATE items SET v = 'updated' WHERE id % 3 = 0;
+             INSERT INTO log VALUES (1, 'after'), (1, 'after'), (2, NULL);"
+        ))
+        .await
+        .expect("round with truncates");
+    }
+    let expected_items = mariadb_rows(&mut conn, "shop.items", "id").await;
+    let expected_log = mariadb_rows(&mut conn, "shop.log", "who, what").await;
+    assert_eq!(expected_items.len(), 300);
+    let mut target = maria.conn("mysql").await;
+    let pg = postgres.client("replica").await;
+    let mut in_sync = false;
+    for _ in 0..240 {
+        let exists: Vec<String> = target
+            .query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'shop'")
+            .await
+            .unwrap_or_default();
+        let pg_items: Vec<String> = first_column(
+            &pg,
+            "SELECT concat_ws('|', id, v) FROM shop.items ORDER BY id",
+        )
+        .await
+        .unwrap_or_default();
+        let pg_log: Vec<String> = first_column(
+            &pg,
+            "SELECT concat_ws('|', who, coalesce(what, '∅')) FROM shop.log ORDER BY who, what NULLS FIRST",
+        )
+        .await
+        .unwrap_or_default();
+        if exists.len() == 2
+            && mariadb_rows(&mut target, "shop.items", "id").await == expected_items
+            && mariadb_rows(&mut target, "shop.log", "who, what").await == expected_log
+            && pg_items == expected_items
+            && pg_log == expected_log
+        {
+            in_sync = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        in_sync,
+        "targets did not follow the truncates:\n{}",
+        setup.logs()
+    );
+    let (code, output) = run_verify(&config, "my", &[], &setup.work.path().join("verify.log"));
+    assert_eq!(code, Some(0), "verify finds both targets equal:\n{output}");
+    let left: Vec<i64> = target
+        .query("SELECT COUNT(*) FROM tidelink.truncate_barriers")
+        .await
+        .expect("barrier rows");
+    assert_eq!(left, [0], "every barrier completed and was cleared");
+}
+
+/// PostgreSQL → MariaDB with two sink workers sharing the partitions: a keyed table's
+/// truncates, between inserts, meet at the MariaDB sink's barrier and empty the table
+/// exactly between the rows before and after them.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncates_from_postgres_meet_at_the_mariadb_barrier_across_workers() {
+    use mysql_async::prelude::Queryable;
+    let source = PgCluster::start();
+    source.create_database("app").await;
+    let pg = source.client("app").await;
+    pg.batch_execute("CREATE TABLE public.items (id int PRIMARY KEY, name text)")
+        .await
+        .expect("source table");
+    let target = MariaDb::start(2);
+    let broker = Broker::start();
+    let work = tempfile::tempdir().expect("work dir");
+    let metrics_port = free_port();
+    let yaml = |metrics: &str| {
+        format!(
+            "metrics:\n{metrics}pipelines:\n  - name: pg\n    snapshot: never\n    source:\n      postgres:\n        dsn: {}\n        tables: [public.*]\n        status_interval_ms: 500\n    kafka:\n      brokers: {}\n      topic_prefix: pg\n      partitions: 4\n    sinks:\n      - name: maria\n        batch_size: 500\n        mysql:\n          dsn: {}\n          create_tables: true\n",
+            source.dsn("app"),
+            broker.bootstrap(),
+            target.dsn("mysql")
+        )
+    };
+    let config = work.path().join("pipeline.yaml");
+    std::fs::write(
+        &config,
+        yaml(&format!("  listen: 127.0.0.1:{metrics_port}\n")),
+    )
+    .expect("config");
+    let sink_config = work.path().join("sink.yaml");
+    std::fs::write(&sink_config, yaml("  enabled: false\n")).expect("sink config");
+    let start = |config: &std::path::Path, role: &str, log: &str| {
+        Daemon::start(
+            &["run", "-c", &config.display().to_string(), "--role", role],
+            &work.path().join(log),
+        )
+    };
+    let logs = || {
+        ["source.log", "sink-1.log", "sink-2.log"]
+            .iter()
+            .map(|l| std::fs::read_to_string(work.path().join(l)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let _source = start(&config, "source", "source.log");
+    let mut ready = false;
+    for _ in 0..300 {
+        if http_get(metrics_port, "/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "{}", logs());
+    let _sink_1 = start(&sink_config, "sink", "sink-1.log");
+    let _sink_2 = start(&sink_config, "sink", "sink-2.log");
+    let mut conn = target.conn("mysql").await;
+    let expected: Vec<String> = {
+        let mut expected = Vec::new();
+        for round in 0..3 {
+            let base = 10_000 * (round + 1);
+            pg.batch_execute(&format!(
+                "INSERT INTO items SELECT {base} + g, 'before' FROM generate_series(1, 1000) g;
+                 UPDATE items SET name = 'updated' WHERE id % 7 = 0;
+                 TRUNCATE items;
+                 INSERT INTO items SELECT {base} + g, 'after' FROM generate_series(801, 1200) g;
+                 DELETE FROM items WHERE id % 11 = 0;"
+            ))
+            .await
+            .expect("round with a truncate");
+            expected = first_column(
+                &pg,
+                "SELECT concat_ws('|', id, name) FROM items ORDER BY id",
+            )
+            .await
+            .expect("source rows");
+            // Each round's truncate meets at the barrier before the next is written.
+            let mut rows = Vec::new();
+            for _ in 0..240 {
+                let created: Vec<String> = conn
+                    .query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+                    .await
+                    .unwrap_or_default();
+                if !created.is_empty() {
+                    rows = mariadb_rows(&mut conn, "public.items", "id").await;
+                }
+                if rows == expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            assert_eq!(rows.len(), expected.len(), "round {round}:\n{}", logs());
+            assert_eq!(rows, expected, "round {round}:\n{}", logs());
+        }
+        expected
+    };
+    assert!(expected.iter().all(|r| r.ends_with("|after")));
+    let left: Vec<i64> = conn
+        .query("SELECT COUNT(*) FROM tidelink.truncate_barriers")
+        .await
+        .expect("barrier rows");
+    assert_eq!(left, [0], "every barrier completed and was cleared");
+    let (code, output) = run_verify(&config, "pg", &[], &work.path().join("verify.log"));
+    assert_eq!(code, Some(0), "verify finds the table equal:\n{output}");
+}

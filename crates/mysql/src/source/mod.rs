@@ -422,6 +422,64 @@ impl MysqlSource {
         Ok(())
     }
 
+    /// Emits the truncate of a captured table (a `TRUNCATE TABLE` query event at
+    /// `header_pos`), unless a consistent snapshot taken after it already holds the table.
+    async fn truncate(
+        &mut self,
+        table: TableId,
+        header_pos: u64,
+        ts_ms: i64,
+        server_id: u32,
+    ) -> Result<(), TidelinkError> {
+        if !tidelink_config::matches_any(&self.settings.tables, &table.schema, &table.name) {
+            return Ok(());
+        }
+        if let Some((server, place)) = self.snapshotted.get(&table) {
+            let here = binlog_file_number(&self.file).map(|n| [n, header_pos]);
+            if *server == self.binlog_server_id && here.is_some_and(|here| here < *place) {
+                return Ok(());
+            }
+        }
+        // The definitions tell the publisher whether the table has a key (a keyed
+        // table's truncate is a barrier across its partitions). A table dropped since has
+        // none to read; its truncate still goes out, to every partition.
+        let columns = match self.schemas.get(&table) {
+            Some(schema) => Some(schema.definitions.clone()),
+            None => load_table(&mut self.meta, &table).await?.map(|schema| {
+                let schema = Arc::new(schema);
+                self.schemas.insert(table.clone(), schema.clone());
+                schema.definitions.clone()
+            }),
+        };
+        let table = self
+            .schemas
+            .get_key_value(&table)
+            .map_or(table, |(known, _)| known.clone());
+        tracing::info!(pipeline = %self.settings.pipeline, %table, "TRUNCATE in the binlog");
+        self.ready.push_back(SourceMessage::Change(ChangeEvent {
+            op: Op::Truncate,
+            key: Row::new(),
+            before: None,
+            after: None,
+            source: SourceInfo {
+                ts_ms,
+                db: table.schema.clone(),
+                schema: table.schema.clone(),
+                table: table.name.clone(),
+                file: Some(self.file.clone()),
+                pos: Some(header_pos),
+                gtid: self.tx.as_ref().and_then(|t| t.gtid.clone()),
+                server_id: Some(server_id),
+                binlog_server_id: Some(self.binlog_server_id),
+                seq: Some(0),
+                ..self.source_block.clone()
+            },
+            columns,
+            table,
+        }));
+        Ok(())
+    }
+
     async fn handle(
         &mut self,
         event: mysql_async::binlog::events::Event,
@@ -510,6 +568,17 @@ impl MysqlSource {
                     self.commit(end_pos);
                 } else if statement.starts_with("ROLLBACK") || statement.starts_with("SAVEPOINT") {
                     // Non-transactional changes before a rollback are in the binlog already.
+                } else if let Some(table) = truncated_table(&sql, &query.schema()) {
+                    // Definitions stay as they are; the table's rows are gone.
+                    self.truncate(table, start_pos, ts_ms, header.server_id())
+                        .await?;
+                    let standalone = self
+                        .tx
+                        .as_ref()
+                        .is_none_or(|t| t.standalone || t.mariadb_gtid.is_none());
+                    if standalone {
+                        self.commit(end_pos);
+                    }
                 } else {
                     // DDL: table definitions may have changed.
                     tracing::info!(pipeline = %self.settings.pipeline, schema = %query.schema(), statement = %sql.chars().take(200).collect::<String>(), "DDL in the binlog; table definitions reloaded on next use");
@@ -548,6 +617,80 @@ pub async fn current_position(dsn: &str) -> Result<String, TidelinkError> {
     let file: Option<String> = row.take::<Option<String>, _>(0).flatten();
     let pos: Option<u64> = row.take::<Option<u64>, _>(1).flatten();
     Ok(format!("{}:{}", file.unwrap_or_default(), pos.unwrap_or(0)))
+}
+
+/// The table a `TRUNCATE [TABLE] [db.]name` statement empties; unqualified names are in
+/// `default_schema`, the statement's current database. `None` for any other statement.
+fn truncated_table(sql: &str, default_schema: &str) -> Option<TableId> {
+    let mut rest = skip_comments(sql);
+    rest = strip_keyword(rest, "TRUNCATE")?;
+    rest = skip_comments(rest);
+    if let Some(after) = strip_keyword(rest, "TABLE") {
+        rest = skip_comments(after);
+    }
+    let (first, after) = identifier(rest)?;
+    let after = skip_comments(after);
+    let (schema, name, after) = match after.strip_prefix('.') {
+        Some(after) => {
+            let (name, after) = identifier(skip_comments(after))?;
+            (first, name, after)
+        }
+        None => (default_schema.to_string(), first, after),
+    };
+    let after = skip_comments(after);
+    // One table only: MariaDB has no multi-table TRUNCATE; anything more is not ours.
+    (after.is_empty() || after == ";").then(|| TableId::new(schema, name))
+}
+
+/// `text` after leading whitespace and `/* … */` or `-- …`/`# …` comments.
+fn skip_comments(mut text: &str) -> &str {
+    loop {
+        text = text.trim_start();
+        if let Some(after) = text.strip_prefix("/*") {
+            text = after.find("*/").map_or("", |end| &after[end + 2..]);
+        } else if text.starts_with("-- ") || text.starts_with('#') {
+            text = text.find('\n').map_or("", |end| &text[end + 1..]);
+        } else {
+            return text;
+        }
+    }
+}
+
+/// `text` after the keyword `word` (any case) followed by a non-identifier character.
+fn strip_keyword<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let head = text.get(..word.len())?;
+    let rest = &text[word.len()..];
+    let boundary = rest
+        .chars()
+        .next()
+        .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '$'));
+    (head.eq_ignore_ascii_case(word) && boundary).then_some(rest)
+}
+
+/// A bare or backquoted identifier at the start of `text`, and what follows it.
+fn identifier(text: &str) -> Option<(String, &str)> {
+    if let Some(quoted) = text.strip_prefix('`') {
+        let mut name = String::new();
+        let mut chars = quoted.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c == '`' {
+                if quoted[i + 1..].starts_with('`') {
+                    name.push('`');
+                    chars.next();
+                } else {
+                    return Some((name, &quoted[i + 1..]));
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        None
+    } else {
+        let end = text
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(text.len());
+        (end > 0).then(|| (text[..end].to_string(), &text[end..]))
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -690,5 +833,37 @@ impl Source for MysqlSource {
         if let Some(last) = last {
             self.confirmed.send_replace(Some(last));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncated_table;
+    use tidelink_core::TableId;
+
+    #[test]
+    fn truncate_statements_name_their_table() {
+        let t = |sql: &str| truncated_table(sql, "shop");
+        assert_eq!(
+            t("TRUNCATE TABLE items"),
+            Some(TableId::new("shop", "items"))
+        );
+        assert_eq!(t("truncate items;"), Some(TableId::new("shop", "items")));
+        assert_eq!(
+            t("/* app */ TRUNCATE TABLE `other`.`odd``name`"),
+            Some(TableId::new("other", "odd`name"))
+        );
+        assert_eq!(
+            t("TRUNCATE other . items"),
+            Some(TableId::new("other", "items"))
+        );
+        assert_eq!(
+            t("TRUNCATE TABLE table_1"),
+            Some(TableId::new("shop", "table_1"))
+        );
+        assert_eq!(t("TRUNCATEX items"), None);
+        assert_eq!(t("ALTER TABLE items ADD c int"), None);
+        assert_eq!(t("TRUNCATE TABLE"), None);
+        assert_eq!(t("TRUNCATE TABLE a, b"), None);
     }
 }
