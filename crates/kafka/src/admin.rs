@@ -102,7 +102,14 @@ async fn create_missing(
         .map_err(|e| TidelinkError::permanent(format!("kafka admin client: {e}")))?;
     let admin = Arc::new(admin);
     let existing = topic_names(kafka).await?;
-    let missing: Vec<&String> = topics.iter().filter(|t| !existing.contains(t)).collect();
+    // Each name once: tables routed into one topic name it several times, and Kafka
+    // rejects a CreateTopics request that names a topic twice (INVALID_REQUEST).
+    let mut missing: Vec<&String> = Vec::new();
+    for topic in topics {
+        if !existing.contains(topic) && !missing.contains(&topic) {
+            missing.push(topic);
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
