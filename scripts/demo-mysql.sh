@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo-mysql`: MariaDB → Kafka → PostgreSQL on throwaway local servers. Starts a
-# MariaDB source with the row binlog, a PostgreSQL target and a tansu broker, runs
+# MariaDB source with the row binlog, a PostgreSQL target and a broker (Apache Kafka; tansu with TIDELINK_BROKER=tansu), runs
 # `tidelink run -c configs/mysql-to-pg.yaml` (the sink creates the target tables), drives a
 # workload, shows the target catching up with equal counts and checksums, and /metrics.
 set -euo pipefail
@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 src_port=$(free_port); dst_port=$(free_port); kafka_port=$(free_port); metrics_port=$(free_port)
-echo "==> starting source MariaDB :$src_port, target PostgreSQL :$dst_port, tansu :$kafka_port"
+echo "==> starting source MariaDB :$src_port, target PostgreSQL :$dst_port, broker :$kafka_port (${TIDELINK_BROKER:-kafka})"
 start_mariadb "$work/source" "$src_port"
 start_pg "$work/target" "$dst_port"
 start_broker "$work/kafka" "$kafka_port"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: a real pipeline on throwaway local servers. Starts a source and a target
-# PostgreSQL 15 and a tansu broker, runs `tidelink run -c configs/pg-to-pg.yaml`, drives a
+# PostgreSQL 15 and a broker (Apache Kafka; tansu with TIDELINK_BROKER=tansu), runs `tidelink run -c configs/pg-to-pg.yaml`, drives a
 # workload of inserts, updates and deletes, shows the target catching up (counts and
 # checksums) and some /metrics lines, then stops everything and removes it.
 set -euo pipefail
@@ -24,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 src_port=$(free_port); dst_port=$(free_port); kafka_port=$(free_port); metrics_port=$(free_port)
-echo "==> starting source PostgreSQL :$src_port, target PostgreSQL :$dst_port, tansu :$kafka_port"
+echo "==> starting source PostgreSQL :$src_port, target PostgreSQL :$dst_port, broker :$kafka_port (${TIDELINK_BROKER:-kafka})"
 start_pg "$work/source" "$src_port"
 start_pg "$work/target" "$dst_port"
 start_broker "$work/kafka" "$kafka_port"

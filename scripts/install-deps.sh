@@ -2,7 +2,10 @@
 # Installs what tidelink's tests and demo need on a bare Debian machine: PostgreSQL 15
 # (server binaries for throwaway clusters, psql), MariaDB (mariadbd, mariadb-install-db and
 # the client for throwaway instances), curl, openssl (test certificates), and the build
-# tools for the bundled librdkafka (with OpenSSL, for Kafka TLS and SASL/SCRAM). Then builds the tansu broker once (cached). Idempotent and quiet when all is there.
+# tools for the bundled librdkafka (with OpenSSL, for Kafka TLS and SASL/SCRAM). Then
+# resolves Apache Kafka from Maven Central (scripts/install-kafka.sh; a JRE and Maven with
+# apt-get where missing), or builds tansu with TIDELINK_BROKER=tansu; both cached.
+# Idempotent and quiet when all is there.
 set -euo pipefail
 need=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
@@ -24,4 +27,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   "${sudo_cmd[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-"$(dirname "$0")/install-tansu.sh" >/dev/null
+if [ "${TIDELINK_BROKER:-kafka}" = tansu ]; then
+  "$(dirname "$0")/install-tansu.sh" >/dev/null
+else
+  "$(dirname "$0")/install-kafka.sh" >/dev/null
+fi

@@ -42,27 +42,68 @@ stop_pg() {
   [ -d "$dir/data" ] && "${run[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
 }
 
-# start_broker DIR PORT: tansu on 127.0.0.1:PORT with sqlite storage in DIR; pid in DIR/tansu.pid
+# start_broker DIR PORT: a single-node Apache Kafka (KRaft, broker and controller in one
+# process) on 127.0.0.1:PORT with its log in DIR, or tansu with sqlite storage when
+# TIDELINK_BROKER=tansu; pid in DIR/broker.pid, output in DIR/broker.log
 start_broker() {
-  local dir="$1" port="$2" tansu
-  tansu="$("$(dirname "${BASH_SOURCE[0]}")/install-tansu.sh")" || return 1
+  local dir="$1" port="$2" here
+  here="$(dirname "${BASH_SOURCE[0]}")"
   mkdir -p "$dir"
-  ( cd "$dir" && exec "$tansu" broker --listener-url "tcp://127.0.0.1:$port" \
-      --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine "sqlite://tansu.db" >"$dir/tansu.log" 2>&1 ) &
-  echo $! >"$dir/tansu.pid"
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+  if [ "${TIDELINK_BROKER:-kafka}" = tansu ]; then
+    local tansu
+    tansu="$("$here/install-tansu.sh")" || return 1
+    ( cd "$dir" && exec "$tansu" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine "sqlite://tansu.db" >"$dir/broker.log" 2>&1 ) &
+    echo $! >"$dir/broker.pid"
+    for _ in $(seq 1 100); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+      sleep 0.1
+    done
+    echo "tansu did not start; see $dir/broker.log" >&2
+    return 1
+  fi
+  local kafka controller internal
+  kafka="$("$here/install-kafka.sh")" || return 1
+  controller=$(free_port) internal=$(free_port)
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller
+listeners=CLIENT://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=CLIENT://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal
+listener.security.protocol.map=CLIENT:PLAINTEXT,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=INTERNAL
+log.dirs=$dir/data
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+PROPS
+  local java=(java -cp "$kafka/lib/*" "-Dlog4j2.configurationFile=$kafka/log4j2.properties")
+  # The cluster id: 16 random bytes, base64url (StorageTool random-uuid logs to stdout);
+  # given with `=` since it may start with `-`.
+  "${java[@]}" kafka.tools.StorageTool format -c "$dir/server.properties" \
+    --cluster-id="$(openssl rand 16 | base64 | tr '+/' '-_' | tr -d '=')" >"$dir/format.log" 2>&1 \
+    || { cat "$dir/format.log" >&2; return 1; }
+  "${java[@]}" -Xms256m -Xmx512m kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 &
+  echo $! >"$dir/broker.pid"
+  for _ in $(seq 1 600); do
+    grep -q "Kafka Server started" "$dir/broker.log" 2>/dev/null && return 0
+    kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null || break
     sleep 0.1
   done
-  echo "tansu did not start; see $dir/tansu.log" >&2
+  echo "Apache Kafka did not start; see $dir/broker.log" >&2
   return 1
 }
 
 # stop_broker DIR
 stop_broker() {
   local dir="$1"
-  [ -f "$dir/tansu.pid" ] && kill "$(cat "$dir/tansu.pid")" 2>/dev/null || true
+  [ -f "$dir/broker.pid" ] && kill "$(cat "$dir/broker.pid")" 2>/dev/null || true
 }
 
 # start_mariadb DIR PORT [SERVER_ID]: a throwaway MariaDB with the row binlog a CDC source

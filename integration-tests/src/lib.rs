@@ -1,5 +1,5 @@
-//! The one harness every end-to-end test uses: throwaway PostgreSQL 15 clusters, a tansu
-//! broker with durable sqlite storage, and the `tidelink` binary run as a real process
+//! The one harness every end-to-end test uses: throwaway PostgreSQL 15 clusters, a broker
+//! (Apache Kafka in KRaft mode; tansu with `TIDELINK_BROKER=tansu`), and the `tidelink` binary run as a real process
 //! that tests can kill -9, restart and signal. Nothing here is a mock; every server is real
 //! and lives in a temporary directory that is removed afterwards.
 
@@ -271,155 +271,425 @@ fn tansu_binary() -> &'static PathBuf {
     })
 }
 
-/// The storage a broker gets when `TIDELINK_BROKER_STORAGE` (or [`Broker::start_on`]) says
-/// `postgres`: a throwaway PostgreSQL cluster of its own. nisshi creates its schema there
-/// itself; tansu 0.6.0 does not.
+/// Apache Kafka's directory (`lib/` of jars, `log4j2.properties`) as
+/// scripts/install-kafka.sh resolves it from Maven Central, cached.
+fn kafka_home() -> &'static PathBuf {
+    static KAFKA: OnceLock<PathBuf> = OnceLock::new();
+    KAFKA.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/install-kafka.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/install-kafka.sh");
+        assert!(out.status.success(), "installing Apache Kafka failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// The storage a tansu broker gets when `TIDELINK_BROKER_STORAGE` (or [`Broker::start_on`])
+/// says `postgres`: a throwaway PostgreSQL cluster of its own. nisshi creates its schema
+/// there itself; tansu 0.6.0 does not.
 pub const OWN_POSTGRES_STORAGE: &str = "postgres";
 
-/// The broker's storage engine: durable sqlite, unless `TIDELINK_BROKER_STORAGE` names
+/// A tansu broker's storage engine: durable sqlite, unless `TIDELINK_BROKER_STORAGE` names
 /// another tansu `--storage-engine` URL or [`OWN_POSTGRES_STORAGE`] (the benchmark compares
 /// engines with it; tests that restart the broker need a durable one).
 pub fn broker_storage() -> String {
     std::env::var("TIDELINK_BROKER_STORAGE").unwrap_or_else(|_| "sqlite://tansu.db".into())
 }
 
-/// What a [`Broker`] runs: a binary with tansu's command line, on a storage engine.
+/// The broker software a [`Broker`] runs.
+#[derive(Debug, Clone)]
+pub enum BrokerEngine {
+    /// Apache Kafka in KRaft mode, one process as broker and controller, its log in the
+    /// broker's temporary directory.
+    Kafka {
+        /// Directory with `lib/` (the jars) and `log4j2.properties`.
+        home: PathBuf,
+    },
+    /// A binary with tansu's command line on a storage engine.
+    Tansu {
+        /// The broker binary.
+        binary: PathBuf,
+        /// Its `--storage-engine` URL, or [`OWN_POSTGRES_STORAGE`].
+        storage: String,
+    },
+}
+
+/// What a [`Broker`] runs.
 #[derive(Debug, Clone)]
 pub struct BrokerSetup {
-    /// The broker binary.
-    pub binary: PathBuf,
-    /// Its `--storage-engine` URL, or [`OWN_POSTGRES_STORAGE`].
-    pub storage: String,
+    /// The broker software.
+    pub engine: BrokerEngine,
     /// librdkafka properties the clients of this broker set (in the benchmark: its
     /// pipelines and ceilings), as an operator would for that broker.
     pub client_properties: Vec<(String, String)>,
 }
 
 impl BrokerSetup {
-    /// tansu (or `TIDELINK_BROKER_BIN`) on [`broker_storage`].
+    /// Apache Kafka, the reference broker, unless `TIDELINK_BROKER=tansu` (or
+    /// `TIDELINK_BROKER_BIN`) selects tansu on [`broker_storage`].
     pub fn from_env() -> Self {
+        let chosen = std::env::var("TIDELINK_BROKER").ok();
+        let tansu = match chosen.as_deref() {
+            None | Some("") => std::env::var_os("TIDELINK_BROKER_BIN").is_some(),
+            Some("kafka") => false,
+            Some("tansu") => true,
+            Some(other) => panic!("TIDELINK_BROKER={other}: expected `kafka` or `tansu`"),
+        };
+        let engine = if tansu {
+            Self::tansu_engine(broker_storage())
+        } else {
+            BrokerEngine::Kafka {
+                home: kafka_home().clone(),
+            }
+        };
         Self {
-            binary: tansu_binary().clone(),
-            storage: broker_storage(),
+            engine,
             client_properties: Vec::new(),
         }
     }
 
-    /// The same binary on another storage.
-    pub fn on(&self, storage: &str) -> Self {
+    /// tansu (or `TIDELINK_BROKER_BIN`) on `storage`.
+    pub fn tansu_on(storage: &str) -> Self {
         Self {
-            binary: self.binary.clone(),
-            storage: storage.to_string(),
-            client_properties: self.client_properties.clone(),
+            engine: Self::tansu_engine(storage.to_string()),
+            client_properties: Vec::new(),
         }
     }
 
-    /// What the binary says of its version (`tansu 0.6.0`).
+    fn tansu_engine(storage: String) -> BrokerEngine {
+        BrokerEngine::Tansu {
+            binary: tansu_binary().clone(),
+            storage,
+        }
+    }
+
+    /// Whether this is Apache Kafka.
+    pub fn is_kafka(&self) -> bool {
+        matches!(self.engine, BrokerEngine::Kafka { .. })
+    }
+
+    /// The broker's storage: tansu's engine URL, or Kafka's own log.
+    pub fn storage(&self) -> &str {
+        match &self.engine {
+            BrokerEngine::Kafka { .. } => "kafka-log",
+            BrokerEngine::Tansu { storage, .. } => storage,
+        }
+    }
+
+    /// The broker and its version (`Apache Kafka 4.4.0`, `tansu 0.6.0`).
     pub fn version(&self) -> String {
-        Command::new(&self.binary)
-            .arg("--version")
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-            .unwrap_or_else(|e| format!("unknown ({e})"))
+        match &self.engine {
+            BrokerEngine::Kafka { home } => std::fs::read_dir(home.join("lib"))
+                .ok()
+                .and_then(|entries| {
+                    entries.filter_map(Result::ok).find_map(|entry| {
+                        let name = entry.file_name().to_string_lossy().to_string();
+                        let version = name.strip_prefix("kafka_2.13-")?.strip_suffix(".jar")?;
+                        Some(format!("Apache Kafka {version}"))
+                    })
+                })
+                .unwrap_or_else(|| "Apache Kafka (unknown version)".into()),
+            BrokerEngine::Tansu { binary, .. } => Command::new(binary)
+                .arg("--version")
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})")),
+        }
     }
 }
 
-/// A tansu broker, with durable sqlite storage unless [`broker_storage`] says otherwise.
+/// A SASL/SCRAM-SHA-512 user a broker knows.
+#[derive(Debug, Clone)]
+struct ScramUser {
+    name: String,
+    password: String,
+}
+
+/// A throwaway broker on 127.0.0.1: Apache Kafka (KRaft) unless [`BrokerSetup::from_env`]
+/// says tansu. Its data lives in its temporary directory, so it survives kill -9.
 pub struct Broker {
     dir: tempfile::TempDir,
-    /// Port on 127.0.0.1.
+    /// Port on 127.0.0.1 clients connect to.
     pub port: u16,
+    /// Kafka's controller and inter-broker ports.
+    internal_ports: (u16, u16),
     child: Option<Child>,
-    authentication: bool,
-    binary: PathBuf,
-    storage: String,
-    /// The cluster holding the broker's data, with [`OWN_POSTGRES_STORAGE`]; dropped (and
+    scram: Option<ScramUser>,
+    engine: BrokerEngine,
+    /// How many times the broker has been started (Kafka's log is appended to).
+    launches: usize,
+    /// The cluster holding tansu's data, with [`OWN_POSTGRES_STORAGE`]; dropped (and
     /// stopped) after the broker.
     _storage_cluster: Option<PgCluster>,
 }
 
 impl Broker {
-    /// Starts a broker and waits until it accepts connections.
+    /// Starts a broker and waits until it serves clients.
     pub fn start() -> Self {
-        Self::start_on(&broker_storage())
+        Self::start_with(&BrokerSetup::from_env())
     }
 
-    /// Starts a broker on the given tansu `--storage-engine` URL (relative paths are taken
+    /// Starts a tansu broker on the given `--storage-engine` URL (relative paths are taken
     /// inside the broker's own temporary directory).
     pub fn start_on(storage: &str) -> Self {
-        Self::start_with(&BrokerSetup::from_env().on(storage))
+        Self::start_with(&BrokerSetup::tansu_on(storage))
     }
 
     /// Starts the broker `setup` names.
     pub fn start_with(setup: &BrokerSetup) -> Self {
-        let storage = &setup.storage;
-        let cluster = (storage == OWN_POSTGRES_STORAGE).then(PgCluster::start);
+        Self::start_as(setup, None)
+    }
+
+    fn start_as(setup: &BrokerSetup, scram: Option<ScramUser>) -> Self {
+        let mut cluster = None;
+        let engine = match &setup.engine {
+            BrokerEngine::Tansu { binary, storage } if storage == OWN_POSTGRES_STORAGE => {
+                let pg = PgCluster::start();
+                let storage = pg.dsn("postgres");
+                cluster = Some(pg);
+                BrokerEngine::Tansu {
+                    binary: binary.clone(),
+                    storage,
+                }
+            }
+            other => other.clone(),
+        };
         let mut broker = Self {
             dir: temp_dir("tidelink-kafka-"),
             port: free_port(),
+            internal_ports: (free_port(), free_port()),
             child: None,
-            authentication: false,
-            binary: setup.binary.clone(),
-            storage: cluster
-                .as_ref()
-                .map_or_else(|| storage.to_string(), |c| c.dsn("postgres")),
+            scram: None,
+            engine,
+            launches: 0,
             _storage_cluster: cluster,
         };
-        broker.launch();
+        match (&broker.engine, scram) {
+            (BrokerEngine::Kafka { .. }, scram) => {
+                broker.scram = scram;
+                broker.format_kafka_storage();
+                broker.launch();
+            }
+            (BrokerEngine::Tansu { .. }, None) => broker.launch(),
+            (BrokerEngine::Tansu { binary, .. }, Some(user)) => {
+                // tansu creates users only while authentication is off.
+                let binary = binary.clone();
+                broker.launch();
+                let out = Command::new(binary)
+                    .args([
+                        "user",
+                        "create",
+                        "--broker",
+                        &format!("tcp://127.0.0.1:{}", broker.port),
+                        "--mechanism",
+                        "scram512",
+                        &user.name,
+                        &user.password,
+                    ])
+                    .output()
+                    .expect("run tansu user create");
+                assert!(
+                    out.status.success(),
+                    "tansu user create: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                broker.scram = Some(user);
+                broker.restart();
+            }
+        }
         broker
     }
 
     /// Starts a broker that requires SASL/SCRAM-SHA-512 authentication and knows one user.
     pub fn start_with_scram_user(user: &str, password: &str) -> Self {
-        let mut broker = Self::start();
-        let out = Command::new(&broker.binary)
-            .args([
-                "user",
-                "create",
-                "--broker",
-                &format!("tcp://127.0.0.1:{}", broker.port),
-                "--mechanism",
-                "scram512",
-                user,
-                password,
-            ])
-            .output()
-            .expect("run tansu user create");
+        let user = ScramUser {
+            name: user.to_string(),
+            password: password.to_string(),
+        };
+        Self::start_as(&BrokerSetup::from_env(), Some(user))
+    }
+
+    /// Kafka's `server.properties`: one node as broker and controller, replication
+    /// factors of one for the internal topics, no rebalance delay; with a SCRAM user, a
+    /// SASL_PLAINTEXT client listener beside a PLAINTEXT inter-broker one.
+    fn kafka_properties(&self) -> String {
+        let (controller, internal) = self.internal_ports;
+        let client_protocol = if self.scram.is_some() {
+            "SASL_PLAINTEXT"
+        } else {
+            "PLAINTEXT"
+        };
+        let mut properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller}\n\
+             listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}\n\
+             listener.security.protocol.map=CLIENT:{client_protocol},INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=INTERNAL\n\
+             log.dirs={data}\n\
+             num.partitions=1\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=8\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=4\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n",
+            port = self.port,
+            data = self.dir.path().join("data").display(),
+        );
+        if self.scram.is_some() {
+            properties.push_str(
+                "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+                 listener.name.client.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n",
+            );
+        }
+        properties
+    }
+
+    fn java(&self, home: &Path) -> Command {
+        let mut java = Command::new("java");
+        java.current_dir(self.dir.path())
+            .arg("-cp")
+            .arg(format!("{}/lib/*", home.display()))
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                home.join("log4j2.properties").display()
+            ));
+        java
+    }
+
+    /// Writes `server.properties` and formats Kafka's log directory (with the SCRAM user's
+    /// credentials, if any) under a fresh cluster id.
+    fn format_kafka_storage(&self) {
+        let BrokerEngine::Kafka { home } = &self.engine else {
+            return;
+        };
+        let properties = self.dir.path().join("server.properties");
+        std::fs::write(&properties, self.kafka_properties()).expect("server.properties");
+        let mut id = [0u8; 16];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").expect("open /dev/urandom"),
+            &mut id,
+        )
+        .expect("read /dev/urandom");
+        let cluster_id = base64url(&id);
+        let mut format = self.java(home);
+        format
+            .args(["kafka.tools.StorageTool", "format", "-c"])
+            .arg(&properties)
+            // `=`: an id may start with `-`, which would read as an option.
+            .arg(format!("--cluster-id={cluster_id}"));
+        if let Some(user) = &self.scram {
+            format.arg("--add-scram").arg(format!(
+                "SCRAM-SHA-512=[name={},password={}]",
+                user.name, user.password
+            ));
+        }
+        let out = format.output().expect("run Kafka's StorageTool");
         assert!(
             out.status.success(),
-            "tansu user create: {}",
+            "formatting Kafka's storage failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        // Users can only be created while authentication is off.
-        broker.authentication = true;
-        broker.restart();
-        broker
+    }
+
+    fn log_path(&self) -> PathBuf {
+        match self.engine {
+            BrokerEngine::Kafka { .. } => self.dir.path().join("kafka.log"),
+            BrokerEngine::Tansu { .. } => self.dir.path().join("tansu.log"),
+        }
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     fn launch(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.path().join("tansu.log")).expect("broker log");
-        let mut args = vec![
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            &self.storage,
-        ];
-        if self.authentication {
-            args.push("--authentication");
+        self.launches += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("broker log");
+        match &self.engine {
+            BrokerEngine::Kafka { home } => {
+                let child = self
+                    .java(home)
+                    .args([
+                        "-Xms256m",
+                        "-Xmx512m",
+                        "-XX:+UseG1GC",
+                        "-Djava.awt.headless=true",
+                    ])
+                    .arg("kafka.Kafka")
+                    .arg(self.dir.path().join("server.properties"))
+                    .stdout(log.try_clone().expect("log handle"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("start Apache Kafka (java)");
+                self.child = Some(child);
+                self.wait_for_kafka(Duration::from_secs(90));
+            }
+            BrokerEngine::Tansu { binary, storage } => {
+                let url = format!("tcp://127.0.0.1:{}", self.port);
+                let mut args = vec![
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    storage,
+                ];
+                if self.scram.is_some() {
+                    args.push("--authentication");
+                }
+                let child = Command::new(binary)
+                    .current_dir(self.dir.path())
+                    .args(args)
+                    .stdout(log.try_clone().expect("log handle"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("start tansu");
+                self.child = Some(child);
+                wait_for_port(self.port, Duration::from_secs(20));
+            }
         }
-        let child = Command::new(&self.binary)
-            .current_dir(self.dir.path())
-            .args(args)
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("start tansu");
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(20));
+    }
+
+    /// Waits until this launch's log says the server started (the port alone opens
+    /// before the broker has caught up with its metadata).
+    fn wait_for_kafka(&mut self, timeout: Duration) {
+        const STARTED: &str = "Kafka Server started";
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(STARTED).count() >= self.launches {
+                wait_for_port(self.port, Duration::from_secs(10));
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "Apache Kafka exited ({status}) while starting:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "Apache Kafka did not start within {timeout:?}:\n{}",
+            self.log()
+        );
     }
 
     /// Bootstrap servers.
@@ -454,6 +724,22 @@ impl Drop for Broker {
             let _ = child.wait();
         }
     }
+}
+
+/// Base64url without padding (Kafka's cluster id form).
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 fn wait_for_port(port: u16, timeout: Duration) {
@@ -649,7 +935,7 @@ pub struct PgPipeline {
     pub work: tempfile::TempDir,
     /// Metrics port of the first daemon.
     pub metrics_port: u16,
-    /// Bootstrap servers the pipeline uses; the tansu broker's unless replaced.
+    /// Bootstrap servers the pipeline uses; the harness broker's unless replaced.
     pub bootstrap: String,
 }
 

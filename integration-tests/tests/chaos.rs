@@ -45,11 +45,10 @@ const NOTES: &str = "## How to read it
   *changes applied* equals *row changes committed*: each change applied exactly once.
 - *Kafka messages applied twice*: history rows with the same topic, partition and offset.
   Offsets are recorded in the target in the same transaction as the rows, so it is 0.
-- Killing the sink worker costs 30–70 s: the broker (tansu 0.6) keeps the dead member in
-  the group until its session times out (30 s) and does not re-form a group whose leader
-  died. A worker that holds no partition while a partition's messages wait unapplied for
-  30 s rejoins the group, which recovers it. Against Apache Kafka the survivor takes over
-  after the session timeout.
+- Killing the sink worker costs about the session timeout (30 s) on Apache Kafka, and
+  30–70 s on tansu 0.6 (`TIDELINK_BROKER=tansu`), which also does not re-form a group
+  whose leader died. A worker that holds no partition while a partition's messages wait
+  unapplied for 30 s rejoins the group, which recovers it.
 - Backpressure is tested separately (integration-tests/tests/backpressure.rs): with the
   target down while 100k changes (about 100 MB) arrive, the sink worker pauses fetching
   after 10 s behind and stays under 70 MiB, its consumer lag metric shows the backlog, and
@@ -368,7 +367,7 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
     let report = format!(
         "# Reliability: chaos run\n\n\
          Written by `make chaos` (integration-tests/tests/chaos.rs) on {date}. A PostgreSQL → \
-         Kafka (tansu, sqlite storage) → PostgreSQL pipeline with its source and its sink worker \
+         Kafka ({broker}) → PostgreSQL pipeline with its source and its sink worker \
          in separate `tidelink run --role …` processes, under a continuous workload of small \
          transactions (10–29 inserts, 0–40 updates, 0–4 deletes each), while one fault strikes \
          every 2–6 s. Replay the same fault sequence with `CHAOS_SEED={seed}`.\n\n\
@@ -412,6 +411,10 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
         },
         minutes = started.elapsed().as_secs_f64() / 60.0,
         verify = verify_output,
+        broker = {
+            let setup = tidelink_integration_tests::BrokerSetup::from_env();
+            format!("{}, {}", setup.version(), setup.storage())
+        },
     );
     eprintln!("{report}");
     if let Ok(path) = std::env::var("CHAOS_REPORT") {

@@ -1,5 +1,5 @@
 //! MySQL-family pipelines end to end against real servers: throwaway MariaDB 10.11
-//! instances, PostgreSQL 15 clusters and a tansu broker. Every test compares the target's
+//! instances, PostgreSQL 15 clusters and a broker (Apache Kafka unless `TIDELINK_BROKER=tansu`). Every test compares the target's
 //! rows with the source's (or with the exact values expected across engines).
 
 use std::path::PathBuf;

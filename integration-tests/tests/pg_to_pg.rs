@@ -1,4 +1,4 @@
-//! End-to-end: PostgreSQL → Kafka (tansu) → PostgreSQL, against real servers, asserting
+//! End-to-end: PostgreSQL → Kafka → PostgreSQL, against real servers, asserting
 //! that the target ends equal to the source.
 
 use std::time::Duration;
@@ -325,9 +325,7 @@ async fn failover(p: PgPipeline, victim: Victim, kafka_properties: &str) {
     drop((survivor, source_proc));
 }
 
-/// On the durable tansu broker. tansu 0.6.0 cannot re-form a group whose *leader* died (it
-/// keeps the dead member as leader), so here the follower is killed; the leader case runs
-/// against librdkafka's mock cluster below, whose group coordinator behaves like Kafka's.
+/// The second worker to join is killed: the survivor takes its partitions over.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_sink_workers_split_partitions_and_the_survivor_takes_over() {
     failover(
@@ -338,10 +336,16 @@ async fn two_sink_workers_split_partitions_and_the_survivor_takes_over() {
     .await;
 }
 
-/// The group leader is killed: the survivor takes every partition over (Kafka semantics,
-/// on an in-process mock cluster serving real TCP).
+/// The group leader is killed: the survivor takes every partition over. On Apache Kafka
+/// itself; on tansu (`TIDELINK_BROKER=tansu`), which cannot re-form a group whose leader
+/// died (0.6.0 keeps the dead member as leader), against librdkafka's mock cluster, whose
+/// group coordinator behaves like Kafka's.
 #[tokio::test(flavor = "multi_thread")]
 async fn when_the_group_leader_dies_the_other_worker_takes_over() {
+    if tidelink_integration_tests::BrokerSetup::from_env().is_kafka() {
+        failover(PgPipeline::start(WORKLOAD_SCHEMA).await, Victim::Leader, "").await;
+        return;
+    }
     let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     // The mock cluster does not serve CreateTopics; tidelink uses topics that exist.
     for topic in WORKLOAD_TOPICS.iter().chain(&["it.dlq.it.replica"]) {
@@ -351,9 +355,9 @@ async fn when_the_group_leader_dies_the_other_worker_takes_over() {
     mock.create_topic("it.backfill", 1, 1).expect("mock topic");
     let mut p = PgPipeline::start(WORKLOAD_SCHEMA).await;
     p.bootstrap = mock.bootstrap_servers();
-    // The mock coordinator waits up to the session timeout in each rebalance round; it
-    // needs none of the headroom the 30 s default gives a loaded tansu. The mock keeps at
-    // most 5 MiB per partition and drops older messages: lz4 keeps the workload below that.
+    // The mock coordinator waits up to the session timeout in each rebalance round. It
+    // keeps at most 5 MiB per partition and drops older messages: lz4 keeps the workload
+    // below that.
     failover(
         p,
         Victim::Leader,

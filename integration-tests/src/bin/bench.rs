@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidelink_integration_tests::mariadb::MariaDb;
 use tidelink_integration_tests::{
-    copy_config_with_metrics_port, free_port, http_get, metric_sum, Broker, BrokerSetup, Daemon,
-    PgCluster, PG_BIN,
+    copy_config_with_metrics_port, free_port, http_get, metric_sum, Broker, BrokerEngine,
+    BrokerSetup, Daemon, PgCluster, PG_BIN,
 };
 use tokio_postgres::Client;
 
@@ -1382,6 +1382,9 @@ async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
 /// A broker's storage as the report's setup names it.
 fn storage_description(storage: &str) -> String {
     match storage {
+        "kafka-log" => {
+            "Kafka's own log directory (durable; flushed by the OS, Kafka's default)".to_string()
+        }
         sqlite if sqlite.starts_with("sqlite:") => format!("`{sqlite}` (durable)"),
         own if own == tidelink_integration_tests::OWN_POSTGRES_STORAGE => {
             "a PostgreSQL 15 cluster of its own (durable; fsync off like the other clusters)"
@@ -1427,12 +1430,12 @@ fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
         run("mariadbd", &["--version"]),
         run("rustc", &["--version"]),
         broker.version(),
-        storage_description(&broker.storage),
+        storage_description(broker.storage()),
     ) + &second.map_or_else(String::new, |b| {
         format!(
             "- second broker, where the table says so: {}, storage {}; its clients set {}\n",
             b.version(),
-            storage_description(&b.storage),
+            storage_description(b.storage()),
             b.client_properties
                 .iter()
                 .map(|(k, v)| format!("`{k}={v}`"))
@@ -1466,8 +1469,10 @@ async fn main() {
     let nisshi = std::env::var_os("TIDELINK_NISSHI_BIN")
         .filter(|p| !p.is_empty())
         .map(|binary| BrokerSetup {
-            binary: binary.into(),
-            storage: tidelink_integration_tests::OWN_POSTGRES_STORAGE.into(),
+            engine: BrokerEngine::Tansu {
+                binary: binary.into(),
+                storage: tidelink_integration_tests::OWN_POSTGRES_STORAGE.into(),
+            },
             // nisshi answers a fetch as soon as it has data, like Kafka, so a longer wait
             // costs no latency there; with tidelink's 20 ms (chosen for tansu, which holds
             // every fetch for the whole wait) the sink's fetches starved behind the
@@ -1598,7 +1603,7 @@ async fn main() {
     // The same run on tansu's in-memory storage, which is not durable (so not a setting to
     // run with) but fast enough to take the broker off the bound: what is left is
     // tidelink, the databases and the machine they share.
-    let unbound = tidelink_pg(rows, work.path(), &broker.on(UNBOUND_BROKER)).await;
+    let unbound = tidelink_pg(rows, work.path(), &BrokerSetup::tansu_on(UNBOUND_BROKER)).await;
     r.add(
         "PG → tidelink → PG on tansu memory:// (not durable)",
         rate(unbound.changes, unbound.seconds),
