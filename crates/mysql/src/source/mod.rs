@@ -207,6 +207,27 @@ impl MysqlSource {
         self.checkpoint(end_pos);
     }
 
+    /// After a statement that commits by itself (DDL, TRUNCATE): a checkpoint, unless it
+    /// belongs to a MariaDB transaction that ends with its own COMMIT.
+    fn commit_if_standalone(&mut self, end_pos: u64) {
+        let standalone = self
+            .tx
+            .as_ref()
+            .is_none_or(|t| t.standalone || t.mariadb_gtid.is_none());
+        if standalone {
+            self.commit(end_pos);
+        }
+    }
+
+    /// Whether the consistent snapshot of `table` was taken after the binlog place
+    /// `header_pos` of the current file, so the event there is in the copy already.
+    fn covered_by_snapshot(&self, table: &TableId, header_pos: u64) -> bool {
+        self.snapshotted.get(table).is_some_and(|(server, place)| {
+            let here = binlog_file_number(&self.file).map(|n| [n, header_pos]);
+            *server == self.binlog_server_id && here.is_some_and(|here| here < *place)
+        })
+    }
+
     async fn schema(
         &mut self,
         table: &TableId,
@@ -316,11 +337,8 @@ impl MysqlSource {
         if !tidelink_config::matches_any(&self.settings.tables, &table.schema, &table.name) {
             return Ok(());
         }
-        if let Some((server, place)) = self.snapshotted.get(&table) {
-            let here = binlog_file_number(&self.file).map(|n| [n, header_pos]);
-            if *server == self.binlog_server_id && here.is_some_and(|here| here < *place) {
-                return Ok(());
-            }
+        if self.covered_by_snapshot(&table, header_pos) {
+            return Ok(());
         }
         let tme = tme.clone();
         let columns = tme.columns_count() as usize;
@@ -434,11 +452,8 @@ impl MysqlSource {
         if !tidelink_config::matches_any(&self.settings.tables, &table.schema, &table.name) {
             return Ok(());
         }
-        if let Some((server, place)) = self.snapshotted.get(&table) {
-            let here = binlog_file_number(&self.file).map(|n| [n, header_pos]);
-            if *server == self.binlog_server_id && here.is_some_and(|here| here < *place) {
-                return Ok(());
-            }
+        if self.covered_by_snapshot(&table, header_pos) {
+            return Ok(());
         }
         // The definitions tell the publisher whether the table has a key (a keyed
         // table's truncate is a barrier across its partitions). A table dropped since has
@@ -572,24 +587,12 @@ impl MysqlSource {
                     // Definitions stay as they are; the table's rows are gone.
                     self.truncate(table, start_pos, ts_ms, header.server_id())
                         .await?;
-                    let standalone = self
-                        .tx
-                        .as_ref()
-                        .is_none_or(|t| t.standalone || t.mariadb_gtid.is_none());
-                    if standalone {
-                        self.commit(end_pos);
-                    }
+                    self.commit_if_standalone(end_pos);
                 } else {
                     // DDL: table definitions may have changed.
                     tracing::info!(pipeline = %self.settings.pipeline, schema = %query.schema(), statement = %sql.chars().take(200).collect::<String>(), "DDL in the binlog; table definitions reloaded on next use");
                     self.schemas.clear();
-                    let standalone = self
-                        .tx
-                        .as_ref()
-                        .is_none_or(|t| t.standalone || t.mariadb_gtid.is_none());
-                    if standalone {
-                        self.commit(end_pos);
-                    }
+                    self.commit_if_standalone(end_pos);
                 }
             }
             Some(EventData::XidEvent(_)) => self.commit(end_pos),
