@@ -45,9 +45,11 @@ const NOTES: &str = "## How to read it
   *changes applied* equals *row changes committed*: each change applied exactly once.
 - *Kafka messages applied twice*: history rows with the same topic, partition and offset.
   Offsets are recorded in the target in the same transaction as the rows, so it is 0.
-- Killing the sink worker costs about the session timeout (30 s) on Apache Kafka, and
-  30–70 s on tansu 0.6 (`TIDELINK_BROKER=tansu`), which also does not re-form a group
-  whose leader died. A worker that holds no partition while a partition's messages wait
+- Killing the sink worker and starting it again costs about the session timeout (6 s):
+  the coordinator waits that long for the dead member before it re-forms the group. With
+  two workers the survivor takes the dead one's partitions over in the same time
+  (tests/pg_to_pg.rs). tansu 0.6 (`TIDELINK_BROKER=tansu`) does not re-form a group whose
+  leader died; a worker that holds no partition while a partition's messages wait
   unapplied for 30 s rejoins the group, which recovers it.
 - Backpressure is tested separately (integration-tests/tests/backpressure.rs): with the
   target down while 100k changes (about 100 MB) arrive, the sink worker pauses fetching

@@ -1,7 +1,7 @@
 //! End-to-end: PostgreSQL → Kafka → PostgreSQL, against real servers, asserting
 //! that the target ends equal to the source.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tidelink_integration_tests::{
     first_column, http_get, metric_sum, table_rows, Daemon, PgCluster, PgPipeline,
 };
@@ -304,16 +304,38 @@ async fn failover(p: PgPipeline, victim: Victim, kafka_properties: &str) {
         },
     )
     .await;
-    let survivor = match victim {
+    let assigned = |d: &Daemon| d.output().matches("partitions assigned").count();
+    let killed = Instant::now();
+    let (survivor, assignments_before) = match victim {
         Victim::Leader => {
+            let before = assigned(&second);
             first.kill9();
-            second
+            (second, before)
         }
         Victim::Follower => {
+            let before = assigned(&first);
             second.kill9();
-            first
+            (first, before)
         }
     };
+    // The survivor is given the dead worker's partitions once the session timeout (6 s)
+    // has passed: the goal is 10 s; 15 s leaves room for a loaded machine. librdkafka's
+    // mock coordinator (tansu runs) takes longer.
+    let bound = if tidelink_integration_tests::BrokerSetup::from_env().is_kafka() {
+        Duration::from_secs(15)
+    } else {
+        Duration::from_secs(90)
+    };
+    tidelink_integration_tests::wait_until(
+        bound,
+        "the survivor takes the dead worker's partitions over",
+        || async { assigned(&survivor) > assignments_before },
+    )
+    .await;
+    eprintln!(
+        "sink takeover: the survivor held the dead worker's partitions {:.1} s after kill -9",
+        killed.elapsed().as_secs_f64()
+    );
     workload(&source, 10, 20).await;
     p.wait_in_sync(WORKLOAD_TABLES, CATCH_UP).await;
     let (recorded, distinct, stored) = p.audit_applied(WORKLOAD_TOPICS).await;
