@@ -223,9 +223,11 @@ pub struct KafkaConfig {
     /// Partitions of topics tidelink creates.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
-    /// Replication factor of topics tidelink creates.
-    #[serde(default = "default_replication_factor")]
-    pub replication_factor: i32,
+    /// Replication factor of topics tidelink creates; without one, the broker's
+    /// `default.replication.factor` (Kafka's own default, so a cluster set up for RF 3
+    /// gets RF 3 without the pipeline repeating it).
+    #[serde(default)]
+    pub replication_factor: Option<i32>,
     /// librdkafka properties passed through (TLS, SASL, tuning), such as
     /// `security.protocol: SASL_SSL`. Values are strings.
     #[serde(default)]
@@ -248,10 +250,6 @@ pub struct RouteConfig {
 
 fn default_partitions() -> i32 {
     4
-}
-
-fn default_replication_factor() -> i32 {
-    1
 }
 
 impl KafkaConfig {

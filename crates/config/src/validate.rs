@@ -162,7 +162,7 @@ pub(crate) fn validate(config: &Config, file: &str, require_pipelines: bool) -> 
                 "must be at least 1".into(),
             );
         }
-        if kafka.replication_factor < 1 {
+        if kafka.replication_factor.is_some_and(|factor| factor < 1) {
             report(
                 format!("{at}.kafka.replication_factor"),
                 "must be at least 1".into(),

@@ -119,7 +119,8 @@ async fn create_missing(
             let topic = NewTopic::new(
                 t,
                 partitions,
-                TopicReplication::Fixed(kafka.replication_factor),
+                // -1: the broker's `default.replication.factor` (CreateTopics v4+).
+                TopicReplication::Fixed(kafka.replication_factor.unwrap_or(-1)),
             );
             if compacted {
                 topic.set("cleanup.policy", "compact")

@@ -383,7 +383,7 @@ mod tests {
             brokers,
             topic_prefix: "t".into(),
             partitions: 4,
-            replication_factor: 1,
+            replication_factor: None,
             properties: Default::default(),
             routes: Vec::new(),
         }
