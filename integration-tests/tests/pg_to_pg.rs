@@ -247,12 +247,7 @@ enum Victim {
 async fn failover(p: PgPipeline, victim: Victim, kafka_properties: &str) {
     let config = p.write_config("workers.yaml", "");
     if !kafka_properties.is_empty() {
-        let yaml = std::fs::read_to_string(&config).expect("config");
-        let yaml = yaml.replace(
-            "      partitions: 4\n",
-            &format!("      partitions: 4\n      properties: {kafka_properties}\n"),
-        );
-        std::fs::write(&config, yaml).expect("write config");
+        p.set_kafka_properties(&config, kafka_properties);
     }
     let config_s = config.display().to_string();
     let log = |name: &str| p.work.path().join(name);

@@ -1,12 +1,12 @@
-//! TLS to the databases: pipelines whose every connection is encrypted and verified
-//! against a test certificate authority, and a clear, immediate failure when the server's
-//! certificate does not verify.
+//! TLS to the databases and to Kafka: pipelines whose every connection is encrypted and
+//! verified against a test certificate authority, and a clear, immediate failure when the
+//! server's certificate does not verify.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tidelink_integration_tests::mariadb::MariaDb;
-use tidelink_integration_tests::{Broker, Daemon, PgCluster, PgPipeline};
+use tidelink_integration_tests::{Broker, BrokerSetup, Daemon, PgCluster, PgPipeline};
 
 /// A certificate authority, a server certificate it signed for `localhost` and
 /// `127.0.0.1`, and an unrelated authority.
@@ -268,4 +268,57 @@ async fn mariadb_source_streams_over_verified_tls() {
     }
     assert_eq!(arrived, 2, "rows did not arrive:\n{}", daemon.output());
     assert!(inserted, "the source never streamed:\n{}", daemon.output());
+}
+
+/// Apache Kafka with a TLS-only client listener: the pipeline publishes and consumes over
+/// verified TLS; a broker certificate from another authority is one clear error.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_connections_use_verified_tls_and_a_foreign_broker_certificate_is_refused() {
+    if !BrokerSetup::from_env().is_kafka() {
+        eprintln!("skipped: tansu has no TLS listener (TIDELINK_BROKER=tansu)");
+        return;
+    }
+    let certs = Certs::generate();
+    let pem = certs.path("server.pem");
+    let key_and_chain = std::fs::read_to_string(certs.path("server.key")).expect("key")
+        + &std::fs::read_to_string(certs.path("server.crt")).expect("certificate");
+    std::fs::write(&pem, key_and_chain).expect("server.pem");
+    let schema = "CREATE TABLE items (id int PRIMARY KEY, name text)";
+    let p = PgPipeline::start_on(Broker::start_with_tls(&pem), schema, schema).await;
+    let config = p.write_config("kafka-tls.yaml", "");
+    let tls = |ca: &Path| {
+        format!(
+            "{{ security.protocol: SSL, ssl.ca.location: \"{}\" }}",
+            ca.display()
+        )
+    };
+    p.set_kafka_properties(&config, &tls(&certs.path("ca.crt")));
+    let daemon = p.run_ready(&config, "kafka-tls.log").await;
+    p.source
+        .client("app")
+        .await
+        .batch_execute(
+            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;
+             UPDATE items SET name = 'renamed' WHERE id % 10 = 0;
+             DELETE FROM items WHERE id % 7 = 0;",
+        )
+        .await
+        .expect("workload");
+    p.wait_in_sync(&[("items", "id")], Duration::from_secs(120))
+        .await;
+    drop(daemon);
+
+    let foreign = p.write_config("kafka-foreign.yaml", "");
+    p.set_kafka_properties(&foreign, &tls(&certs.path("other-ca.crt")));
+    let mut daemon = p.run(&foreign, &[], "kafka-foreign.log");
+    let status = daemon.wait(Duration::from_secs(60));
+    let output = daemon.output();
+    let status = status.unwrap_or_else(|| {
+        panic!("tidelink must give up on a broker certificate that does not verify:\n{output}")
+    });
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("certificate") && output.contains(&p.bootstrap),
+        "the error names the certificate problem and the broker:\n{output}"
+    );
 }

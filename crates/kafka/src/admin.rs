@@ -63,8 +63,14 @@ async fn topic_names(kafka: &KafkaConfig) -> Result<Vec<String>, TidelinkError> 
                     // Delivers librdkafka's own error events to the context.
                     let _ = client.poll(Duration::ZERO);
                     let reason = last_error.suffix();
-                    let failed = reason.contains("uthentication") || reason.contains("SSL");
-                    if failed || std::time::Instant::now() >= deadline {
+                    // Credentials the broker refuses and a certificate that does not verify
+                    // stay so: stop with the reason rather than retry forever.
+                    if reason.contains("uthentication") || reason.contains("certificate verify") {
+                        return Err(TidelinkError::permanent(format!(
+                            "connecting to Kafka at {brokers}: {e}{reason}"
+                        )));
+                    }
+                    if reason.contains("SSL") || std::time::Instant::now() >= deadline {
                         return Err(TidelinkError::transient(format!(
                             "reading topic metadata from {brokers}: {e}{reason}"
                         )));
