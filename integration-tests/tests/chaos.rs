@@ -1,8 +1,9 @@
 //! Chaos: a PostgreSQL → Kafka → PostgreSQL pipeline, its source and sink in separate
 //! processes, under a continuous workload of inserts, updates and deletes, while faults
-//! strike at random: kill -9 of the source process, kill -9 of the sink worker, a broker
-//! restart (durable storage), a crash and restart of the target database and of the source
-//! database. Afterwards the pipeline catches up and
+//! strike at random: kill -9 of the source process, kill -9 of the sink worker, kill -9 of
+//! the Kafka node leading a partition (a 3-node cluster, replication factor 3,
+//! `min.insync.replicas=2`), a restart of the whole cluster, a crash and restart of the
+//! target database and of the source database. Afterwards the pipeline catches up and
 //! - `tidelink verify` finds no differing row;
 //! - the sink's history holds exactly one applied change per change the source committed
 //!   (counted by a trigger in the source), and no Kafka message applied twice.
@@ -17,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidelink_core::fuzz::Mutator;
-use tidelink_integration_tests::{http_get, replays_skipped_in, Daemon, PgPipeline};
+use tidelink_integration_tests::{
+    http_get, replays_skipped_in, Broker, BrokerSetup, Daemon, PgPipeline,
+};
 
 const SOURCE_SCHEMA: &str = "
 CREATE TABLE orders (id bigint PRIMARY KEY, qty int NOT NULL, note text, updated_at timestamptz NOT NULL DEFAULT now());
@@ -57,8 +60,12 @@ const NOTES: &str = "## How to read it
   it keeps its partitions (`make test` keeps the target down 45 s; a run by hand with
   `BACKPRESSURE_DOWN_SECS=400` stayed at 58 MiB with its partitions kept); with the broker
   down, `tidelink_source_retained_wal_bytes` and `status` show the WAL the slot retains.
+- Killing the node that leads a partition moves leadership to another in-sync replica;
+  with two of three replicas left, `acks=all` writes go on (`min.insync.replicas=2`). The
+  idempotent producer resends what the dead leader had not acknowledged, without
+  duplicating what it had; the consumer group's coordinator may move too.
 - Not covered: network partitions (no packet loss or delay is injected), a full disk,
-  Kafka replica failover (one broker), MySQL-family sources under chaos (their kill -9 and
+  losing two Kafka nodes at once, MySQL-family sources under chaos (their kill -9 and
   restart is tested in tests/mysql.rs).
 
 ## Bad input
@@ -83,25 +90,36 @@ const NOTES: &str = "## How to read it
 enum Fault {
     KillSource,
     KillSink,
+    KillPartitionLeader,
     RestartBroker,
     CrashTarget,
     CrashSource,
 }
 
-const FAULTS: [Fault; 5] = [
-    Fault::KillSource,
-    Fault::KillSink,
-    Fault::RestartBroker,
-    Fault::CrashTarget,
-    Fault::CrashSource,
-];
+/// Every fault; killing a partition's leader needs a cluster (Apache Kafka).
+fn faults(cluster: bool) -> Vec<Fault> {
+    let mut faults = vec![
+        Fault::KillSource,
+        Fault::KillSink,
+        Fault::RestartBroker,
+        Fault::CrashTarget,
+        Fault::CrashSource,
+    ];
+    if cluster {
+        faults.insert(2, Fault::KillPartitionLeader);
+    }
+    faults
+}
 
 impl Fault {
     fn describe(self) -> &'static str {
         match self {
             Fault::KillSource => "kill -9 the source process",
             Fault::KillSink => "kill -9 the sink worker",
-            Fault::RestartBroker => "kill -9 and restart the broker",
+            Fault::KillPartitionLeader => {
+                "kill -9 the Kafka node leading a partition, start it again"
+            }
+            Fault::RestartBroker => "kill -9 and restart every broker",
             Fault::CrashTarget => "crash and restart the target database",
             Fault::CrashSource => "crash and restart the source database",
         }
@@ -249,10 +267,13 @@ async fn wait_for_progress(p: &PgPipeline, timeout: Duration) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
+    // Three Kafka nodes, each topic on all three, two in sync required; tansu runs alone.
+    let cluster = BrokerSetup::from_env().is_kafka();
+    let faults = faults(cluster);
     let rounds: usize = std::env::var("CHAOS_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(FAULTS.len());
+        .unwrap_or(faults.len());
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -264,7 +285,12 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
         });
     eprintln!("chaos: {rounds} rounds, CHAOS_SEED={seed}");
     let started = Instant::now();
-    let mut p = PgPipeline::start_with(SOURCE_SCHEMA, TARGET_SCHEMA).await;
+    let broker = if cluster {
+        Broker::start_cluster(3)
+    } else {
+        Broker::start()
+    };
+    let mut p = PgPipeline::start_on(broker, SOURCE_SCHEMA, TARGET_SCHEMA).await;
     let source_config = p.write_config_without_snapshot("source.yaml", "");
     let (sink_config, sink_port) = p.copy_with_own_metrics_port(&source_config, "sink.yaml");
     let mut processes = Processes {
@@ -283,12 +309,12 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
 
     let mut random = Mutator::new(seed);
     // Every kind once (in a random order), then at random.
-    let mut schedule: Vec<Fault> = FAULTS.to_vec();
+    let mut schedule: Vec<Fault> = faults.clone();
     for i in (1..schedule.len()).rev() {
         schedule.swap(i, random.below(i + 1));
     }
     while schedule.len() < rounds {
-        schedule.push(FAULTS[random.below(FAULTS.len())]);
+        schedule.push(faults[random.below(faults.len())]);
     }
     schedule.truncate(rounds);
     let mut log = String::new();
@@ -310,6 +336,14 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
                 processes.sink.take().expect("sink runs").kill9();
                 tokio::time::sleep(down).await;
                 processes.start_sink(&p);
+            }
+            Fault::KillPartitionLeader => {
+                let partition = random.below(4) as i32;
+                let node = p.broker.node_leading("it.public.orders", partition);
+                eprintln!("  node {} leads it.public.orders[{partition}]", node + 1);
+                p.broker.kill_node(node);
+                tokio::time::sleep(down).await;
+                p.broker.start_node_again(node);
             }
             Fault::RestartBroker => {
                 p.broker.restart();
@@ -395,7 +429,7 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default(),
-        faults = FAULTS
+        faults = faults
             .iter()
             .map(|f| format!(
                 "{}: {}",
@@ -414,8 +448,15 @@ async fn faults_under_load_lose_nothing_and_apply_each_change_once() {
         minutes = started.elapsed().as_secs_f64() / 60.0,
         verify = verify_output,
         broker = {
-            let setup = tidelink_integration_tests::BrokerSetup::from_env();
-            format!("{}, {}", setup.version(), setup.storage())
+            let setup = BrokerSetup::from_env();
+            if cluster {
+                format!(
+                    "{}, 3 nodes, replication factor 3, min.insync.replicas=2",
+                    setup.version()
+                )
+            } else {
+                format!("{}, {}", setup.version(), setup.storage())
+            }
         },
     );
     eprintln!("{report}");
