@@ -31,7 +31,8 @@ demo-mysql: deps
 	scripts/demo-mysql.sh
 
 # The chaos suite at length: random faults under load (kill -9 of the source and sink
-# processes, broker restarts, database crashes), then `verify` and the exactly-once audit.
+# processes, of the Kafka node leading a partition in a 3-node cluster, cluster restarts,
+# database crashes), then `verify` and the exactly-once audit.
 # `make test` runs one round of each fault; this runs CHAOS_ROUNDS and writes the report.
 CHAOS_ROUNDS ?= 30
 chaos: deps
