@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Throwaway local servers for the demo and manual runs: PostgreSQL 15 clusters and the
-# tansu broker with durable sqlite storage; and how the demos show a daemon's metrics.
+# Throwaway local servers for the demo and manual runs: PostgreSQL 15 clusters, MariaDB,
+# and the broker (Apache Kafka 4.4; tansu with TIDELINK_BROKER=tansu); and how the demos
+# show a daemon's metrics.
 # Source this file, then call the functions.
 # Everything lives under the directory you pass; nothing touches the machine's own services.
 

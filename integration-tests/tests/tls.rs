@@ -114,6 +114,23 @@ async fn tidelink_connections_use_tls(cluster: &PgCluster, database: &str) -> i6
     all
 }
 
+/// Inserts, updates and deletes rows of `items` in the source and waits until the target
+/// holds the same rows.
+async fn change_items_until_in_sync(p: &PgPipeline) {
+    p.source
+        .client("app")
+        .await
+        .batch_execute(
+            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;
+             UPDATE items SET name = 'renamed' WHERE id % 10 = 0;
+             DELETE FROM items WHERE id % 7 = 0;",
+        )
+        .await
+        .expect("workload");
+    p.wait_in_sync(&[("items", "id")], Duration::from_secs(120))
+        .await;
+}
+
 fn with_query(dsn: &str, query: &str) -> String {
     format!("{dsn}?{query}")
 }
@@ -148,18 +165,7 @@ async fn postgres_pipeline_runs_over_verified_tls_and_a_foreign_certificate_is_r
     let config = p.work.path().join("tls.yaml");
     std::fs::write(&config, &yaml).expect("config");
     let daemon = p.run_ready(&config, "tls.log").await;
-    p.source
-        .client("app")
-        .await
-        .batch_execute(
-            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;
-             UPDATE items SET name = 'renamed' WHERE id % 10 = 0;
-             DELETE FROM items WHERE id % 7 = 0;",
-        )
-        .await
-        .expect("workload");
-    p.wait_in_sync(&[("items", "id")], Duration::from_secs(120))
-        .await;
+    change_items_until_in_sync(&p).await;
     assert!(tidelink_connections_use_tls(&p.source, "app").await >= 2);
     assert!(tidelink_connections_use_tls(&p.target, "replica").await >= 1);
     drop(daemon);
@@ -294,18 +300,7 @@ async fn kafka_connections_use_verified_tls_and_a_foreign_broker_certificate_is_
     };
     p.set_kafka_properties(&config, &tls(&certs.path("ca.crt")));
     let daemon = p.run_ready(&config, "kafka-tls.log").await;
-    p.source
-        .client("app")
-        .await
-        .batch_execute(
-            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g;
-             UPDATE items SET name = 'renamed' WHERE id % 10 = 0;
-             DELETE FROM items WHERE id % 7 = 0;",
-        )
-        .await
-        .expect("workload");
-    p.wait_in_sync(&[("items", "id")], Duration::from_secs(120))
-        .await;
+    change_items_until_in_sync(&p).await;
     drop(daemon);
 
     let foreign = p.write_config("kafka-foreign.yaml", "");
