@@ -15,23 +15,10 @@ DEBEZIUM_VERSION="${DEBEZIUM_VERSION:-3.6.1.Final}"
 CONNECT_VERSION="${CONNECT_VERSION:-4.3.0}"
 CACHE_DIR="${TIDELINK_CACHE_DIR:-$HOME/.cache/tidelink}"
 ROOT="$CACHE_DIR/debezium-$DEBEZIUM_VERSION"
-mkdir -p "$CACHE_DIR"
-exec 9>"$CACHE_DIR/debezium.lock"
-flock 9
-MARK="$ROOT/.complete-3"
-if [ -f "$MARK" ]; then
-  echo "$ROOT"
-  exit 0
-fi
-
-apt_install() {
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
-}
-command -v java >/dev/null || apt_install openjdk-17-jre-headless
-command -v mvn >/dev/null || apt_install maven
+MARK=.complete-3
+# shellcheck source=scripts/java-cache.sh
+. "$(dirname "$0")/java-cache.sh"
+java_cache_begin debezium "$ROOT" "$MARK"
 
 # pom ARTIFACT DEPENDENCIES…: a pom whose dependencies are `group:artifact:version` each.
 pom() {
@@ -79,7 +66,4 @@ else
   echo "io.debezium:debezium-connector-jdbc:$DEBEZIUM_VERSION does not resolve; no JDBC sink" >&2
 fi
 rm -rf "$ROOT.partial/connect" "$ROOT.partial/jdbc"
-touch "$ROOT.partial/$(basename "$MARK")"
-rm -rf "$ROOT"
-mv "$ROOT.partial" "$ROOT"
-echo "$ROOT"
+java_cache_finish "$ROOT" "$MARK"

@@ -8,24 +8,11 @@ set -euo pipefail
 KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 CACHE_DIR="${TIDELINK_CACHE_DIR:-$HOME/.cache/tidelink}"
 ROOT="$CACHE_DIR/kafka-$KAFKA_VERSION"
-mkdir -p "$CACHE_DIR"
-exec 9>"$CACHE_DIR/kafka.lock"
-flock 9
 # The marker names the pom it was resolved from, so a changed pom resolves again.
-MARK="$ROOT/.complete-2"
-if [ -f "$MARK" ]; then
-  echo "$ROOT"
-  exit 0
-fi
-
-apt_install() {
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
-}
-command -v java >/dev/null || apt_install openjdk-17-jre-headless
-command -v mvn >/dev/null || apt_install maven
+MARK=.complete-2
+# shellcheck source=scripts/java-cache.sh
+. "$(dirname "$0")/java-cache.sh"
+java_cache_begin kafka "$ROOT" "$MARK"
 
 echo "resolving Apache Kafka $KAFKA_VERSION from Maven Central into $ROOT (once)..." >&2
 rm -rf "$ROOT.partial"
@@ -61,7 +48,4 @@ logger.kafka.level = INFO
 logger.state.name = state.change.logger
 logger.state.level = WARN
 LOG
-touch "$ROOT.partial/$(basename "$MARK")"
-rm -rf "$ROOT"
-mv "$ROOT.partial" "$ROOT"
-echo "$ROOT"
+java_cache_finish "$ROOT" "$MARK"
