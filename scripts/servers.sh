@@ -20,6 +20,18 @@ free_port() {
   done
 }
 
+# wait_for_port PORT WHAT LOG: waits up to 10 s until something listens on 127.0.0.1:PORT;
+# otherwise says WHAT did not start and where its LOG is, and fails.
+wait_for_port() {
+  local port="$1" what="$2" log="$3"
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$what did not start; see $log" >&2
+  return 1
+}
+
 # start_pg DIR PORT [WAL_LEVEL]: initdb (as user postgres when run as root) and start.
 start_pg() {
   local dir="$1" port="$2" wal_level="${3:-logical}"
@@ -57,12 +69,8 @@ start_broker() {
         --advertised-listener-url "tcp://127.0.0.1:$port" \
         --storage-engine "sqlite://tansu.db" >"$dir/broker.log" 2>&1 ) &
     echo $! >"$dir/broker.pid"
-    for _ in $(seq 1 100); do
-      (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-      sleep 0.1
-    done
-    echo "tansu did not start; see $dir/broker.log" >&2
-    return 1
+    wait_for_port "$port" tansu "$dir/broker.log"
+    return
   fi
   local kafka controller internal
   kafka="$("$here/install-kafka.sh")" || return 1
@@ -121,12 +129,7 @@ start_mariadb() {
     --binlog-format=ROW --binlog-row-image=FULL --server-id="$server_id" \
     --character-set-server=utf8mb4 --collation-server=utf8mb4_bin --skip-name-resolve \
     --innodb-buffer-pool-size=64M >"$dir/server.log" 2>&1 &
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "mariadbd did not start; see $dir/server.log" >&2
-  return 1
+  wait_for_port "$port" mariadbd "$dir/server.log"
 }
 
 # stop_mariadb DIR
