@@ -1488,7 +1488,7 @@ async fn main() {
         let (rss, seconds) = big_transaction(rows * 2, work.path()).await;
         r.add(
             &format!(
-                "peak RSS with one {}-row transaction (goal ≤ 256 MiB)",
+                "peak RSS with one {}-row transaction (goal ≤ 128 MiB)",
                 rows * 2
             ),
             format!("{rss:.0} MiB"),
@@ -1622,19 +1622,19 @@ async fn main() {
         "",
     );
     r.add(
-        "CPU per change, source + sink (goal ≤ 10 µs)",
+        "CPU per change, source + sink (goal ≤ 5 µs)",
         format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
         &format!("{:.1} CPU s", e2e.cpu),
     );
     r.add(
-        "peak RSS of the daemon during the run (goal ≤ 256 MiB)",
+        "peak RSS of the daemon during the run (goal ≤ 128 MiB)",
         format!("{:.0} MiB", e2e.rss),
         "",
     );
     let (big_rss, big_seconds) = big_transaction(rows * 2, work.path()).await;
     r.add(
         &format!(
-            "peak RSS with one {}-row transaction (goal ≤ 256 MiB)",
+            "peak RSS with one {}-row transaction (goal ≤ 128 MiB)",
             rows * 2
         ),
         format!("{big_rss:.0} MiB"),
@@ -1647,7 +1647,7 @@ async fn main() {
     );
     r.add(
         &format!(
-            "commit → apply latency p99 at {}/s (goal ≤ 250 ms)",
+            "commit → apply latency p99 at {}/s (goal ≤ 100 ms)",
             e2e.latency_rate
         ),
         format!("{:.0} ms", e2e.p99_ms),
