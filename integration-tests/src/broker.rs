@@ -196,8 +196,6 @@ struct BrokerNode {
 pub struct Broker {
     /// Holds every node's directory; removed when the broker is dropped.
     _dir: tempfile::TempDir,
-    /// Port on 127.0.0.1 clients connect to (the first node's).
-    pub port: u16,
     nodes: Vec<BrokerNode>,
     listener: ClientListener,
     engine: BrokerEngine,
@@ -291,7 +289,6 @@ impl Broker {
             })
             .collect::<Vec<_>>();
         let mut broker = Self {
-            port: nodes[0].port,
             _dir: dir,
             nodes,
             listener: ClientListener::Plain,
@@ -314,7 +311,7 @@ impl Broker {
                         "user",
                         "create",
                         "--broker",
-                        &format!("tcp://127.0.0.1:{}", broker.port),
+                        &format!("tcp://127.0.0.1:{}", broker.port()),
                         "--mechanism",
                         "scram512",
                         &user.name,
@@ -569,6 +566,11 @@ impl Broker {
             .map(|node| format!("127.0.0.1:{}", node.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Port on 127.0.0.1 clients connect to (the first node's).
+    pub fn port(&self) -> u16 {
+        self.nodes[0].port
     }
 
     /// How many nodes the broker has.

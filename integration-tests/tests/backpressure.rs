@@ -112,7 +112,7 @@ async fn a_down_target_pauses_fetching_and_a_down_broker_retains_wal() {
     );
 
     // The broker goes down: the source cannot publish, the slot retains WAL.
-    let broker_port = p.broker.port;
+    let broker_port = p.broker.port();
     p.broker.stop();
     p.source
         .client("app")
@@ -148,7 +148,7 @@ async fn a_down_target_pauses_fetching_and_a_down_broker_retains_wal() {
         "status shows the retained WAL:\n{output}"
     );
     p.broker.start_again();
-    assert_eq!(p.broker.port, broker_port);
+    assert_eq!(p.broker.port(), broker_port);
     p.wait_in_sync(&[("events", "id")], Duration::from_secs(300))
         .await;
     drop((source, sink));
