@@ -53,7 +53,30 @@ pub fn free_port() -> u16 {
     panic!("no free port on 127.0.0.1 between {LOWEST} and {ephemeral_low}");
 }
 
+/// A PostgreSQL table of every type the type tests cover, `all_types`, and its enum.
+pub const TYPES_SCHEMA: &str = r#"
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE all_types (
+    id int PRIMARY KEY,
+    c_int2 int2, c_int4 int4, c_int8 int8,
+    c_numeric numeric(30,10), c_numeric_free numeric,
+    c_float4 float4, c_float8 float8,
+    c_bool bool,
+    c_text text, c_varchar varchar(50), c_char char(5),
+    c_bytea bytea,
+    c_date date, c_time time, c_timetz timetz,
+    c_timestamp timestamp(6), c_timestamptz timestamptz,
+    c_interval interval,
+    c_uuid uuid,
+    c_json json, c_jsonb jsonb,
+    c_int_array int[], c_text_array text[], c_matrix int[][], c_numeric_array numeric[], c_char_array char(2)[],
+    c_enum mood, c_enum_array mood[],
+    c_inet inet, c_money money, c_point point, c_bit bit(4), c_tsrange tsrange
+);
+"#;
+
 pub mod broker;
+pub mod debezium;
 pub mod mariadb;
 
 pub use broker::{broker_storage, Broker, BrokerEngine, BrokerSetup, OWN_POSTGRES_STORAGE};

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use tidelink_integration_tests::mariadb::{mariadb_rows, MariaDb};
+use tidelink_integration_tests::mariadb::{mariadb_rows, MariaDb, TYPES_ROWS, TYPES_TABLE};
 use tidelink_integration_tests::{
     first_column, free_port, http_get, run_verify, Broker, Daemon, PgCluster,
 };
@@ -184,32 +184,6 @@ impl Setup {
         out
     }
 }
-
-const TYPES_TABLE: &str = "CREATE TABLE shop.types (
-    id int NOT NULL PRIMARY KEY,
-    t_tiny tinyint, t_tiny_u tinyint unsigned, t_small smallint, t_small_u smallint unsigned,
-    t_medium mediumint, t_medium_u mediumint unsigned, t_int int, t_int_u int unsigned,
-    t_big bigint, t_big_u bigint unsigned,
-    t_dec decimal(20,6), t_float float, t_double double, t_bit bit(10),
-    t_date date, t_time time(3), t_datetime datetime(6), t_ts timestamp(3) NULL, t_year year,
-    t_char char(5), t_varchar varchar(40), t_text text, t_latin varchar(20) CHARACTER SET latin1,
-    t_binary binary(4), t_blob blob, t_enum enum('small','medium','large'), t_set set('red','green','blue'),
-    t_json json
-) ENGINE=InnoDB";
-
-const TYPES_ROWS: &str = "INSERT INTO shop.types VALUES
- (1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
-  -9223372036854775808, 18446744073709551615,
-  '-12345678901234.123456', 1.5, 2.25, b'1010101010',
-  '2024-02-29', '-12:34:56.789', '2024-02-29 23:59:59.123456', '2024-03-01 01:02:03.456', 2024,
-  'ab', 'héllo wörld ✓ 🐬', 'long text', 'café €',
-  X'00FF1020', X'DEADBEEF', 'medium', 'red,blue',
-  '{\"a\": [1, 2, {\"b\": null}]}');
-INSERT INTO shop.types (id) VALUES (2);
-INSERT INTO shop.types VALUES
- (3, 127, 0, 32767, 0, 8388607, 0, 2147483647, 0, 9223372036854775807, 0,
-  '0.000001', -0.5, 1e300, b'0', '1000-01-01', '838:59:59', '1000-01-01 00:00:00', '1970-01-01 00:00:01', 1901,
-  '', '', '', '', X'00000000', X'', 'small', '', '[]')";
 
 /// MariaDB → PostgreSQL: every listed type arrives with its exact value, inserted while
 /// streaming and then updated; a row deleted on the source is deleted on the target.

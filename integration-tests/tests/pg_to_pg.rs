@@ -3,31 +3,10 @@
 
 use std::time::{Duration, Instant};
 use tidelink_integration_tests::{
-    first_column, http_get, metric_sum, table_rows, Daemon, PgCluster, PgPipeline,
+    first_column, http_get, metric_sum, table_rows, Daemon, PgCluster, PgPipeline, TYPES_SCHEMA,
 };
 
 const CATCH_UP: Duration = Duration::from_secs(180);
-
-const TYPES_SCHEMA: &str = r#"
-CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-CREATE TABLE all_types (
-    id int PRIMARY KEY,
-    c_int2 int2, c_int4 int4, c_int8 int8,
-    c_numeric numeric(30,10), c_numeric_free numeric,
-    c_float4 float4, c_float8 float8,
-    c_bool bool,
-    c_text text, c_varchar varchar(50), c_char char(5),
-    c_bytea bytea,
-    c_date date, c_time time, c_timetz timetz,
-    c_timestamp timestamp(6), c_timestamptz timestamptz,
-    c_interval interval,
-    c_uuid uuid,
-    c_json json, c_jsonb jsonb,
-    c_int_array int[], c_text_array text[], c_matrix int[][], c_numeric_array numeric[], c_char_array char(2)[],
-    c_enum mood, c_enum_array mood[],
-    c_inet inet, c_money money, c_point point, c_bit bit(4), c_tsrange tsrange
-);
-"#;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_supported_type_round_trips_exactly() {

@@ -2,9 +2,11 @@
 //! `{"before": {…}|null, "after": {…}|null, "source": {…}, "op": "c|u|d|r|t", "ts_ms": …,
 //! "transaction": null}`; key: the primary-key columns as a JSON object (`{"id": 42}`).
 //! Decoding also accepts Debezium's `{"schema": …, "payload": …}` wrapping, so topics written
-//! by Debezium with schemas enabled can be replayed too. Envelopes in the shape tidelink
+//! by Debezium with schemas enabled can be replayed too: the logical types the schema names
+//! are converted to tidelink's forms (`connect_schema`). Envelopes in the shape tidelink
 //! writes are read in place (`in_place`); every other message goes through serde.
 
+mod connect_schema;
 mod in_place;
 mod json_out;
 mod plain_text;
@@ -136,8 +138,12 @@ impl SourceText {
 
 #[derive(Debug, PartialEq, Deserialize)]
 struct SourceIn<'a> {
-    #[serde(borrow)]
-    schema: Cow<'a, str>,
+    // PostgreSQL's schema; Debezium's MySQL connector names only the database (`db`),
+    // which is the schema of a MySQL table.
+    #[serde(default, borrow)]
+    schema: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    db: Option<Cow<'a, str>>,
     #[serde(borrow)]
     table: Cow<'a, str>,
     #[serde(default)]
@@ -161,6 +167,10 @@ struct SourceIn<'a> {
 }
 
 impl SourceIn<'_> {
+    fn schema(&self) -> Option<&str> {
+        self.schema.as_deref().or(self.db.as_deref())
+    }
+
     fn order(&self) -> Option<SourceOrder> {
         SourceOrder::of(
             self.connector.text()?,
@@ -270,11 +280,6 @@ struct EnvelopeIn<'a> {
     op: Op,
 }
 
-#[derive(Deserialize)]
-struct Wrapped<T> {
-    payload: T,
-}
-
 /// A change as a sink reads it back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedChange {
@@ -322,11 +327,14 @@ impl ChangeDecoder {
             Some(bytes) if !bytes.is_empty() => decode_key(bytes, &mut self.names)?,
             _ => Row::new(),
         };
+        let schema = envelope
+            .source
+            .schema()
+            .ok_or("`source` names neither a `schema` nor a `db`")?;
         if key.is_empty() && envelope.op != Op::Truncate {
             return Err(format!(
-                "{} change of {}.{} has no key",
+                "{} change of {schema}.{} has no key",
                 envelope.op.name(),
-                envelope.source.schema,
                 envelope.source.table
             ));
         }
@@ -335,7 +343,7 @@ impl ChangeDecoder {
         }
         Ok(DecodedChange {
             source_order: envelope.source.order(),
-            table: self.table(&envelope.source.schema, &envelope.source.table),
+            table: self.table(schema, &envelope.source.table),
             op: envelope.op,
             key,
             after: envelope.after,
@@ -364,11 +372,24 @@ impl ChangeDecoder {
 fn envelope_by_serde(value: &str) -> Result<EnvelopeIn<'_>, String> {
     match serde_json::from_str(value) {
         Ok(envelope) => Ok(envelope),
-        Err(direct) => match serde_json::from_str::<Wrapped<EnvelopeIn>>(value) {
-            Ok(wrapped) => Ok(wrapped.payload),
-            Err(_) => Err(format!("value is not a change envelope: {direct}")),
+        Err(direct) => match unwrap_schema(value) {
+            Some(Ok(payload)) => EnvelopeIn::<'static>::deserialize(payload)
+                .map_err(|e| format!("value's `payload` is not a change envelope: {e}")),
+            Some(Err(e)) => Err(format!("value's `payload` does not match its schema: {e}")),
+            None => Err(format!("value is not a change envelope: {direct}")),
         },
     }
+}
+
+/// The payload of a `{"schema": …, "payload": …}` message with its logical types converted
+/// by the schema; `None` when the text is not such a message.
+fn unwrap_schema(text: &str) -> Option<Result<serde_json::Value, String>> {
+    let serde_json::Value::Object(mut message) = serde_json::from_str(text).ok()? else {
+        return None;
+    };
+    let mut payload = message.remove("payload")?;
+    let schema = message.remove("schema")?;
+    Some(connect_schema::convert_envelope(&schema, &mut payload).map(|()| payload))
 }
 
 fn decode_key(bytes: &[u8], names: &mut RecentNames) -> Result<Row, String> {
@@ -382,8 +403,13 @@ fn decode_key(bytes: &[u8], names: &mut RecentNames) -> Result<Row, String> {
         Ok(mut row)
             if row.len() == 2 && row.contains_key("schema") && row.contains_key("payload") =>
         {
-            row.remove("payload")
-                .and_then(Row::from_json)
+            let schema = row.remove("schema").unwrap_or_default();
+            let Some(serde_json::Value::Object(mut columns)) = row.remove("payload") else {
+                return Err("key's `payload` is not an object of key columns".into());
+            };
+            connect_schema::convert_row(&schema, &mut columns)
+                .map_err(|e| format!("key's `payload` does not match its schema: {e}"))?;
+            Row::from_json(serde_json::Value::Object(columns))
                 .ok_or_else(|| "key's `payload` is not an object of key columns".into())
         }
         Ok(row) => Ok(row),
@@ -547,6 +573,54 @@ mod tests {
         )
         .expect("decodes");
         assert_eq!(decoded.key["id"], 1);
+    }
+
+    /// A message as Debezium's PostgreSQL connector writes it with schemas enabled (trimmed
+    /// to a few columns): the logical types arrive in tidelink's forms.
+    #[test]
+    fn debezium_logical_types_are_converted_by_the_schema() {
+        let decimal = json!({"type": "bytes", "optional": true, "field": "amount",
+            "name": "org.apache.kafka.connect.data.Decimal", "parameters": {"scale": "2"}});
+        let day = json!({"type": "int32", "optional": true, "field": "day",
+            "name": "io.debezium.time.Date"});
+        let row = json!({"type": "struct", "fields": [
+            {"type": "int32", "optional": false, "field": "id"}, decimal, day]});
+        let mut before = row.clone();
+        before["field"] = json!("before");
+        let mut after = row;
+        after["field"] = json!("after");
+        let value = json!({
+            "schema": {"type": "struct", "fields": [before, after,
+                {"type": "struct", "field": "source", "fields": []},
+                {"type": "string", "field": "op"}]},
+            "payload": {"before": null, "after": {"id": 1, "amount": "AeJA", "day": 19782},
+                "source": {"version": "3.6.1.Final", "connector": "postgresql", "name": "dbz",
+                    "ts_ms": 1, "snapshot": "false", "db": "app", "schema": "public",
+                    "table": "items", "lsn": 123},
+                "op": "c", "ts_ms": 2}});
+        let key = json!({"schema": {"type": "struct", "fields": [
+            {"type": "bytes", "field": "code", "name": "org.apache.kafka.connect.data.Decimal",
+             "parameters": {"scale": "1"}}]}, "payload": {"code": "/w=="}});
+        let decoded = decode_change(
+            Some(&serde_json::to_vec(&key).expect("json")),
+            &serde_json::to_vec(&value).expect("json"),
+        )
+        .expect("decodes");
+        assert_eq!(decoded.key["code"], "-0.1");
+        let after = decoded.after.expect("after");
+        assert_eq!(after["amount"], "1234.56");
+        assert_eq!(after["day"], "2024-02-29");
+        assert_eq!(after["id"], 1);
+        assert_eq!(decoded.table, TableId::new("public", "items"));
+
+        let mut broken = value.clone();
+        broken["payload"]["after"]["amount"] = json!(12);
+        let error = decode_change(
+            Some(&serde_json::to_vec(&key).expect("json")),
+            &serde_json::to_vec(&broken).expect("json"),
+        )
+        .expect_err("a number is no Decimal");
+        assert!(error.contains("`after` column `amount`"), "{error}");
     }
 
     #[test]

@@ -93,6 +93,7 @@ enum SourceField {
     TsMs,
     Connector,
     Snapshot,
+    Db,
     Lsn,
     File,
     Pos,
@@ -108,7 +109,7 @@ const SOURCE_FIELDS: &[(&str, SourceField)] = &[
     ("connector", SourceField::Connector),
     ("name", SourceField::Other),
     ("snapshot", SourceField::Snapshot),
-    ("db", SourceField::Other),
+    ("db", SourceField::Db),
     ("schema", SourceField::Schema),
     ("table", SourceField::Table),
     ("ts_ms", SourceField::TsMs),
@@ -399,6 +400,7 @@ impl<'a> Reader<'a, '_> {
     /// The `source` block.
     fn source(&mut self) -> Option<SourceIn<'a>> {
         let (mut schema, mut table, mut ts_ms) = (None, None, None);
+        let mut db = None;
         let mut connector = None;
         let mut snapshot = None;
         let mut lsn = None;
@@ -419,6 +421,7 @@ impl<'a> Reader<'a, '_> {
             }
             match field {
                 Some(SourceField::Schema) => once(&mut schema, reader.text()),
+                Some(SourceField::Db) => once(&mut db, reader.text()),
                 Some(SourceField::Table) => once(&mut table, reader.text()),
                 Some(SourceField::TsMs) => {
                     let read = match reader.peek()? {
@@ -438,7 +441,8 @@ impl<'a> Reader<'a, '_> {
             }
         })?;
         Some(SourceIn {
-            schema: schema?,
+            schema: Some(schema?),
+            db,
             table: table?,
             ts_ms: ts_ms.flatten(),
             connector: connector.unwrap_or_default(),
