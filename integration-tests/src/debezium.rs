@@ -166,8 +166,9 @@ impl KafkaConnect {
         .expect("log4j.properties");
         let log = std::fs::File::create(dir.path().join("connect.log")).expect("connect.log");
         let classpath = debezium_home().join(connector.classpath).join("*");
+        // The heap connect-standalone.sh gives a worker unless told otherwise.
         let child = Command::new("java")
-            .arg("-Xmx1g")
+            .args(["-Xms256m", "-Xmx2g"])
             .arg("-cp")
             .arg(classpath)
             .arg(format!(

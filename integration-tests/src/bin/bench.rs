@@ -2,7 +2,7 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE] [--only e2e|direct|big-transaction|idle|mariadb|broker|apply|second-broker]` (N inserts,
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|debezium|direct|big-transaction|idle|mariadb|broker|apply|second-broker]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once). For tuning,
 //! environment variables change the pipelines (BENCH_KAFKA_PROPERTIES, BENCH_BATCH_WAIT_MS,
 //! BENCH_SPLIT_ROLES, and TIDELINK_BROKER_STORAGE and TIDELINK_BROKER_BIN for the broker),
@@ -93,7 +93,12 @@ async fn pg_workload(client: &Client, rows: u64) -> u64 {
         .expect("count")
         .get(0);
     assert_eq!(left as u64, rows - deletes, "the workload's row count");
-    rows * 2 + deletes
+    workload_changes(rows)
+}
+
+/// The number of changes [`pg_workload`] makes.
+fn workload_changes(rows: u64) -> u64 {
+    rows * 2 + rows / 25
 }
 
 async fn digest(client: &Client) -> (i64, String) {
@@ -262,10 +267,23 @@ fn write_config(
     brokers: &str,
     target: &str,
 ) -> PathBuf {
+    write_config_with_prefix(dir, metrics, source, broker, brokers, target, "bench")
+}
+
+/// [`write_config`] with topics `<prefix>.<schema>.<table>`.
+fn write_config_with_prefix(
+    dir: &std::path::Path,
+    metrics: u16,
+    source: &str,
+    broker: &BrokerSetup,
+    brokers: &str,
+    target: &str,
+    prefix: &str,
+) -> PathBuf {
     let properties = tuning_kafka_properties(broker);
     let batch_wait = tuning_batch_wait();
     let yaml = format!(
-        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: bench\n    snapshot: never\n    source:\n      postgres:\n        dsn: {source}\n        tables: [public.*]\n    kafka:\n      brokers: {brokers}\n      topic_prefix: bench\n      partitions: 4\n{properties}    sinks:\n      - name: target\n        batch_size: 5000\n{batch_wait}        postgres:\n          dsn: {target}\n"
+        "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: bench\n    snapshot: never\n    source:\n      postgres:\n        dsn: {source}\n        tables: [public.*]\n    kafka:\n      brokers: {brokers}\n      topic_prefix: {prefix}\n      partitions: 4\n{properties}    sinks:\n      - name: target\n        batch_size: 5000\n{batch_wait}        postgres:\n          dsn: {target}\n"
     );
     let path = dir.join("bench.yaml");
     std::fs::write(&path, yaml).expect("config");
@@ -301,6 +319,8 @@ async fn wait_assigned(port: u16) {
 
 struct EndToEnd {
     seconds: f64,
+    /// From the first commit until Kafka held every change (the source's part).
+    source_seconds: Option<f64>,
     changes: u64,
     cpu: f64,
     rss: f64,
@@ -309,15 +329,102 @@ struct EndToEnd {
     latency_rate: u64,
 }
 
+const LATENCY_TABLE: &str =
+    "CREATE TABLE latency (id bigint PRIMARY KEY, created timestamptz NOT NULL)";
+
+/// The latency table on both sides; the target's copy stamps each row as it is applied.
+async fn latency_tables(s: &Client, t: &Client) {
+    s.batch_execute(LATENCY_TABLE).await.expect("latency table");
+    t.batch_execute(&format!("{LATENCY_TABLE}; ALTER TABLE latency ADD COLUMN applied timestamptz DEFAULT clock_timestamp()"))
+        .await
+        .expect("latency target");
+}
+
+/// Commit-to-apply latency (p50, p99 in ms) and the rate it was taken at: single-row
+/// transactions at half of `changes / seconds` (100 to 20,000 per second) for 15 s.
+async fn commit_to_apply_latency(
+    s: &Client,
+    t: &Client,
+    changes: u64,
+    seconds: f64,
+) -> (f64, f64, u64) {
+    let latency_rate = ((changes as f64 / seconds) / 2.0).clamp(100.0, 20_000.0) as u64;
+    let per_tick = (latency_rate / 100).max(1);
+    let steady = Instant::now();
+    let mut id = 0u64;
+    while steady.elapsed() < Duration::from_secs(15) {
+        let tick = Instant::now();
+        let mut sql = String::new();
+        for _ in 0..per_tick {
+            id += 1;
+            let _ = write!(sql, "INSERT INTO latency VALUES ({id}, clock_timestamp());");
+        }
+        s.batch_execute(&sql).await.expect("latency insert");
+        if let Some(rest) = Duration::from_millis(10).checked_sub(tick.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
+    for _ in 0..600 {
+        let n: i64 = t
+            .query_one("SELECT count(*) FROM latency", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if n as u64 >= id {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = t
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM applied - created)), \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM applied - created)) FROM latency",
+            &[],
+        )
+        .await
+        .expect("latency");
+    let (p50, p99): (f64, f64) = (row.get(0), row.get(1));
+    (p50 * 1000.0, p99 * 1000.0, per_tick * 100)
+}
+
+/// Watches `topic` from `started` until its partitions hold `expected` messages, polling
+/// the high watermarks every 50 ms; the seconds that took (`None` after an hour).
+fn watch_topic_filled(
+    brokers: String,
+    topic: String,
+    expected: u64,
+    started: Instant,
+) -> tokio::task::JoinHandle<Option<f64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("watermark client");
+        let timeout = Duration::from_secs(5);
+        while started.elapsed() < Duration::from_secs(3600) {
+            let partitions = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .ok()
+                .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+                .unwrap_or(0);
+            let held: i64 = (0..partitions as i32)
+                .filter_map(|p| consumer.fetch_watermarks(&topic, p, timeout).ok())
+                .map(|(low, high)| high - low)
+                .sum();
+            if partitions > 0 && held as u64 >= expected {
+                return Some(started.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+}
+
 /// PostgreSQL → tidelink → PostgreSQL, then commit-to-apply latency at half that rate.
 async fn tidelink_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> EndToEnd {
     let (source, target, s, t) = two_clusters().await;
-    let latency_table =
-        "CREATE TABLE latency (id bigint PRIMARY KEY, created timestamptz NOT NULL)";
-    s.batch_execute(latency_table).await.expect("latency table");
-    t.batch_execute(&format!("{latency_table}; ALTER TABLE latency ADD COLUMN applied timestamptz DEFAULT clock_timestamp()"))
-        .await
-        .expect("latency target");
+    latency_tables(&s, &t).await;
     let broker = Broker::start_with(setup);
     let metrics = free_port();
     let config = write_config(
@@ -363,12 +470,19 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> 
     let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let timeline = sample_timeline(metrics, "pg");
     let started = Instant::now();
+    let filled = watch_topic_filled(
+        broker.bootstrap(),
+        "bench.public.bench".into(),
+        workload_changes(rows),
+        started,
+    );
     let changes = pg_workload(&s, rows).await;
     assert!(
         wait_equal(&s, &t, Duration::from_secs(3600)).await,
         "tidelink did not catch up"
     );
     let seconds = started.elapsed().as_secs_f64();
+    let source_seconds = filled.await.ok().flatten();
     if let Some(timeline) = timeline {
         timeline.abort();
     }
@@ -380,56 +494,189 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> 
             peak_rss_mib(sink.pid())
         );
     }
-    // Latency at half the measured rate, single-row transactions, for 15 s.
-    let latency_rate = ((changes as f64 / seconds) / 2.0).clamp(100.0, 20_000.0) as u64;
-    let per_tick = (latency_rate / 100).max(1);
-    let steady = Instant::now();
-    let mut id = 0u64;
-    while steady.elapsed() < Duration::from_secs(15) {
-        let tick = Instant::now();
-        let mut sql = String::new();
-        for _ in 0..per_tick {
-            id += 1;
-            let _ = write!(sql, "INSERT INTO latency VALUES ({id}, clock_timestamp());");
-        }
-        s.batch_execute(&sql).await.expect("latency insert");
-        if let Some(rest) = Duration::from_millis(10).checked_sub(tick.elapsed()) {
-            tokio::time::sleep(rest).await;
-        }
-    }
-    for _ in 0..600 {
-        let n: i64 = t
-            .query_one("SELECT count(*) FROM latency", &[])
-            .await
-            .expect("count")
-            .get(0);
-        if n as u64 >= id {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let row = t
-        .query_one(
-            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM applied - created)), \
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM applied - created)) FROM latency",
-            &[],
-        )
-        .await
-        .expect("latency");
-    let (p50, p99): (f64, f64) = (row.get(0), row.get(1));
+    let (p50_ms, p99_ms, latency_rate) = commit_to_apply_latency(&s, &t, changes, seconds).await;
     if let Some((sink, _)) = sink_daemon {
         let _ = sink.terminate(Duration::from_secs(30));
     }
     let _ = daemon.terminate(Duration::from_secs(30));
     EndToEnd {
         seconds,
+        source_seconds,
         changes,
         cpu,
         rss,
-        p50_ms: p50 * 1000.0,
-        p99_ms: p99 * 1000.0,
-        latency_rate: (per_tick * 100),
+        p50_ms,
+        p99_ms,
+        latency_rate,
     }
+}
+
+/// Debezium's run of the same workload: its PostgreSQL connector in Kafka Connect
+/// standalone (JSON without schemas, decimals as text, no tombstones: the messages tidelink
+/// writes) into topics of 4 partitions made beforehand, applied by tidelink's sink (no
+/// Debezium sink is served here). CPU and RSS are the Connect JVM's; `sink_cpu` the sink's.
+struct DebeziumRun {
+    run: EndToEnd,
+    sink_cpu: f64,
+}
+
+async fn debezium_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> DebeziumRun {
+    use tidelink_integration_tests::debezium::{DebeziumSource, JsonSchemas, KafkaConnect};
+    let (source, target, s, t) = two_clusters().await;
+    latency_tables(&s, &t).await;
+    let broker = Broker::start_with(setup);
+    let kafka = ceiling_kafka(setup, &broker, "dbz").await;
+    let mut kafka_4 = kafka.clone();
+    kafka_4.partitions = 4;
+    tidelink_kafka::admin::ensure_topics(
+        &kafka_4,
+        &[
+            "dbz.public.bench".to_string(),
+            "dbz.public.latency".to_string(),
+        ],
+    )
+    .await
+    .expect("Debezium's topics");
+    let connector = DebeziumSource::postgres(&source, "app", "dbz", "public.bench,public.latency")
+        .with("decimal.handling.mode", "string")
+        .with("tombstones.on.delete", "false");
+    let mut connect = KafkaConnect::start(&broker, connector, JsonSchemas::Disabled);
+    connect.wait_streaming(Duration::from_secs(180));
+    let metrics = free_port();
+    let config = write_config_with_prefix(
+        work,
+        metrics,
+        &source.dsn("app"),
+        setup,
+        &broker.bootstrap(),
+        &target.dsn("replica"),
+        "dbz",
+    );
+    let sink = Daemon::start(
+        &["run", "-c", &config.display().to_string(), "--role", "sink"],
+        &work.join("debezium-sink.log"),
+    );
+    wait_ready(metrics).await;
+    wait_assigned(metrics).await;
+    let cpu_before = cpu_seconds(connect.pid());
+    let sink_cpu_before = cpu_seconds(sink.pid());
+    let started = Instant::now();
+    let filled = watch_topic_filled(
+        broker.bootstrap(),
+        "dbz.public.bench".into(),
+        workload_changes(rows),
+        started,
+    );
+    let changes = pg_workload(&s, rows).await;
+    assert!(
+        wait_equal(&s, &t, Duration::from_secs(3600)).await,
+        "Debezium and tidelink's sink did not catch up:\n{}",
+        connect
+            .logs()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let source_seconds = filled.await.ok().flatten();
+    let cpu = cpu_seconds(connect.pid()) - cpu_before;
+    let sink_cpu = cpu_seconds(sink.pid()) - sink_cpu_before;
+    let rss = peak_rss_mib(connect.pid());
+    let (p50_ms, p99_ms, latency_rate) = commit_to_apply_latency(&s, &t, changes, seconds).await;
+    let _ = sink.terminate(Duration::from_secs(30));
+    DebeziumRun {
+        run: EndToEnd {
+            seconds,
+            source_seconds,
+            changes,
+            cpu,
+            rss,
+            p50_ms,
+            p99_ms,
+            latency_rate,
+        },
+        sink_cpu,
+    }
+}
+
+/// Debezium's rows beside tidelink's run `e2e`, with the ratios of the goals: tidelink
+/// ≥ 3× Debezium's rate, ≤ 1/5 of its CPU per change, ≤ 1/10 of its RSS.
+async fn report_debezium(
+    r: &mut Results,
+    e2e: &EndToEnd,
+    rows: u64,
+    work: &std::path::Path,
+    setup: &BrokerSetup,
+) {
+    let dbz = debezium_pg(rows, work, setup).await;
+    let d = &dbz.run;
+    let per_change = |cpu: f64, changes: u64| cpu * 1e6 / changes as f64;
+    match (d.source_seconds, e2e.source_seconds) {
+        (Some(theirs), Some(ours)) => {
+            r.add(
+                "Debezium PG connector → Kafka: every change in Kafka",
+                rate(d.changes, theirs),
+                &format!("{theirs:.1} s"),
+            );
+            r.add(
+                "tidelink PG source → Kafka: every change in Kafka",
+                rate(e2e.changes, ours),
+                &format!("{ours:.1} s, from the end-to-end run"),
+            );
+            r.add(
+                "  tidelink / Debezium, source rate (goal ≥ 3×)",
+                format!("{:.2}×", theirs / ours),
+                "",
+            );
+        }
+        _ => println!("  (the topic watch did not see every change in Kafka)"),
+    }
+    r.add(
+        "Debezium → Kafka → tidelink sink → PG, first commit until equal",
+        rate(d.changes, d.seconds),
+        &format!("{:.1} s", d.seconds),
+    );
+    r.add(
+        "  tidelink end to end / Debezium end to end",
+        format!("{:.2}×", d.seconds / e2e.seconds),
+        "",
+    );
+    let theirs = per_change(d.cpu, d.changes);
+    let ours = per_change(e2e.cpu, e2e.changes);
+    r.add(
+        "CPU per change, Debezium's Connect worker (source only)",
+        format!("{theirs:.1} µs"),
+        &format!(
+            "{:.1} CPU s; its tidelink sink {:.1} µs",
+            d.cpu,
+            per_change(dbz.sink_cpu, d.changes)
+        ),
+    );
+    r.add(
+        "  Debezium / tidelink source + sink (goal ≥ 5×)",
+        format!("{:.2}×", theirs / ours),
+        "",
+    );
+    r.add(
+        "peak RSS of Debezium's Connect worker (-Xms256m -Xmx2g)",
+        format!("{:.0} MiB", d.rss),
+        "",
+    );
+    r.add(
+        "  Debezium / tidelink (goal ≥ 10×)",
+        format!("{:.2}×", d.rss / e2e.rss),
+        "",
+    );
+    r.add(
+        &format!(
+            "commit → apply latency p50 / p99 via Debezium at {}/s",
+            d.latency_rate
+        ),
+        format!("{:.0} / {:.0} ms", d.p50_ms, d.p99_ms),
+        "Debezium's defaults (poll.interval.ms 500)",
+    );
 }
 
 /// A fresh PostgreSQL → tansu → PostgreSQL pipeline with its daemon running and ready; its
@@ -1556,6 +1803,28 @@ async fn main() {
         let _ = std::fs::copy(work.path().join("tidelink.log"), keep);
         return;
     }
+    if arg("--only").as_deref() == Some("debezium") {
+        // Debezium's rows and the tidelink run they are read against.
+        let e2e = tidelink_pg(rows, work.path(), &broker).await;
+        r.add(
+            "PG → tidelink → PG, first commit until equal",
+            rate(e2e.changes, e2e.seconds),
+            &format!("{:.1} s", e2e.seconds),
+        );
+        r.add(
+            "CPU per change, source + sink",
+            format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
+            &format!("{:.1} CPU s", e2e.cpu),
+        );
+        r.add("peak RSS of the daemon", format!("{:.0} MiB", e2e.rss), "");
+        r.add(
+            &format!("commit → apply latency p50 / p99 at {}/s", e2e.latency_rate),
+            format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms),
+            "",
+        );
+        report_debezium(&mut r, &e2e, rows, work.path(), &broker).await;
+        return;
+    }
     let e2e = tidelink_pg(rows, work.path(), &broker).await;
     let tidelink_rate = e2e.changes as f64 / e2e.seconds;
     r.add(
@@ -1653,6 +1922,7 @@ async fn main() {
         format!("{:.0} ms", e2e.p99_ms),
         "",
     );
+    report_debezium(&mut r, &e2e, rows, work.path(), &broker).await;
     report_idle(&mut r, work.path()).await;
     report_direct(&mut r, rows, work.path()).await;
     let mariadb_native =
