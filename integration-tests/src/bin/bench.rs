@@ -679,7 +679,7 @@ async fn report_debezium(
     );
 }
 
-/// A fresh PostgreSQL → tansu → PostgreSQL pipeline with its daemon running and ready; its
+/// A fresh PostgreSQL → broker → PostgreSQL pipeline with its daemon running and ready; its
 /// config and log live in `dir`. Fields drop in order: the daemon first, the servers last.
 /// Bind it whole (`let p = …`): a destructuring `let` would drop the servers at once.
 struct FreshPipeline {
@@ -1241,7 +1241,139 @@ async fn mariadb_workload(conn: &mut mysql_async::Conn, rows: u64) -> u64 {
         .await
         .expect("count");
     assert_eq!(left, Some(rows - deletes), "the workload's row count");
-    rows * 2 + deletes
+    workload_changes(rows)
+}
+
+/// Which program reads the MariaDB binlog in [`mariadb_source_rate`].
+#[derive(Clone, Copy, PartialEq)]
+enum BinlogReader {
+    Tidelink,
+    /// Debezium's MySQL connector 2.6 in its MariaDB mode (3.x refuses MariaDB).
+    Debezium,
+}
+
+/// A source alone: the MariaDB workload from its first commit until Kafka holds every
+/// change, and the reader's CPU seconds and peak RSS meanwhile.
+struct SourceRun {
+    seconds: f64,
+    changes: u64,
+    cpu: f64,
+    rss: f64,
+}
+
+async fn mariadb_source_rate(
+    rows: u64,
+    work: &std::path::Path,
+    setup: &BrokerSetup,
+    reader: BinlogReader,
+) -> SourceRun {
+    use tidelink_integration_tests::debezium::{DebeziumSource, JsonSchemas, KafkaConnect};
+    let source = MariaDb::start(1);
+    source.execute("mysql", "CREATE DATABASE shop").await;
+    source.execute("shop", MARIADB_TABLE).await;
+    let mut conn = source.conn("shop").await;
+    let broker = Broker::start_with(setup);
+    let prefix = match reader {
+        BinlogReader::Tidelink => "msrc",
+        BinlogReader::Debezium => "dbzmy",
+    };
+    let topic = format!("{prefix}.shop.bench");
+    let mut kafka = ceiling_kafka(setup, &broker, prefix).await;
+    kafka.partitions = 4;
+    tidelink_kafka::admin::ensure_topics(&kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("the table's topic");
+    let (pid, _connect, _daemon) = match reader {
+        BinlogReader::Tidelink => {
+            let metrics = free_port();
+            // The sink is never started (`--role source`); validation wants one.
+            let yaml = format!(
+                "metrics:\n  listen: 127.0.0.1:{metrics}\npipelines:\n  - name: msrc\n    snapshot: never\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.*]\n    kafka:\n      brokers: {}\n      topic_prefix: {prefix}\n      partitions: 4\n{}    sinks:\n      - name: unused\n        mysql:\n          dsn: {}\n",
+                source.dsn("shop"),
+                broker.bootstrap(),
+                tuning_kafka_properties(setup),
+                source.dsn("shop"),
+            );
+            let config = work.join("mariadb-source.yaml");
+            std::fs::write(&config, yaml).expect("config");
+            let daemon = Daemon::start(
+                &[
+                    "run",
+                    "-c",
+                    &config.display().to_string(),
+                    "--role",
+                    "source",
+                ],
+                &work.join("mariadb-source.log"),
+            );
+            wait_ready(metrics).await;
+            (daemon.pid(), None, Some(daemon))
+        }
+        BinlogReader::Debezium => {
+            let connector =
+                DebeziumSource::mariadb(&source, prefix, "shop", &work.join("dbz-history"))
+                    .with("decimal.handling.mode", "string")
+                    .with("tombstones.on.delete", "false");
+            let mut connect = KafkaConnect::start(&broker, connector, JsonSchemas::Disabled);
+            connect.wait_streaming(Duration::from_secs(180));
+            (connect.pid(), Some(connect), None)
+        }
+    };
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let filled = watch_topic_filled(broker.bootstrap(), topic, workload_changes(rows), started);
+    let changes = mariadb_workload(&mut conn, rows).await;
+    let seconds = filled
+        .await
+        .ok()
+        .flatten()
+        .expect("every change of the MariaDB workload reached Kafka within an hour");
+    SourceRun {
+        seconds,
+        changes,
+        cpu: cpu_seconds(pid) - cpu_before,
+        rss: peak_rss_mib(pid),
+    }
+}
+
+/// The MariaDB sources alone, tidelink's and Debezium's, with the goal ratios.
+async fn report_mariadb_sources(
+    r: &mut Results,
+    rows: u64,
+    work: &std::path::Path,
+    setup: &BrokerSetup,
+) {
+    let ours = mariadb_source_rate(rows, work, setup, BinlogReader::Tidelink).await;
+    let theirs = mariadb_source_rate(rows, work, setup, BinlogReader::Debezium).await;
+    let per_change = |run: &SourceRun| run.cpu * 1e6 / run.changes as f64;
+    for (label, run) in [
+        ("MariaDB → tidelink source → Kafka", &ours),
+        (
+            "MariaDB → Debezium 2.6 MySQL connector (MariaDB mode) → Kafka",
+            &theirs,
+        ),
+    ] {
+        r.add(
+            label,
+            rate(run.changes, run.seconds),
+            &format!(
+                "{:.1} s, {:.1} µs CPU per change, peak RSS {:.0} MiB",
+                run.seconds,
+                per_change(run),
+                run.rss
+            ),
+        );
+    }
+    r.add(
+        "  tidelink / Debezium on MariaDB: rate (≥ 3×), CPU (≥ 5×), RSS (≥ 10×)",
+        format!(
+            "{:.2}× / {:.2}× / {:.2}×",
+            theirs.seconds / ours.seconds,
+            per_change(&theirs) / per_change(&ours),
+            theirs.rss / ours.rss
+        ),
+        "",
+    );
 }
 
 /// The MariaDB source's highest row, `(id, amount as text)`: the probe [`TargetDigest`]
@@ -1641,6 +1773,40 @@ fn storage_description(storage: &str) -> String {
     }
 }
 
+/// The Debezium line of the setup: its version and Kafka Connect's, from the jars.
+fn debezium_version() -> String {
+    let home = tidelink_integration_tests::debezium::debezium_home();
+    let jar_version = |lib: &str, prefix: &str| {
+        std::fs::read_dir(home.join(lib))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .find_map(|name| {
+                name.strip_prefix(prefix)?
+                    .strip_suffix(".jar")
+                    .map(str::to_owned)
+            })
+    };
+    let java = Command::new("java")
+        .arg("-version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    format!(
+        "- Debezium: PostgreSQL connector {} on Kafka Connect {} standalone; for MariaDB, the MySQL connector {} (MariaDB mode) on Kafka Connect {}; {java}, -Xms256m -Xmx2g\n",
+        jar_version("lib", "debezium-connector-postgres-").unwrap_or_default(),
+        jar_version("lib", "connect-runtime-").unwrap_or_default(),
+        jar_version("lib-mariadb", "debezium-connector-mysql-").unwrap_or_default(),
+        jar_version("lib-mariadb", "connect-runtime-").unwrap_or_default(),
+    )
+}
+
 fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
     let run = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
@@ -1678,7 +1844,8 @@ fn versions(broker: &BrokerSetup, second: Option<&BrokerSetup>) -> String {
         run("rustc", &["--version"]),
         broker.version(),
         storage_description(broker.storage()),
-    ) + &second.map_or_else(String::new, |b| {
+    ) + &debezium_version()
+        + &second.map_or_else(String::new, |b| {
         format!(
             "- second broker, where the table says so: {}, storage {}; its clients set {}\n",
             b.version(),
@@ -1823,6 +1990,7 @@ async fn main() {
             "",
         );
         report_debezium(&mut r, &e2e, rows, work.path(), &broker).await;
+        report_mariadb_sources(&mut r, rows, work.path(), &broker).await;
         return;
     }
     let e2e = tidelink_pg(rows, work.path(), &broker).await;
@@ -1869,27 +2037,30 @@ async fn main() {
         format!("{:.2}×", tidelink_rate / streaming_rate),
         "",
     );
-    // The same run on tansu's in-memory storage, which is not durable (so not a setting to
-    // run with) but fast enough to take the broker off the bound: what is left is
-    // tidelink, the databases and the machine they share.
-    let unbound = tidelink_pg(rows, work.path(), &BrokerSetup::tansu_on(UNBOUND_BROKER)).await;
-    r.add(
-        "PG → tidelink → PG on tansu memory:// (not durable)",
-        rate(unbound.changes, unbound.seconds),
-        &format!(
-            "{:.1} s, {:.1} µs CPU per change",
-            unbound.seconds,
-            unbound.cpu * 1e6 / unbound.changes as f64
-        ),
-    );
-    r.add(
-        "  that / lowest ceiling of source decode and target apply",
-        format!(
-            "{:.2}×",
-            unbound.changes as f64 / unbound.seconds / decode_rate.min(apply_rate)
-        ),
-        "",
-    );
+    // On tansu, the same run on its in-memory storage, which is not durable (so not a
+    // setting to run with) but fast enough to take the broker off the bound: what is left
+    // is tidelink, the databases and the machine they share. Kafka needs no such run: it
+    // does not fsync per request, and its ceilings above are well over tidelink's.
+    if matches!(broker.engine, BrokerEngine::Tansu { .. }) {
+        let unbound = tidelink_pg(rows, work.path(), &BrokerSetup::tansu_on(UNBOUND_BROKER)).await;
+        r.add(
+            "PG → tidelink → PG on tansu memory:// (not durable)",
+            rate(unbound.changes, unbound.seconds),
+            &format!(
+                "{:.1} s, {:.1} µs CPU per change",
+                unbound.seconds,
+                unbound.cpu * 1e6 / unbound.changes as f64
+            ),
+        );
+        r.add(
+            "  that / lowest ceiling of source decode and target apply",
+            format!(
+                "{:.2}×",
+                unbound.changes as f64 / unbound.seconds / decode_rate.min(apply_rate)
+            ),
+            "",
+        );
+    }
     r.add(
         "CPU per change, source + sink (goal ≤ 5 µs)",
         format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
@@ -1923,6 +2094,7 @@ async fn main() {
         "",
     );
     report_debezium(&mut r, &e2e, rows, work.path(), &broker).await;
+    report_mariadb_sources(&mut r, rows, work.path(), &broker).await;
     report_idle(&mut r, work.path()).await;
     report_direct(&mut r, rows, work.path()).await;
     let mariadb_native =
@@ -1964,7 +2136,7 @@ async fn main() {
                 name.to_string_lossy()
             );
         }
-        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (tansu serves both from one process, so this is lower than either alone), and the end-to-end rate is shown against that too. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply. `--direct` is timed as a whole process (start, connections, catalog reads, 100k-row chunks) against `psql` pipes of the whole table, the source table vacuumed and every target checkpointed before each: in text format, goal (5)'s baseline, and in binary format, which `--direct` uses where both sides' column types match.");
+        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (one broker process serves both, so this is lower than either alone), and the end-to-end rate is shown against that too. Debezium's rows run its PostgreSQL connector in a Kafka Connect standalone worker on the same workload and broker, JSON without schemas, applied by tidelink's sink; their CPU and RSS are the Connect JVM's. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply. `--direct` is timed as a whole process (start, connections, catalog reads, 100k-row chunks) against `psql` pipes of the whole table, the source table vacuumed and every target checkpointed before each: in text format, goal (5)'s baseline, and in binary format, which `--direct` uses where both sides' column types match.");
         // The kept part ends in exactly one newline, so rewrites do not pile up blank lines.
         let kept = kept.unwrap_or_else(|| KEPT_MARKER.to_string());
         let _ = writeln!(md, "\n{}", kept.trim_end());
