@@ -150,7 +150,13 @@ impl KafkaConnect {
             ("listeners", "http://127.0.0.1:0".into()),
         ];
         write_properties(&dir.path().join("worker.properties"), &worker);
-        let mut connector_properties = vec![("name".to_owned(), "debezium".to_owned())];
+        // Connect creates the topics it writes itself (through the admin API) rather than
+        // leaving that to the broker's auto-creation, which tansu does not do.
+        let mut connector_properties = owned(&[
+            ("name", "debezium"),
+            ("topic.creation.default.replication.factor", "-1"),
+            ("topic.creation.default.partitions", "1"),
+        ]);
         connector_properties.extend(connector.properties);
         write_properties(
             &dir.path().join("connector.properties"),
