@@ -269,6 +269,9 @@ pub enum TargetKind {
     Json,
     /// An array of the element kind.
     Array(Box<TargetKind>),
+    /// point: also takes an object with numbers `x` and `y` (Debezium's `Point` without
+    /// its schema).
+    Point,
     /// Anything else: the value's text form.
     Other,
 }
@@ -286,6 +289,7 @@ fn target_kind_depth(
     match oid {
         17 => return TargetKind::Bytes,
         114 | 3802 => return TargetKind::Json,
+        600 => return TargetKind::Point,
         _ => {}
     }
     if depth > 8 {
@@ -332,6 +336,17 @@ pub fn json_to_text<'v>(
             }
             _ => value.to_string(),
         })),
+        Value::Object(fields) if *kind == TargetKind::Point => {
+            let coordinate = |axis: &str| match fields.get(axis) {
+                Some(Value::Number(n)) => Ok(n.to_string()),
+                _ => Err(format!("point value {value} has no number `{axis}`")),
+            };
+            Some(Cow::Owned(format!(
+                "({},{})",
+                coordinate("x")?,
+                coordinate("y")?
+            )))
+        }
         Value::Object(_) => Some(Cow::Owned(value.to_string())),
     })
 }
@@ -463,5 +478,16 @@ mod tests {
             json_to_text(&json!(null), &TargetKind::Other).expect("ok"),
             None
         );
+        // Debezium's Point without its schema; tidelink's own text form passes as it is.
+        let point = json!({"x": 1.5, "y": -2.0, "wkb": "AQ==", "srid": null});
+        assert_eq!(
+            json_to_text(&point, &TargetKind::Point).expect("ok"),
+            Some("(1.5,-2.0)".into())
+        );
+        assert_eq!(
+            json_to_text(&json!("(1.5,-2)"), &TargetKind::Point).expect("ok"),
+            Some("(1.5,-2)".into())
+        );
+        assert!(json_to_text(&json!({"x": 1}), &TargetKind::Point).is_err());
     }
 }
