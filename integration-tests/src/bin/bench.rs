@@ -601,6 +601,26 @@ async fn debezium_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> 
     }
 }
 
+/// The end-to-end run's rows, for the `--only` runs that make it without the rest.
+fn report_e2e_alone(r: &mut Results, e2e: &EndToEnd) {
+    r.add(
+        "PG → tidelink → PG, first commit until equal",
+        rate(e2e.changes, e2e.seconds),
+        &format!("{:.1} s", e2e.seconds),
+    );
+    r.add(
+        "CPU per change, source + sink",
+        format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
+        &format!("{:.1} CPU s", e2e.cpu),
+    );
+    r.add("peak RSS of the daemon", format!("{:.0} MiB", e2e.rss), "");
+    r.add(
+        &format!("commit → apply latency p50 / p99 at {}/s", e2e.latency_rate),
+        format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms),
+        "",
+    );
+}
+
 /// Debezium's rows beside tidelink's run `e2e`, with the ratios of the goals: tidelink
 /// ≥ 3× Debezium's rate, ≤ 1/5 of its CPU per change, ≤ 1/10 of its RSS.
 async fn report_debezium(
@@ -1954,22 +1974,7 @@ async fn main() {
     if arg("--only").as_deref() == Some("e2e") {
         // For tuning: the end-to-end run alone.
         let e2e = tidelink_pg(rows, work.path(), &broker).await;
-        r.add(
-            "PG → tidelink → PG, first commit until equal",
-            rate(e2e.changes, e2e.seconds),
-            &format!("{:.1} s", e2e.seconds),
-        );
-        r.add(
-            "CPU per change",
-            format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
-            &format!("{:.1} CPU s", e2e.cpu),
-        );
-        r.add(
-            "latency p50 / p99",
-            format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms),
-            "",
-        );
-        r.add("peak RSS of the daemon", format!("{:.0} MiB", e2e.rss), "");
+        report_e2e_alone(&mut r, &e2e);
         let keep = std::path::Path::new("target/bench-e2e.log");
         let _ = std::fs::copy(work.path().join("tidelink.log"), keep);
         return;
@@ -1977,22 +1982,7 @@ async fn main() {
     if arg("--only").as_deref() == Some("debezium") {
         // Debezium's rows and the tidelink run they are read against.
         let e2e = tidelink_pg(rows, work.path(), &broker).await;
-        r.add(
-            "PG → tidelink → PG, first commit until equal",
-            rate(e2e.changes, e2e.seconds),
-            &format!("{:.1} s", e2e.seconds),
-        );
-        r.add(
-            "CPU per change, source + sink",
-            format!("{:.1} µs", e2e.cpu * 1e6 / e2e.changes as f64),
-            &format!("{:.1} CPU s", e2e.cpu),
-        );
-        r.add("peak RSS of the daemon", format!("{:.0} MiB", e2e.rss), "");
-        r.add(
-            &format!("commit → apply latency p50 / p99 at {}/s", e2e.latency_rate),
-            format!("{:.0} / {:.0} ms", e2e.p50_ms, e2e.p99_ms),
-            "",
-        );
+        report_e2e_alone(&mut r, &e2e);
         report_debezium(&mut r, &e2e, rows, work.path(), &broker).await;
         report_mariadb_sources(&mut r, rows, work.path(), &broker).await;
         return;
