@@ -3,9 +3,9 @@
 //! a plaintext, SASL/SCRAM or TLS client listener. Each lives in a temporary directory and
 //! can be killed with -9 and started again on the same data.
 
-use crate::{free_port, temp_dir, workspace_root, PgCluster};
+use crate::{free_port, installed_by, temp_dir, PgCluster};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -18,12 +18,7 @@ fn tansu_binary() -> &'static PathBuf {
         if let Some(path) = std::env::var_os("TIDELINK_BROKER_BIN") {
             return PathBuf::from(path);
         }
-        let out = Command::new(workspace_root().join("scripts/install-tansu.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/install-tansu.sh");
-        assert!(out.status.success(), "installing tansu failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        installed_by("install-tansu.sh", "tansu")
     })
 }
 
@@ -31,14 +26,7 @@ fn tansu_binary() -> &'static PathBuf {
 /// scripts/install-kafka.sh resolves it from Maven Central, cached.
 fn kafka_home() -> &'static PathBuf {
     static KAFKA: OnceLock<PathBuf> = OnceLock::new();
-    KAFKA.get_or_init(|| {
-        let out = Command::new(workspace_root().join("scripts/install-kafka.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/install-kafka.sh");
-        assert!(out.status.success(), "installing Apache Kafka failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    KAFKA.get_or_init(|| installed_by("install-kafka.sh", "Apache Kafka"))
 }
 
 /// The storage a tansu broker gets when `TIDELINK_BROKER_STORAGE` (or [`Broker::start_on`])

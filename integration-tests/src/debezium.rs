@@ -4,23 +4,16 @@
 //! `connector.adapter=mariadb` for MariaDB, the last one that reads MariaDB's binlog).
 
 use crate::mariadb::MariaDb;
-use crate::{workspace_root, Broker, PgCluster};
+use crate::{installed_by, Broker, PgCluster};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The directory scripts/install-debezium.sh fills: `lib/` and `lib-mariadb/` of jars.
 pub fn debezium_home() -> &'static PathBuf {
     static HOME: OnceLock<PathBuf> = OnceLock::new();
-    HOME.get_or_init(|| {
-        let out = Command::new(workspace_root().join("scripts/install-debezium.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/install-debezium.sh");
-        assert!(out.status.success(), "installing Debezium failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    HOME.get_or_init(|| installed_by("install-debezium.sh", "Debezium"))
 }
 
 /// How Connect's JSON converter writes keys and values.

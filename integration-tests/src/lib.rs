@@ -20,6 +20,17 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs one of the project's `scripts/install-*.sh` (each installs once into the cache and
+/// prints where on stdout) and returns the path it printed; panics when it fails.
+pub(crate) fn installed_by(script: &str, what: &str) -> PathBuf {
+    let out = Command::new(workspace_root().join("scripts").join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    assert!(out.status.success(), "installing {what} failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// A free TCP port on loopback for a server a test starts, below the kernel's ephemeral
 /// range: a port in that range (what binding port 0 hands out) can become the local end
 /// of any outgoing connection before the server binds it. Ports are taken in turn from a
