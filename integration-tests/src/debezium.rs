@@ -189,6 +189,11 @@ impl KafkaConnect {
         std::fs::read_to_string(self.dir.path().join("connect.log")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of the worker's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.logs(), lines)
+    }
+
     /// The worker's process id (for CPU and memory readings).
     pub fn pid(&self) -> u32 {
         self.child.id()

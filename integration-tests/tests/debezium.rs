@@ -150,7 +150,7 @@ async fn postgres_topics_apply(schemas: JsonSchemas, settings: &[(&str, &str)], 
         "target differs from source:\n source {expected:#?}\n target {:#?}\n{}\n{}",
         table_rows(&replica, "all_types", "id").await,
         sink.daemon.output(),
-        tail(&connect.logs())
+        connect.log_tail(40)
     );
     sink.assert_verify_clean("public.all_types");
 }
@@ -188,11 +188,6 @@ where
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     false
-}
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// With schemas, every logical type (Decimal, VariableScaleDecimal, Date, MicroTime,
@@ -320,7 +315,7 @@ async fn mariadb_topics_apply(schemas: JsonSchemas, settings: &[(&str, &str)], e
         "target differs from source:\n source {expected:#?}\n target {:#?}\n{}\n{}",
         mariadb_rows(&mut target_conn, "shop.types", "id").await,
         sink.daemon.output(),
-        tail(&connect.logs())
+        connect.log_tail(40)
     );
     sink.assert_verify_clean("shop.types");
 }

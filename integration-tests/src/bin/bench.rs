@@ -421,6 +421,36 @@ fn watch_topic_filled(
     })
 }
 
+/// [`pg_workload`] on `s`, timed from its first commit until `t` equals `s` and until
+/// `topic` holds every change.
+struct TimedWorkload {
+    changes: u64,
+    seconds: f64,
+    source_seconds: Option<f64>,
+    /// Whether `t` came to equal `s` within an hour.
+    caught_up: bool,
+}
+
+async fn timed_workload(
+    s: &Client,
+    t: &Client,
+    rows: u64,
+    brokers: String,
+    topic: &str,
+) -> TimedWorkload {
+    let started = Instant::now();
+    let filled = watch_topic_filled(brokers, topic.into(), workload_changes(rows), started);
+    let changes = pg_workload(s, rows).await;
+    let caught_up = wait_equal(s, t, Duration::from_secs(3600)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    TimedWorkload {
+        changes,
+        seconds,
+        source_seconds: filled.await.ok().flatten(),
+        caught_up,
+    }
+}
+
 /// PostgreSQL → tidelink → PostgreSQL, then commit-to-apply latency at half that rate.
 async fn tidelink_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> EndToEnd {
     let (source, target, s, t) = two_clusters().await;
@@ -469,20 +499,9 @@ async fn tidelink_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> 
         .collect();
     let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let timeline = sample_timeline(metrics, "pg");
-    let started = Instant::now();
-    let filled = watch_topic_filled(
-        broker.bootstrap(),
-        "bench.public.bench".into(),
-        workload_changes(rows),
-        started,
-    );
-    let changes = pg_workload(&s, rows).await;
-    assert!(
-        wait_equal(&s, &t, Duration::from_secs(3600)).await,
-        "tidelink did not catch up"
-    );
-    let seconds = started.elapsed().as_secs_f64();
-    let source_seconds = filled.await.ok().flatten();
+    let timed = timed_workload(&s, &t, rows, broker.bootstrap(), "bench.public.bench").await;
+    assert!(timed.caught_up, "tidelink did not catch up");
+    let (changes, seconds, source_seconds) = (timed.changes, timed.seconds, timed.source_seconds);
     if let Some(timeline) = timeline {
         timeline.abort();
     }
@@ -560,27 +579,13 @@ async fn debezium_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> 
     wait_assigned(metrics).await;
     let cpu_before = cpu_seconds(connect.pid());
     let sink_cpu_before = cpu_seconds(sink.pid());
-    let started = Instant::now();
-    let filled = watch_topic_filled(
-        broker.bootstrap(),
-        "dbz.public.bench".into(),
-        workload_changes(rows),
-        started,
-    );
-    let changes = pg_workload(&s, rows).await;
+    let timed = timed_workload(&s, &t, rows, broker.bootstrap(), "dbz.public.bench").await;
     assert!(
-        wait_equal(&s, &t, Duration::from_secs(3600)).await,
+        timed.caught_up,
         "Debezium and tidelink's sink did not catch up:\n{}",
-        connect
-            .logs()
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .join("\n")
+        connect.log_tail(30)
     );
-    let seconds = started.elapsed().as_secs_f64();
-    let source_seconds = filled.await.ok().flatten();
+    let (changes, seconds, source_seconds) = (timed.changes, timed.seconds, timed.source_seconds);
     let cpu = cpu_seconds(connect.pid()) - cpu_before;
     let sink_cpu = cpu_seconds(sink.pid()) - sink_cpu_before;
     let rss = peak_rss_mib(connect.pid());
