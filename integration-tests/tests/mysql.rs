@@ -964,8 +964,8 @@ async fn mariadb_to_postgres_transforms_and_cross_engine_verify() {
     assert!(output.contains("column email"), "{output}");
 }
 
-/// `backfill --direct` from a MariaDB source into a MariaDB target (multi-row INSERTs in
-/// chunks, each committed with its last key): every type and a table of several chunks
+/// `backfill --direct` from a MariaDB source into a MariaDB target (`LOAD DATA LOCAL
+/// INFILE` in chunks, each committed with its last key): every type and a table of several chunks
 /// arrive equal, and a second run finds both tables loaded and copies nothing again. The
 /// same source into a PostgreSQL target (COPY of rows read from MariaDB) ends equal too.
 #[tokio::test(flavor = "multi_thread")]
@@ -1014,7 +1014,11 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
         assert!(status.success(), "{}", run.output());
         run.output()
     };
-    direct("target", "direct-1.log");
+    let first = direct("target", "direct-1.log");
+    assert!(
+        !first.contains("did not store the chunk exactly") && !first.contains("refuses LOAD DATA"),
+        "every chunk went in with LOAD DATA LOCAL INFILE: {first}"
+    );
     let mut source_conn = setup.source.conn("shop").await;
     let mut target_conn = target.conn("mysql").await;
     let expected_types = mariadb_rows(&mut source_conn, "shop.types", "id").await;
@@ -1053,6 +1057,127 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
     .await
     .expect("target orders");
     assert_eq!(in_postgres, in_mariadb);
+}
+
+/// `backfill --direct` into MariaDB loads each chunk with `LOAD DATA LOCAL INFILE`. A
+/// target that refuses LOCAL (`local_infile=OFF`) is told in the log and loaded with
+/// INSERTs, equal all the same. A row already in the target is not skipped, as LOCAL's
+/// implied IGNORE would: the chunk is rolled back and the load stops with the duplicate
+/// key named, that row left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_backfill_into_mariadb_falls_back_to_inserts_and_never_skips_a_row() {
+    let setup = Setup::start();
+    setup.source.execute("mysql", "CREATE DATABASE shop").await;
+    setup.source.execute("shop", ORDERS_MARIADB).await;
+    let mut conn = setup.source.conn("shop").await;
+    let mut rng = Lcg(11);
+    let mut next_id = 1;
+    for _ in 0..30 {
+        next_id = mariadb_round(&mut conn, &mut rng, next_id, false).await;
+    }
+    let refusing = MariaDb::start_with(
+        2,
+        &[
+            "--binlog-format=ROW",
+            "--binlog-row-image=FULL",
+            "--local-infile=0",
+        ],
+    );
+    let holding = MariaDb::start(3);
+    for target in [&refusing, &holding] {
+        target.execute("mysql", "CREATE DATABASE shop").await;
+        target.execute("shop", ORDERS_MARIADB).await;
+    }
+    // The 700th row by key, a few chunks in.
+    use mysql_async::prelude::Queryable;
+    let nth_id = async |conn: &mut mysql_async::Conn, n: u32| -> i64 {
+        conn.query_first(format!(
+            "SELECT id FROM orders ORDER BY id LIMIT 1 OFFSET {}",
+            n - 1
+        ))
+        .await
+        .expect("read an id")
+        .expect("enough rows")
+    };
+    let held = nth_id(&mut conn, 700).await;
+    holding
+        .execute(
+            "shop",
+            &format!("INSERT INTO orders VALUES ({held}, 'already here', 1.00, 'new', '2020-01-01 00:00:00')"),
+        )
+        .await;
+    let sink = format!(
+        "        mysql:\n          dsn: {}\n      - name: holding\n        mysql:\n          dsn: {}\n",
+        refusing.dsn("mysql"),
+        holding.dsn("mysql")
+    );
+    let config = setup.config(&setup.mysql_source(), &sink, "");
+    let direct = |sink: &str, log: &str| {
+        let config = config.display().to_string();
+        let mut run = Daemon::start(
+            &[
+                "backfill",
+                "-c",
+                &config,
+                "--pipeline",
+                "my",
+                "--chunk-size",
+                "300",
+                "--direct",
+                sink,
+            ],
+            &setup.work.path().join(log),
+        );
+        let status = run
+            .wait(Duration::from_secs(120))
+            .expect("the direct load finishes");
+        (status, run.output())
+    };
+    let (status, output) = direct("target", "direct-refusing.log");
+    assert!(status.success(), "{output}");
+    assert!(
+        output.contains("refuses LOAD DATA LOCAL INFILE"),
+        "the fallback is told: {output}"
+    );
+    let mut source_conn = setup.source.conn("shop").await;
+    let expected = mariadb_rows(&mut source_conn, "shop.orders", "id").await;
+    assert!(expected.len() > 1_000, "several chunks");
+    let mut refusing_conn = refusing.conn("mysql").await;
+    assert_eq!(
+        mariadb_rows(&mut refusing_conn, "shop.orders", "id").await,
+        expected
+    );
+
+    let (status, output) = direct("holding", "direct-holding.log");
+    assert!(
+        !status.success(),
+        "a duplicate key stops the load: {output}"
+    );
+    assert!(
+        output.contains("did not store the chunk exactly") && output.contains("Duplicate entry"),
+        "LOAD DATA's skipped row is caught and the INSERT names it: {output}"
+    );
+    let mut holding_conn = holding.conn("shop").await;
+    let kept: Option<String> = holding_conn
+        .query_first(format!("SELECT customer FROM orders WHERE id = {held}"))
+        .await
+        .expect("read the held row");
+    assert_eq!(kept.as_deref(), Some("already here"));
+    let (loaded, highest): (i64, Option<i64>) = holding_conn
+        .query_first(format!(
+            "SELECT COUNT(*), MAX(id) FROM orders WHERE id <> {held}"
+        ))
+        .await
+        .expect("count")
+        .expect("a row");
+    let highest = highest.expect("the chunks before the held row are loaded");
+    assert!(highest < held, "the chunk holding the row is not loaded");
+    let source_below: i64 = conn
+        .query_first(format!("SELECT COUNT(*) FROM orders WHERE id <= {highest}"))
+        .await
+        .expect("count")
+        .expect("a row");
+    assert_eq!(loaded, source_below, "whole chunks, each committed once");
 }
 
 /// A MariaDB table without a key, with equal rows and NULLs, beside a keyed one: the

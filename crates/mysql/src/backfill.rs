@@ -172,11 +172,22 @@ impl TableReader {
             .query(sql)
             .await
             .map_err(|e| classify(&e).context(format!("reading {}", self.table)))?;
+        // Cells go into a row in name order, each one a push onto its end.
+        let mut by_name: Vec<usize> = (0..self.schema.columns.len()).collect();
+        by_name.sort_by(|&a, &b| {
+            self.schema.columns[a]
+                .name
+                .cmp(&self.schema.columns[b].name)
+        });
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let values = row.unwrap();
             let mut image = Row::with_capacity(self.schema.columns.len());
-            for (column, value) in self.schema.columns.iter().zip(values.iter()) {
+            for &i in &by_name {
+                let (Some(column), Some(value)) = (self.schema.columns.get(i), values.get(i))
+                else {
+                    continue;
+                };
                 let json = text_to_json(value, column)
                     .map_err(|e| TidelinkError::permanent(format!("{}: {e}", self.table)))?;
                 image.insert(column.name.clone(), json);

@@ -175,7 +175,7 @@ pub fn push_bytes_literal(out: &mut String, bytes: &[u8]) {
     out.push('\'');
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in bytes {
         out.push(HEX[(b >> 4) as usize] as char);

@@ -1,11 +1,20 @@
-//! Direct backfill into a MySQL/MariaDB target: multi-row `INSERT`s of up to 4 MiB each,
-//! one transaction per chunk that also records the chunk's last key in
-//! `<state_database>.direct_backfill`, so a killed load resumes after the last committed
-//! chunk and never inserts a row twice.
+//! Direct backfill into a MySQL/MariaDB target: each chunk goes in with one
+//! `LOAD DATA LOCAL INFILE` fed from memory (multi-row `INSERT`s of up to 4 MiB where the
+//! server refuses LOCAL or a column type has no field form), in one transaction that also
+//! records the chunk's last key in `<state_database>.direct_backfill`, so a killed load
+//! resumes after the last committed chunk and never inserts a row twice.
+//!
+//! The server turns `LOAD DATA LOCAL`'s errors into warnings (LOCAL implies IGNORE: a
+//! duplicate key or a value the column cannot hold would be skipped or changed). A chunk
+//! that loads with a warning, or with fewer rows than were sent, is rolled back and
+//! inserted again with `INSERT`s, which in strict mode either store it exactly or fail
+//! naming the value.
 
 use crate::connection::{classify, connect, quote_ident, quote_table, string_literal};
-use crate::schema::load_table;
+use crate::schema::{load_table, ColumnInfo};
 use crate::sink::{quoted_list, statements, TargetTable};
+use crate::values::{load_field_expression, loads_as_field, push_load_field};
+use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use tidelink_core::{DirectProgress, Row, TableId, TidelinkError};
@@ -14,6 +23,20 @@ use tidelink_core::{DirectProgress, Row, TableId, TidelinkError};
 pub struct MysqlDirectLoader {
     conn: Conn,
     state_database: String,
+    /// The server takes `LOAD DATA LOCAL`; cleared at its first refusal.
+    local_infile: bool,
+}
+
+/// Server errors refusing `LOAD DATA LOCAL` (`local_infile=OFF`): "command not allowed"
+/// (MySQL 5.7, older MariaDB), MySQL 8's "loading local data is disabled", MariaDB 10.5+'s
+/// "disabled the local infile capability".
+const LOCAL_INFILE_REFUSED: [u16; 3] = [1148, 3948, 4166];
+
+/// How a `LOAD DATA` attempt ended when it did not fail.
+enum LoadData {
+    Committed,
+    /// Rolled back; the chunk goes in with `INSERT`s instead.
+    RolledBack,
 }
 
 fn fail(what: String) -> impl Fn(mysql_async::Error) -> TidelinkError {
@@ -43,6 +66,7 @@ impl MysqlDirectLoader {
         Ok(Self {
             conn,
             state_database: state_database.to_string(),
+            local_infile: true,
         })
     }
 
@@ -103,12 +127,22 @@ impl MysqlDirectLoader {
                 .map(|c| (c.name.to_string(), c.clone()))
                 .collect(),
         };
-        let columns: Vec<String> = schema
+        let columns: Vec<&ColumnInfo> = schema
             .columns
             .iter()
-            .map(|c| c.name.to_string())
-            .filter(|n| rows.first().is_none_or(|r| r.contains_key(n)))
+            .filter(|c| rows.first().is_none_or(|r| r.contains_key(&c.name)))
             .collect();
+        let record = self.progress_record(table, progress);
+        if self.local_infile && !rows.is_empty() && columns.iter().all(|c| loads_as_field(c)) {
+            match self
+                .load_data(table, &target.quoted, &columns, rows, &record)
+                .await?
+            {
+                LoadData::Committed => return Ok(()),
+                LoadData::RolledBack => {}
+            }
+        }
+        let columns: Vec<String> = columns.iter().map(|c| c.name.to_string()).collect();
         let head = format!(
             "INSERT INTO {} ({}) VALUES ",
             target.quoted,
@@ -116,20 +150,6 @@ impl MysqlDirectLoader {
         );
         let inserts = statements(&head, "", &target, table, rows.iter(), &columns)
             .map_err(|e| TidelinkError::permanent(e.to_string()))?;
-        let after = progress
-            .after
-            .as_ref()
-            .map(|k| string_literal(&serde_json::to_string(k).expect("keys serialize")))
-            .unwrap_or_else(|| "NULL".into());
-        let record = format!(
-            "INSERT INTO {} (target_table, after_key, rows_loaded, done) VALUES ({}, {after}, {}, {}) \
-             ON DUPLICATE KEY UPDATE after_key = VALUES(after_key), rows_loaded = VALUES(rows_loaded), \
-             done = VALUES(done), updated_at = CURRENT_TIMESTAMP(6)",
-            quote_table(&self.state_database, "direct_backfill"),
-            string_literal(&table.to_string()),
-            progress.rows,
-            u8::from(progress.done)
-        );
         let what = format!("loading into {table}");
         self.conn
             .query_drop("START TRANSACTION")
@@ -156,4 +176,159 @@ impl MysqlDirectLoader {
             }
         }
     }
+
+    /// The statement recording `progress` for `table`.
+    fn progress_record(&self, table: &TableId, progress: &DirectProgress) -> String {
+        let after = progress
+            .after
+            .as_ref()
+            .map(|k| string_literal(&serde_json::to_string(k).expect("keys serialize")))
+            .unwrap_or_else(|| "NULL".into());
+        format!(
+            "INSERT INTO {} (target_table, after_key, rows_loaded, done) VALUES ({}, {after}, {}, {}) \
+             ON DUPLICATE KEY UPDATE after_key = VALUES(after_key), rows_loaded = VALUES(rows_loaded), \
+             done = VALUES(done), updated_at = CURRENT_TIMESTAMP(6)",
+            quote_table(&self.state_database, "direct_backfill"),
+            string_literal(&table.to_string()),
+            progress.rows,
+            u8::from(progress.done)
+        )
+    }
+
+    /// Loads `rows` with one `LOAD DATA LOCAL INFILE` and runs `record`, in one transaction.
+    /// Rolls back, for `INSERT`s to take over, when the server refuses LOCAL (then for good)
+    /// or the load skipped or changed anything.
+    async fn load_data(
+        &mut self,
+        table: &TableId,
+        quoted_table: &str,
+        columns: &[&ColumnInfo],
+        rows: &[Row],
+        record: &str,
+    ) -> Result<LoadData, TidelinkError> {
+        let what = format!("loading into {table}");
+        let data = load_data_fields(table, columns, rows)?;
+        let statement = load_data_statement(quoted_table, columns);
+        self.conn
+            .query_drop("START TRANSACTION")
+            .await
+            .map_err(fail(what.clone()))?;
+        self.conn.set_infile_handler(async move {
+            Ok(futures::stream::iter(data.into_iter().map(Ok)).boxed())
+        });
+        let loaded = self.conn.query_drop(&statement).await;
+        let outcome = match loaded {
+            Err(mysql_async::Error::Server(e)) if LOCAL_INFILE_REFUSED.contains(&e.code) => {
+                tracing::warn!(
+                    %table,
+                    error = %e.message,
+                    "the target refuses LOAD DATA LOCAL INFILE: loading with multi-row INSERTs \
+                     instead (SET GLOBAL local_infile = 1 on the target loads faster)"
+                );
+                self.local_infile = false;
+                Ok(LoadData::RolledBack)
+            }
+            Err(e) => Err(fail(what.clone())(e)),
+            Ok(()) => {
+                let affected = self.conn.affected_rows();
+                let warnings = self.conn.get_warnings();
+                if affected == rows.len() as u64 && warnings == 0 {
+                    match self.conn.query_drop(record).await {
+                        Ok(()) => {
+                            return self
+                                .conn
+                                .query_drop("COMMIT")
+                                .await
+                                .map(|()| LoadData::Committed)
+                                .map_err(fail(what));
+                        }
+                        Err(e) => Err(fail(what.clone())(e)),
+                    }
+                } else {
+                    let shown: Vec<(String, u32, String)> = self
+                        .conn
+                        .query("SHOW WARNINGS LIMIT 3")
+                        .await
+                        .unwrap_or_default();
+                    let shown: Vec<String> = shown.into_iter().map(|(_, _, m)| m).collect();
+                    tracing::warn!(
+                        %table,
+                        sent = rows.len(),
+                        loaded = affected,
+                        warnings,
+                        first_warnings = %shown.join("; "),
+                        "LOAD DATA did not store the chunk exactly: rolled back, inserting it \
+                         with INSERTs, which name any value the target cannot hold"
+                    );
+                    Ok(LoadData::RolledBack)
+                }
+            }
+        };
+        let _ = self.conn.query_drop("ROLLBACK").await;
+        outcome
+    }
+}
+
+/// The `LOAD DATA` statement for `columns` of a table, reading [`load_data_fields`]' text.
+fn load_data_statement(quoted_table: &str, columns: &[&ColumnInfo]) -> String {
+    let mut targets = Vec::with_capacity(columns.len());
+    let mut assignments = Vec::new();
+    for (i, column) in columns.iter().enumerate() {
+        match load_field_expression(column) {
+            None => targets.push(quote_ident(&column.name)),
+            Some(expression) => {
+                let variable = format!("@field{i}");
+                assignments.push(format!(
+                    "{} = {}",
+                    quote_ident(&column.name),
+                    expression.replace("{}", &variable)
+                ));
+                targets.push(variable);
+            }
+        }
+    }
+    let mut statement = format!(
+        "LOAD DATA LOCAL INFILE 'tidelink-direct-backfill' INTO TABLE {quoted_table} \
+         CHARACTER SET utf8mb4 FIELDS TERMINATED BY '\\t' ESCAPED BY '\\\\' \
+         LINES TERMINATED BY '\\n' ({})",
+        targets.join(", ")
+    );
+    if !assignments.is_empty() {
+        statement.push_str(" SET ");
+        statement.push_str(&assignments.join(", "));
+    }
+    statement
+}
+
+/// The rows as `LOAD DATA` text, in pieces of about 1 MiB. A value the column cannot hold
+/// is an error naming the table and the column.
+fn load_data_fields(
+    table: &TableId,
+    columns: &[&ColumnInfo],
+    rows: &[Row],
+) -> Result<Vec<bytes::Bytes>, TidelinkError> {
+    const PIECE: usize = 1 << 20;
+    let mut pieces = Vec::new();
+    let mut text = String::with_capacity(PIECE + 4096);
+    for row in rows {
+        for (i, column) in columns.iter().enumerate() {
+            if i > 0 {
+                text.push('\t');
+            }
+            let value = row.get(&column.name).unwrap_or(&serde_json::Value::Null);
+            push_load_field(&mut text, value, column)
+                .map_err(|e| TidelinkError::permanent(format!("loading into {table}: {e}")))?;
+        }
+        text.push('\n');
+        if text.len() >= PIECE {
+            pieces.push(bytes::Bytes::from(std::mem::replace(
+                &mut text,
+                String::with_capacity(PIECE + 4096),
+            )));
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(bytes::Bytes::from(text));
+    }
+    Ok(pieces)
 }

@@ -6,7 +6,7 @@
 //! decimals as strings, bytes as base64, dates and times as ISO text, TIMESTAMP in UTC with
 //! a `+00` suffix like PostgreSQL's `timestamptz`), so events cross engines unchanged.
 
-use crate::connection::{push_bytes_literal, push_string_literal};
+use crate::connection::{push_bytes_literal, push_hex, push_string_literal};
 use crate::schema::ColumnInfo;
 use base64::Engine;
 use mysql_async::binlog::value::BinlogValue;
@@ -331,94 +331,210 @@ pub fn push_literal(out: &mut String, value: &Value, column: &ColumnInfo) -> Res
     written
 }
 
-fn write_literal(out: &mut String, value: &Value, column: &ColumnInfo) -> Result<(), String> {
-    use std::fmt::Write as _;
+/// A JSON value checked against its target column, in the form either writer needs: an SQL
+/// literal ([`push_literal`]) or a `LOAD DATA` field ([`push_load_field`]).
+enum Cell<'v> {
+    Null,
+    /// Integer or float text, valid as is.
+    Bare(Digits<'v>),
+    /// Exact decimal text (quoted in SQL, so that `1e5` stays exact).
+    Decimal(Digits<'v>),
+    /// A BIT value: `0`/`1` characters, or an unsigned number.
+    Bits(Digits<'v>),
+    Text(std::borrow::Cow<'v, str>),
+    Bytes(Vec<u8>),
+}
+
+/// Number text, borrowed from the JSON value.
+enum Digits<'v> {
+    Str(&'v str),
+    Number(&'v serde_json::Number),
+}
+
+impl Digits<'_> {
+    fn push_to(&self, out: &mut String) {
+        match self {
+            Digits::Str(s) => out.push_str(s),
+            Digits::Number(n) => with_number_text(n, |text| out.push_str(text)),
+        }
+    }
+}
+
+fn checked<'v>(value: &'v Value, column: &ColumnInfo) -> Result<Cell<'v>, String> {
     let fail = |why: String| format!("column `{}` ({}): {why}", column.name, column.column_type);
     if value.is_null() {
-        out.push_str("NULL");
-        return Ok(());
+        return Ok(Cell::Null);
     }
     let data_type = column.data_type.as_str();
     if column.integer_bits().is_some() || data_type == "year" {
-        match value {
-            Value::Number(n) if n.is_i64() || n.is_u64() => {
-                with_number_text(n, |text| out.push_str(text))
-            }
-            Value::Bool(b) => out.push_str(if *b { "1" } else { "0" }),
+        return match value {
+            Value::Number(n) if n.is_i64() || n.is_u64() => Ok(Cell::Bare(Digits::Number(n))),
+            Value::Bool(b) => Ok(Cell::Bare(Digits::Str(if *b { "1" } else { "0" }))),
             Value::String(s) if s.parse::<i64>().is_ok() || s.parse::<u64>().is_ok() => {
-                out.push_str(s)
+                Ok(Cell::Bare(Digits::Str(s)))
             }
-            other => return Err(fail(format!("{other} is not an integer"))),
-        }
-        return Ok(());
+            other => Err(fail(format!("{other} is not an integer"))),
+        };
     }
-    match data_type {
+    Ok(match data_type {
         "float" | "double" | "real" => match value {
-            Value::Number(n) => with_number_text(n, |text| out.push_str(text)),
-            Value::String(s) if s.parse::<f64>().is_ok_and(f64::is_finite) => out.push_str(s),
+            Value::Number(n) => Cell::Bare(Digits::Number(n)),
+            Value::String(s) if s.parse::<f64>().is_ok_and(f64::is_finite) => {
+                Cell::Bare(Digits::Str(s))
+            }
             other => {
                 return Err(fail(format!(
                     "{other} cannot be stored (no NaN or infinity in MySQL)"
                 )))
             }
         },
-        "decimal" | "numeric" => {
-            out.push('\'');
-            let digits = out.len();
-            match value {
-                Value::Number(n) => with_number_text(n, |text| out.push_str(text)),
-                Value::String(s) => out.push_str(s),
-                other => return Err(fail(format!("{other} is not a number"))),
+        "decimal" | "numeric" => match value {
+            Value::Number(n) => Cell::Decimal(Digits::Number(n)),
+            Value::String(s)
+                if s.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c))
+                    && s.chars().any(|c| c.is_ascii_digit()) =>
+            {
+                Cell::Decimal(Digits::Str(s))
             }
-            let text = &out[digits..];
-            let valid = !text.is_empty()
-                && text
-                    .chars()
-                    .all(|c| c.is_ascii_digit() || "+-.eE".contains(c))
-                && text.chars().any(|c| c.is_ascii_digit());
-            if !valid {
+            Value::String(s) => {
                 return Err(fail(format!(
-                    "`{text}` cannot be stored (no NaN or infinity in MySQL)"
-                )));
+                    "`{s}` cannot be stored (no NaN or infinity in MySQL)"
+                )))
             }
-            out.push('\'');
-        }
+            other => return Err(fail(format!("{other} is not a number"))),
+        },
         "bit" => match value {
             Value::String(s)
                 if !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c == '0' || c == '1') =>
             {
-                write!(out, "b'{s}'").expect("to a string")
+                Cell::Bits(Digits::Str(s))
             }
-            Value::Number(n) if n.is_u64() => with_number_text(n, |text| out.push_str(text)),
-            Value::Bool(b) => out.push_str(if *b { "b'1'" } else { "b'0'" }),
+            Value::Number(n) if n.is_u64() => Cell::Bare(Digits::Number(n)),
+            Value::Bool(b) => Cell::Bits(Digits::Str(if *b { "1" } else { "0" })),
             other => return Err(fail(format!("{other} is not a bit string"))),
         },
         "date" | "datetime" | "timestamp" | "time" => match value {
-            Value::String(s) => push_string_literal(out, &datetime_for_mysql(s).map_err(fail)?),
+            Value::String(s) => Cell::Text(datetime_for_mysql(s).map_err(fail)?.into()),
             other => return Err(fail(format!("{other} is not a date/time string"))),
         },
         _ if column.is_binary() => match value {
-            Value::String(s) => {
-                let bytes = base64::engine::general_purpose::STANDARD
+            Value::String(s) => Cell::Bytes(
+                base64::engine::general_purpose::STANDARD
                     .decode(s)
                     .map_err(|_| {
                         fail("value is not base64 (binary values travel base64-encoded)".into())
-                    })?;
-                push_bytes_literal(out, &bytes);
-            }
+                    })?,
+            ),
             other => return Err(fail(format!("{other} is not base64 bytes"))),
         },
         _ => match value {
-            Value::String(s) => push_string_literal(out, s),
+            Value::String(s) => Cell::Text(s.as_str().into()),
             Value::Bool(b) if data_type == "enum" || data_type == "set" => {
                 return Err(fail(format!("{b} is not a label")))
             }
             // Objects and arrays (a JSON column fed by another producer) and scalars go
             // in as their JSON text.
-            other => push_string_literal(out, &other.to_string()),
+            other => Cell::Text(other.to_string().into()),
         },
+    })
+}
+
+fn write_literal(out: &mut String, value: &Value, column: &ColumnInfo) -> Result<(), String> {
+    match checked(value, column)? {
+        Cell::Null => out.push_str("NULL"),
+        Cell::Bare(digits) => digits.push_to(out),
+        Cell::Decimal(digits) => {
+            out.push('\'');
+            digits.push_to(out);
+            out.push('\'');
+        }
+        Cell::Bits(digits) => {
+            out.push_str("b'");
+            digits.push_to(out);
+            out.push('\'');
+        }
+        Cell::Text(text) => push_string_literal(out, &text),
+        Cell::Bytes(bytes) => push_bytes_literal(out, &bytes),
     }
     Ok(())
+}
+
+/// How a column's field is read by `LOAD DATA`: straight into the column, or into a user
+/// variable that an expression turns into the column's value.
+pub fn load_field_expression(column: &ColumnInfo) -> Option<&'static str> {
+    if column.data_type == "bit" {
+        // The field holds the value as an unsigned decimal number.
+        Some("CAST({} AS UNSIGNED)")
+    } else if column.is_binary() {
+        // The field holds the bytes in hex, so that no character set touches them.
+        Some("UNHEX({})")
+    } else {
+        None
+    }
+}
+
+/// Whether `LOAD DATA` can fill a column of this type from [`push_load_field`]'s fields.
+pub fn loads_as_field(column: &ColumnInfo) -> bool {
+    column.integer_bits().is_some()
+        || column.is_text()
+        || column.is_binary()
+        || matches!(
+            column.data_type.as_str(),
+            "year"
+                | "float"
+                | "double"
+                | "real"
+                | "decimal"
+                | "numeric"
+                | "bit"
+                | "date"
+                | "datetime"
+                | "timestamp"
+                | "time"
+                | "enum"
+                | "set"
+                | "json"
+        )
+}
+
+/// Appends one `LOAD DATA` field (tab-separated, `\\`-escaped, `\N` for NULL, in utf8mb4)
+/// for a JSON value written into a column, checked as [`push_literal`] checks it; on an
+/// error `out` is left as it was. BIT and binary columns read the field through
+/// [`load_field_expression`].
+pub fn push_load_field(out: &mut String, value: &Value, column: &ColumnInfo) -> Result<(), String> {
+    match checked(value, column)? {
+        Cell::Null => out.push_str("\\N"),
+        Cell::Bare(digits) | Cell::Decimal(digits) => digits.push_to(out),
+        Cell::Bits(Digits::Str(bits)) => {
+            let number = u64::from_str_radix(bits, 2).expect("checked: at most 64 bits");
+            out.push_str(&number.to_string());
+        }
+        Cell::Bits(digits) => digits.push_to(out),
+        Cell::Text(text) => push_escaped_field(out, &text),
+        Cell::Bytes(bytes) => {
+            out.reserve(bytes.len() * 2);
+            push_hex(out, &bytes);
+        }
+    }
+    Ok(())
+}
+
+/// Text escaped for a `LOAD DATA` field: the escape character itself, the field and line
+/// terminators, and the characters the server would otherwise take for something else.
+fn push_escaped_field(out: &mut String, text: &str) {
+    let mut rest = text;
+    while let Some(at) = rest.find(['\\', '\t', '\n', '\r', '\0']) {
+        out.push_str(&rest[..at]);
+        out.push_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            _ => "\\0",
+        });
+        rest = &rest[at + 1..];
+    }
+    out.push_str(rest);
 }
 
 /// Date/time text from any source in the form MySQL accepts: PostgreSQL's UTC offset
@@ -437,7 +553,7 @@ fn datetime_for_mysql(s: &str) -> Result<String, String> {
                 .chars()
                 .all(|c| c == '0' || c == ':')
             {
-                return Ok(trimmed[..pos].to_string());
+                return Ok(trimmed[..pos].replace('T', " "));
             }
             if trimmed[..pos].contains(':') {
                 return Err(format!("`{s}` has a UTC offset other than +00"));
@@ -548,6 +664,42 @@ mod tests {
             json_to_literal(&Value::from("é"), &column("varchar", false)).unwrap(),
             "_utf8mb4 X'C3A9'"
         );
+    }
+
+    #[test]
+    fn load_data_fields_for_targets() {
+        let field = |value: Value, data_type: &str| {
+            let mut out = String::new();
+            push_load_field(&mut out, &value, &column(data_type, false)).map(|()| out)
+        };
+        assert_eq!(field(Value::Null, "varchar").unwrap(), "\\N");
+        assert_eq!(
+            field(Value::from("a\tb\nc\\d\r\0é"), "varchar").unwrap(),
+            "a\\tb\\nc\\\\d\\r\\0é"
+        );
+        assert_eq!(field(Value::from("\\N"), "text").unwrap(), "\\\\N");
+        assert_eq!(field(Value::from(""), "text").unwrap(), "");
+        assert_eq!(field(Value::from("1e5"), "decimal").unwrap(), "1e5");
+        assert!(field(Value::from("NaN"), "decimal").is_err());
+        assert_eq!(field(Value::from("0101"), "bit").unwrap(), "5");
+        assert_eq!(field(Value::from(true), "bit").unwrap(), "1");
+        assert_eq!(field(Value::from(true), "tinyint").unwrap(), "1");
+        assert_eq!(field(Value::from("AP8="), "blob").unwrap(), "00FF");
+        assert!(field(Value::from("not base64!"), "blob").is_err());
+        assert_eq!(
+            field(Value::from("2024-01-02T03:04:05+00"), "datetime").unwrap(),
+            "2024-01-02 03:04:05"
+        );
+        assert_eq!(
+            field(serde_json::json!({"a": "x\ty"}), "json").unwrap(),
+            "{\"a\":\"x\\\\ty\"}"
+        );
+        assert_eq!(
+            load_field_expression(&column("bit", false)),
+            Some("CAST({} AS UNSIGNED)")
+        );
+        assert_eq!(load_field_expression(&column("int", false)), None);
+        assert!(!loads_as_field(&column("geometry", false)));
     }
 
     #[test]

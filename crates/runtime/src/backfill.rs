@@ -725,7 +725,7 @@ impl Loader {
 }
 
 /// `--direct SINK`: copies each table straight into one sink's target with its bulk path
-/// (COPY for PostgreSQL, multi-row INSERT for MySQL), honouring the sink's table filter
+/// (COPY for PostgreSQL, LOAD DATA LOCAL INFILE for MySQL), honouring the sink's table filter
 /// and renames. Progress is recorded in the target with each chunk, so a rerun continues
 /// after the last loaded chunk. Meant for the first load, before that sink starts: the
 /// stream's changes since then are applied on top when it does.
@@ -804,6 +804,10 @@ async fn backfill_direct(
             options.parallel.max(1),
         );
         let chunk_size = options.chunk_size;
+        // Row chunks start small and double up to the chunk size, so that the target is
+        // writing while the reader fills the larger chunks rather than waiting for a whole
+        // first one.
+        let mut rows_chunk = (chunk_size / 16).max(1);
         let mut after = progress.after.clone();
         let mut pace = ReadPace::new(options.max_rows_per_second);
         // Stopping aborts this task, sleeping in `pace` or not.
@@ -821,9 +825,16 @@ async fn backfill_direct(
                     pace.read(chunk_size).await;
                     continue;
                 }
+                let reading_since = Instant::now();
                 let chunk = reader
-                    .chunk(after.as_deref(), Some(&upto), chunk_size)
+                    .chunk(after.as_deref(), Some(&upto), rows_chunk)
                     .await;
+                rows_chunk = (rows_chunk * 2).min(chunk_size);
+                tracing::debug!(
+                    rows = chunk.as_ref().map_or(0, Vec::len),
+                    seconds = reading_since.elapsed().as_secs_f64(),
+                    "chunk read"
+                );
                 let last = match &chunk {
                     Ok(c) if c.is_empty() => return,
                     Ok(c) => c.last().map(|(_, _, k)| k.clone()),
@@ -852,7 +863,13 @@ async fn backfill_direct(
                         None => chunk.into_iter().map(|(_, image, _)| image).collect(),
                         Some(transform) => transformed_rows(&table, transform, chunk)?,
                     };
+                    let loading_since = Instant::now();
                     loader.load(&target, &rows, &progress).await?;
+                    tracing::debug!(
+                        rows = rows.len(),
+                        seconds = loading_since.elapsed().as_secs_f64(),
+                        "chunk loaded"
+                    );
                 }
                 DirectChunk::Copy { format, mut pieces } => {
                     let Loader::Postgres(l) = &mut loader else {

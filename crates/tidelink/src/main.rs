@@ -70,7 +70,7 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         parallel: usize,
         /// Copy straight into this sink's target with its bulk path (COPY for PostgreSQL,
-        /// multi-row INSERT for MySQL) instead of through Kafka; for a first load, before
+        /// LOAD DATA LOCAL INFILE for MySQL) instead of through Kafka; for a first load, before
         /// that sink runs.
         #[arg(long, value_name = "SINK")]
         direct: Option<String>,

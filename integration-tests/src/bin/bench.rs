@@ -2,7 +2,7 @@
 //! native replication, all in one run on throwaway local servers, prints a table and writes
 //! docs/benchmarks.md. A benchmark, not a test: nothing here asserts a timing.
 //!
-//! Usage: `bench [--rows N] [--out FILE] [--only e2e|debezium|direct|big-transaction|idle|mariadb|broker|apply|second-broker]` (N inserts,
+//! Usage: `bench [--rows N] [--out FILE] [--only e2e|debezium|direct|mariadb-direct|big-transaction|idle|mariadb|broker|apply|second-broker]` (N inserts,
 //! N updates, N/25 deletes; the big transaction inserts 2N rows at once). For tuning,
 //! environment variables change the pipelines (BENCH_KAFKA_PROPERTIES, BENCH_BATCH_WAIT_MS,
 //! BENCH_SPLIT_ROLES, and TIDELINK_BROKER_STORAGE and TIDELINK_BROKER_BIN for the broker),
@@ -386,6 +386,7 @@ async fn commit_to_apply_latency(
     let (p50, p99): (f64, f64) = (row.get(0), row.get(1));
     (p50 * 1000.0, p99 * 1000.0, per_tick * 100)
 }
+
 
 /// Watches `topic` from `started` until its partitions hold `expected` messages, polling
 /// the high watermarks every 50 ms; the seconds that took (`None` after an hour).
@@ -1181,6 +1182,122 @@ async fn direct_versus_copy(rows: u64, work: &std::path::Path) -> DirectTimes {
     }
 }
 
+/// Seconds of a MariaDB `backfill --direct`, and of the baseline it is held against.
+struct MariaDbDirectTimes {
+    direct: f64,
+    /// `mariadb --batch` writing the source table into a file.
+    dump: f64,
+    /// `mariadb --local-infile` loading that file with `LOAD DATA LOCAL INFILE`.
+    load: f64,
+}
+
+/// MariaDB → MariaDB `backfill --direct` (`LOAD DATA LOCAL INFILE` fed from memory) versus
+/// loading a dump of the same table the same way with the `mariadb` client.
+async fn direct_mariadb_versus_load_data(rows: u64, work: &std::path::Path) -> MariaDbDirectTimes {
+    use mysql_async::prelude::Queryable;
+    // Each load gets a fresh target: on one that an earlier load filled, InnoDB would
+    // still be flushing that load's pages.
+    let source = MariaDb::start(1);
+    let dump_target = MariaDb::start(2);
+    let target = MariaDb::start(3);
+    for server in [&source, &dump_target, &target] {
+        server.execute("mysql", "CREATE DATABASE shop").await;
+        server.execute("shop", MARIADB_TABLE).await;
+    }
+    let mut a = source.conn("shop").await;
+    a.query_drop(format!(
+        "INSERT INTO bench SELECT seq, CONCAT('account ', seq % 5000), (seq % 100000) / 100, 'new' FROM seq_1_to_{rows}"
+    ))
+    .await
+    .expect("preload");
+    let client = |port: u16, options: &str, sql: &str| {
+        format!("mariadb --no-defaults -h 127.0.0.1 -P {port} -u root {options} shop -e \"{sql}\"")
+    };
+    let shell = |command: String| {
+        let started = Instant::now();
+        let status = Command::new("bash")
+            .arg("-c")
+            .arg(&command)
+            .status()
+            .expect("run the mariadb client");
+        assert!(status.success(), "{command} failed");
+        started.elapsed().as_secs_f64()
+    };
+    let dump_file = work.join("bench.tsv");
+    let dump = shell(format!(
+        "{} > {}",
+        client(
+            source.port,
+            "--batch --skip-column-names",
+            "SELECT * FROM bench"
+        ),
+        dump_file.display()
+    ));
+    let load = shell(client(
+        dump_target.port,
+        "--local-infile=1",
+        &format!(
+            "LOAD DATA LOCAL INFILE '{}' INTO TABLE bench",
+            dump_file.display()
+        ),
+    ));
+    assert_eq!(
+        mdigest(&mut a).await,
+        mdigest(&mut dump_target.conn("shop").await).await,
+        "the dump loaded everything"
+    );
+    drop(dump_target);
+    let _ = std::fs::remove_file(&dump_file);
+    let mut b = target.conn("shop").await;
+    // The pipeline's Kafka is named but never used by a direct backfill.
+    let yaml = format!(
+        "pipelines:\n  - name: mdirect\n    source:\n      mysql:\n        dsn: {}\n        tables: [shop.bench]\n    kafka:\n      brokers: 127.0.0.1:9\n      topic_prefix: mdirect\n    sinks:\n      - name: target\n        mysql:\n          dsn: {}\n",
+        source.dsn("shop"),
+        target.dsn("shop")
+    );
+    let config = work.join("mariadb-direct.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let started = Instant::now();
+    let mut direct = Daemon::start(
+        &[
+            "backfill",
+            "-c",
+            &config.display().to_string(),
+            "--pipeline",
+            "mdirect",
+            "--direct",
+            "target",
+            "--chunk-size",
+            "100000",
+        ],
+        &work.join("mariadb-direct.log"),
+    );
+    let status = direct
+        .wait(Duration::from_secs(3600))
+        .expect("direct backfill finishes");
+    assert!(
+        status.success(),
+        "direct backfill failed: {}",
+        direct.output()
+    );
+    let direct_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(
+        mdigest(&mut a).await,
+        mdigest(&mut b).await,
+        "direct backfill copied everything"
+    );
+    assert!(
+        !direct.output().contains("INSERTs"),
+        "every chunk went in with LOAD DATA: {}",
+        direct.output()
+    );
+    MariaDbDirectTimes {
+        direct: direct_seconds,
+        dump,
+        load,
+    }
+}
+
 /// MariaDB → tidelink → MariaDB versus native MariaDB replication, and MariaDB →
 /// tidelink → PostgreSQL, same workload; adds their rates to the report, and the first one
 /// against the broker's producing-and-consuming-at-once rate when that was measured.
@@ -1787,6 +1904,35 @@ async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     );
 }
 
+async fn report_mariadb_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
+    let times = direct_mariadb_versus_load_data(rows, work).await;
+    r.add(
+        &format!("MariaDB backfill --direct of {rows} rows"),
+        rate(rows, times.direct),
+        &format!("{:.1} s", times.direct),
+    );
+    r.add(
+        "mariadb --batch dump of the same table",
+        rate(rows, times.dump),
+        &format!("{:.1} s", times.dump),
+    );
+    r.add(
+        "LOAD DATA LOCAL INFILE of that dump (mariadb client)",
+        rate(rows, times.load),
+        &format!("{:.1} s", times.load),
+    );
+    r.add(
+        "  --direct / loading the dump (goal ≥ 0.8)",
+        format!("{:.2}×", times.load / times.direct),
+        "",
+    );
+    r.add(
+        "  --direct / dump and load",
+        format!("{:.2}×", (times.dump + times.load) / times.direct),
+        "",
+    );
+}
+
 /// A broker's storage as the report's setup names it.
 fn storage_description(storage: &str) -> String {
     match storage {
@@ -1925,6 +2071,11 @@ async fn main() {
 
     if arg("--only").as_deref() == Some("direct") {
         report_direct(&mut r, rows, work.path()).await;
+        report_mariadb_direct(&mut r, rows, work.path()).await;
+        return;
+    }
+    if arg("--only").as_deref() == Some("mariadb-direct") {
+        report_mariadb_direct(&mut r, rows, work.path()).await;
         return;
     }
     if arg("--only").as_deref() == Some("big-transaction") {
@@ -2096,6 +2247,7 @@ async fn main() {
     report_mariadb_sources(&mut r, rows, work.path(), &broker).await;
     report_idle(&mut r, work.path()).await;
     report_direct(&mut r, rows, work.path()).await;
+    report_mariadb_direct(&mut r, rows, work.path()).await;
     let mariadb_native =
         report_mariadb(&mut r, rows, work.path(), &broker, Some(streaming_rate)).await;
     if let Some(nisshi) = &nisshi {
@@ -2135,7 +2287,7 @@ async fn main() {
                 name.to_string_lossy()
             );
         }
-        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (one broker process serves both, so this is lower than either alone), and the end-to-end rate is shown against that too. Debezium's rows run its PostgreSQL connector in a Kafka Connect standalone worker on the same workload and broker, JSON without schemas, applied by tidelink's sink; their CPU and RSS are the Connect JVM's. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply. `--direct` is timed as a whole process (start, connections, catalog reads, 100k-row chunks) against `psql` pipes of the whole table, the source table vacuumed and every target checkpointed before each: in text format, goal (5)'s baseline, and in binary format, which `--direct` uses where both sides' column types match.");
+        let _ = writeln!(md, "\nHow each number is taken: `integration-tests/src/bin/bench.rs`. The end-to-end time runs from the first workload commit until the target's row count and amount sum equal the source's (polled every 100 ms). Ceilings are measured alone on the same machine, and the goal ratio uses the lowest of those; the broker is also measured producing and consuming at once, as a pipeline uses it (one broker process serves both, so this is lower than either alone), and the end-to-end rate is shown against that too. Debezium's rows run its PostgreSQL connector in a Kafka Connect standalone worker on the same workload and broker, JSON without schemas, applied by tidelink's sink; their CPU and RSS are the Connect JVM's. The consume ceiling reads partitions assigned directly, so joining a group is not part of it. Rows naming nisshi repeat the pipelines and the broker ceilings on nisshi with a PostgreSQL cluster of its own as storage, read against the same decode, apply and native ceilings. CPU is the daemon's user + system time during the run (databases and broker excluded). Latency inserts single-row transactions at half the measured end-to-end rate for 15 s into a table whose target copy stamps `clock_timestamp()` on apply. `--direct` is timed as a whole process (start, connections, catalog reads, 100k-row chunks) against `psql` pipes of the whole table, the source table vacuumed and every target checkpointed before each: in text format, goal (5)'s baseline, and in binary format, which `--direct` uses where both sides' column types match. The MariaDB `--direct` (`LOAD DATA LOCAL INFILE` fed from memory, 100k-row chunks) is timed the same way against the `mariadb` client loading a `mariadb --batch` dump of the table with `LOAD DATA LOCAL INFILE` (goal (6)'s baseline), each load into a fresh target server.");
         // The kept part ends in exactly one newline, so rewrites do not pile up blank lines.
         let kept = kept.unwrap_or_else(|| KEPT_MARKER.to_string());
         let _ = writeln!(md, "\n{}", kept.trim_end());
