@@ -384,9 +384,51 @@ async fn commit_to_apply_latency(
         .await
         .expect("latency");
     let (p50, p99): (f64, f64) = (row.get(0), row.get(1));
+    latency_timeline(t).await;
     (p50 * 1000.0, p99 * 1000.0, per_tick * 100)
 }
 
+/// With `BENCH_TIMELINE`, the latency run's p50, p99 and worst per 100 ms of insert time,
+/// to tell a steady tail from spikes (and spikes' period).
+async fn latency_timeline(t: &Client) {
+    let Some(path) = std::env::var("BENCH_TIMELINE")
+        .ok()
+        .filter(|p| !p.is_empty())
+    else {
+        return;
+    };
+    let rows = t
+        .query(
+            "WITH l AS (SELECT extract(epoch FROM created - min(created) OVER ()) AS at, \
+                               extract(epoch FROM applied - created) * 1000 AS ms FROM latency) \
+             SELECT floor(at * 10)::int, count(*), \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)::float8 \
+             FROM l GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("latency timeline");
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("BENCH_TIMELINE file");
+    let _ = writeln!(
+        file,
+        "# latency: seconds rows p50_ms p99_ms max_ms (per 100 ms)"
+    );
+    for row in rows {
+        let (tenth, n, p50, p99, max): (i32, i64, f64, f64, f64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let _ = writeln!(
+            file,
+            "latency {:.1} {n} {p50:.1} {p99:.1} {max:.1}",
+            f64::from(tenth) / 10.0
+        );
+    }
+}
 
 /// Watches `topic` from `started` until its partitions hold `expected` messages, polling
 /// the high watermarks every 50 ms; the seconds that took (`None` after an hour).
