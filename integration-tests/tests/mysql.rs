@@ -63,6 +63,37 @@ impl Setup {
         )
     }
 
+    /// `backfill --direct SINK` of pipeline `my` in chunks of `chunk_size` rows: how it
+    /// exited and what it logged.
+    fn direct_backfill(
+        &self,
+        config: &std::path::Path,
+        chunk_size: usize,
+        sink: &str,
+        log: &str,
+    ) -> (std::process::ExitStatus, String) {
+        let config = config.display().to_string();
+        let chunk_size = chunk_size.to_string();
+        let mut run = Daemon::start(
+            &[
+                "backfill",
+                "-c",
+                &config,
+                "--pipeline",
+                "my",
+                "--chunk-size",
+                &chunk_size,
+                "--direct",
+                sink,
+            ],
+            &self.work.path().join(log),
+        );
+        let status = run
+            .wait(Duration::from_secs(120))
+            .expect("the direct load finishes");
+        (status, run.output())
+    }
+
     fn run(&self, config: &std::path::Path, log: &str) -> Daemon {
         let config = config.display().to_string();
         Daemon::start(&["run", "-c", &config], &self.work.path().join(log))
@@ -993,26 +1024,9 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
     );
     let config = setup.config(&setup.mysql_source(), &sink, "");
     let direct = |sink: &str, log: &str| {
-        let config = config.display().to_string();
-        let mut run = Daemon::start(
-            &[
-                "backfill",
-                "-c",
-                &config,
-                "--pipeline",
-                "my",
-                "--chunk-size",
-                "500",
-                "--direct",
-                sink,
-            ],
-            &setup.work.path().join(log),
-        );
-        let status = run
-            .wait(Duration::from_secs(120))
-            .expect("the direct load finishes");
-        assert!(status.success(), "{}", run.output());
-        run.output()
+        let (status, output) = setup.direct_backfill(&config, 500, sink, log);
+        assert!(status.success(), "{output}");
+        output
     };
     let first = direct("target", "direct-1.log");
     assert!(
@@ -1112,27 +1126,7 @@ async fn a_direct_backfill_into_mariadb_falls_back_to_inserts_and_never_skips_a_
         holding.dsn("mysql")
     );
     let config = setup.config(&setup.mysql_source(), &sink, "");
-    let direct = |sink: &str, log: &str| {
-        let config = config.display().to_string();
-        let mut run = Daemon::start(
-            &[
-                "backfill",
-                "-c",
-                &config,
-                "--pipeline",
-                "my",
-                "--chunk-size",
-                "300",
-                "--direct",
-                sink,
-            ],
-            &setup.work.path().join(log),
-        );
-        let status = run
-            .wait(Duration::from_secs(120))
-            .expect("the direct load finishes");
-        (status, run.output())
-    };
+    let direct = |sink: &str, log: &str| setup.direct_backfill(&config, 300, sink, log);
     let (status, output) = direct("target", "direct-refusing.log");
     assert!(status.success(), "{output}");
     assert!(
