@@ -470,6 +470,7 @@ impl SourceRun<'_> {
         let result = publish(
             source,
             self.producer,
+            &topics,
             &pipeline.kafka,
             name,
             self.metrics,

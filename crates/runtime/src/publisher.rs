@@ -40,10 +40,13 @@ struct PendingCheckpoint<P> {
 
 /// Publishes until shutdown or an error. Returns after Kafka acknowledged (or refused)
 /// everything sent and the last acknowledged checkpoint was confirmed. Column definitions
-/// go through `producer`; changes through a producer of this run's own.
+/// go through `producer`; changes through a producer of this run's own. `existing_topics`
+/// were made sure of before: only a table outside them (one added to the source since)
+/// costs an Admin API round trip on its first change, which holds up the whole stream.
 pub async fn publish<S: Source>(
     source: &mut S,
     producer: &EventProducer,
+    existing_topics: &[String],
     kafka: &KafkaConfig,
     pipeline: &str,
     metrics: &Metrics,
@@ -67,7 +70,7 @@ pub async fn publish<S: Source>(
     let mut outputs: Vec<TableOutput> = Vec::new();
     let mut output_of: HashMap<TableId, usize> = HashMap::new();
     let mut last_output = 0;
-    let mut ensured_topics: HashSet<String> = HashSet::new();
+    let mut ensured_topics: HashSet<String> = existing_topics.iter().cloned().collect();
     let mut schemas_topic_ready = false;
     let mut last_commit_ts: Option<i64> = None;
     let mut encoder = EnvelopeEncoder::default();
