@@ -234,67 +234,7 @@ pub async fn read_all_by_key(
     kafka: &KafkaConfig,
     topic: &str,
 ) -> Result<std::collections::HashMap<String, Vec<Vec<u8>>>, TidelinkError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = client_config::admin(kafka)?
-        .set("group.id", "tidelink-schema-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| TidelinkError::permanent(format!("kafka client: {e}")))?;
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let timeout = Duration::from_secs(10);
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), timeout)
-            .map_err(|e| TidelinkError::transient(format!("metadata of {topic}: {e}")))?;
-        let mut latest: std::collections::HashMap<String, Vec<Vec<u8>>> =
-            std::collections::HashMap::new();
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        for partition in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, partition, timeout)
-                .map_err(|e| TidelinkError::transient(format!("watermarks of {topic}: {e}")))?;
-            if high <= low {
-                continue;
-            }
-            let mut assignment = TopicPartitionList::new();
-            assignment
-                .add_partition_offset(&topic, partition, Offset::Offset(low))
-                .map_err(|e| TidelinkError::permanent(format!("{topic}: {e}")))?;
-            consumer
-                .assign(&assignment)
-                .map_err(|e| TidelinkError::transient(format!("reading {topic}: {e}")))?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            let mut next = low;
-            while next < high {
-                if std::time::Instant::now() > deadline {
-                    return Err(TidelinkError::transient(format!(
-                        "reading {topic} timed out"
-                    )));
-                }
-                match consumer.poll(Duration::from_millis(200)) {
-                    Some(Ok(message)) => {
-                        next = message.offset() + 1;
-                        if let (Some(key), Some(value)) = (message.key(), message.payload()) {
-                            latest
-                                .entry(String::from_utf8_lossy(key).into_owned())
-                                .or_default()
-                                .push(value.to_vec());
-                        }
-                    }
-                    Some(Err(e)) => {
-                        return Err(TidelinkError::transient(format!("reading {topic}: {e}")))
-                    }
-                    None => {}
-                }
-            }
-        }
-        Ok(latest)
-    })
-    .await
-    .map_err(|e| TidelinkError::permanent(format!("schema reader task: {e}")))?
+    let mut reader = crate::keyed_topic::KeyedTopicReader::new(kafka, topic)?;
+    reader.read_to_end().await?;
+    Ok(reader.into_values())
 }

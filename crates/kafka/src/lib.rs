@@ -6,6 +6,7 @@ pub mod admin;
 pub mod client_config;
 pub mod consumer;
 pub mod envelope;
+pub mod keyed_topic;
 pub mod producer;
 pub mod topics;
 pub mod truncate_barrier;

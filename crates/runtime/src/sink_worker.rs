@@ -27,6 +27,7 @@ use tidelink_core::{
     ColumnDefinition, MessageOrigin, OffsetAdvance, Op, Row, Sink, SinkChange, SinkError,
     SourceOrder, TableColumns, TableId, TableTransform, TidelinkError, TopicPartition, Verdict,
 };
+use tidelink_kafka::keyed_topic::KeyedTopicReader;
 use tidelink_kafka::topics::{schemas_topic, table_topics_pattern};
 use tidelink_kafka::truncate_barrier::barrier_of;
 use tidelink_kafka::{
@@ -118,6 +119,8 @@ struct Worker<S: Sink> {
     renamed: HashMap<TableId, Vec<(String, String)>>,
     /// Per source table: every version of its definitions read from `<prefix>.schemas`.
     definition_history: HashMap<TableId, Vec<Arc<[u8]>>>,
+    /// Reads `<prefix>.schemas`, kept from the first read on.
+    definitions_reader: Option<KeyedTopicReader>,
     /// Type changes already reported, so each is logged once.
     kept_type_reported: std::collections::HashSet<String>,
     /// Per target table: row shapes (column lists) already looked at, and whether rows of
@@ -264,6 +267,7 @@ pub async fn run_worker<S: Sink + 'static>(
         target_columns: HashMap::new(),
         settled_shapes: HashMap::new(),
         definition_history: HashMap::new(),
+        definitions_reader: None,
         kept_type_reported: Default::default(),
         barrier_waits: HashMap::new(),
         barriers_unchecked: Default::default(),
@@ -590,9 +594,22 @@ impl<S: Sink> Worker<S> {
 
     /// Reads the source tables' latest column definitions from `<prefix>.schemas`.
     async fn refresh_definitions(&mut self) -> Result<(), TidelinkError> {
-        let topic = schemas_topic(&self.ctx.kafka.topic_prefix);
-        let all = admin::read_all_by_key(&self.ctx.kafka, &topic).await?;
-        for (key, values) in all {
+        let started = Instant::now();
+        let reader = match &mut self.definitions_reader {
+            Some(reader) => reader,
+            None => {
+                let topic = schemas_topic(&self.ctx.kafka.topic_prefix);
+                self.definitions_reader
+                    .insert(KeyedTopicReader::new(&self.ctx.kafka, &topic)?)
+            }
+        };
+        reader.read_to_end().await?;
+        tracing::debug!(
+            tables = reader.values().len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "column definitions read"
+        );
+        for (key, values) in reader.values() {
             let Some((schema, name)) = key.split_once('.') else {
                 continue;
             };
@@ -602,7 +619,7 @@ impl<S: Sink> Worker<S> {
             let mut versions: Vec<Arc<[u8]>> = Vec::new();
             for value in values {
                 if versions.last().is_none_or(|v| **v != *value) {
-                    versions.push(Arc::from(value));
+                    versions.push(Arc::from(value.as_slice()));
                 }
             }
             if let Some(last) = versions.last() {
