@@ -140,3 +140,61 @@ fn read_new(
         .unassign()
         .map_err(|e| TidelinkError::transient(format!("reading {topic}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EventProducer;
+    use rdkafka::mocking::MockCluster;
+
+    async fn put(producer: &EventProducer, key: &str, value: &str) {
+        producer
+            .send(
+                "t.schemas",
+                Some(key.as_bytes()),
+                value.as_bytes(),
+                None,
+                None,
+            )
+            .await
+            .expect("sent")
+            .acknowledged()
+            .await
+            .expect("acknowledged");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_kept_reader_adds_what_was_written_since_its_last_read_in_order() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("t.schemas", 1, 1).expect("topic");
+        let kafka = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            topic_prefix: "t".into(),
+            partitions: 1,
+            replication_factor: None,
+            properties: Default::default(),
+            routes: Vec::new(),
+        };
+        let producer = EventProducer::new(&kafka).expect("producer");
+        let mut reader = KeyedTopicReader::new(&kafka, "t.schemas").expect("reader");
+        reader.read_to_end().await.expect("empty topic read");
+        assert!(reader.values().is_empty());
+
+        put(&producer, "s.a", "a1").await;
+        put(&producer, "s.b", "b1").await;
+        reader.read_to_end().await.expect("first read");
+        put(&producer, "s.a", "a2").await;
+        reader.read_to_end().await.expect("second read");
+        reader.read_to_end().await.expect("nothing new");
+
+        let values = reader.into_values();
+        assert_eq!(values["s.a"], vec![b"a1".to_vec(), b"a2".to_vec()]);
+        assert_eq!(values["s.b"], vec![b"b1".to_vec()]);
+        assert_eq!(
+            crate::admin::read_all_by_key(&kafka, "t.schemas")
+                .await
+                .expect("one-off read"),
+            values
+        );
+    }
+}
