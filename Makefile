@@ -12,7 +12,7 @@ build:
 deps:
 	scripts/install-deps.sh
 
-# Unit tests, then end-to-end tests against real PostgreSQL and tansu (two at a time:
+# Unit tests, then end-to-end tests against real PostgreSQL, MariaDB and Apache Kafka (two at a time:
 # each starts two clusters, a broker and tidelink processes).
 test: deps
 	$(CARGO) build -p tidelink
