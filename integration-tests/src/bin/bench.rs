@@ -40,6 +40,16 @@ impl Results {
         println!("  {what:<58} {value:>16}  {note}");
         self.lines.push((what.to_string(), value, note.to_string()));
     }
+
+    /// A line for `rows` moved in `seconds`: the rate, and the time as its note.
+    fn timed(&mut self, what: &str, rows: u64, seconds: f64) {
+        self.add(what, rate(rows, seconds), &format!("{seconds:.1} s"));
+    }
+
+    /// A line for a ratio of two measurements, such as tidelink's time against a baseline's.
+    fn ratio(&mut self, what: &str, ratio: f64) {
+        self.add(what, format!("{ratio:.2}×"), "");
+    }
 }
 
 fn rate(changes: u64, seconds: f64) -> String {
@@ -651,10 +661,10 @@ async fn debezium_pg(rows: u64, work: &std::path::Path, setup: &BrokerSetup) -> 
 
 /// The end-to-end run's rows, for the `--only` runs that make it without the rest.
 fn report_e2e_alone(r: &mut Results, e2e: &EndToEnd) {
-    r.add(
+    r.timed(
         "PG → tidelink → PG, first commit until equal",
-        rate(e2e.changes, e2e.seconds),
-        &format!("{:.1} s", e2e.seconds),
+        e2e.changes,
+        e2e.seconds,
     );
     r.add(
         "CPU per change, source + sink",
@@ -693,23 +703,21 @@ async fn report_debezium(
                 rate(e2e.changes, ours),
                 &format!("{ours:.1} s, from the end-to-end run"),
             );
-            r.add(
+            r.ratio(
                 "  tidelink / Debezium, source rate (goal ≥ 3×)",
-                format!("{:.2}×", theirs / ours),
-                "",
+                theirs / ours,
             );
         }
         _ => println!("  (the topic watch did not see every change in Kafka)"),
     }
-    r.add(
+    r.timed(
         "Debezium → Kafka → tidelink sink → PG, first commit until equal",
-        rate(d.changes, d.seconds),
-        &format!("{:.1} s", d.seconds),
+        d.changes,
+        d.seconds,
     );
-    r.add(
+    r.ratio(
         "  tidelink end to end / Debezium end to end",
-        format!("{:.2}×", d.seconds / e2e.seconds),
-        "",
+        d.seconds / e2e.seconds,
     );
     let theirs = per_change(d.cpu, d.changes);
     let ours = per_change(e2e.cpu, e2e.changes);
@@ -722,21 +730,16 @@ async fn report_debezium(
             per_change(dbz.sink_cpu, d.changes)
         ),
     );
-    r.add(
+    r.ratio(
         "  Debezium / tidelink source + sink (goal ≥ 5×)",
-        format!("{:.2}×", theirs / ours),
-        "",
+        theirs / ours,
     );
     r.add(
         "peak RSS of Debezium's Connect worker (-Xms256m -Xmx2g)",
         format!("{:.0} MiB", d.rss),
         "",
     );
-    r.add(
-        "  Debezium / tidelink (goal ≥ 10×)",
-        format!("{:.2}×", d.rss / e2e.rss),
-        "",
-    );
+    r.ratio("  Debezium / tidelink (goal ≥ 10×)", d.rss / e2e.rss);
     r.add(
         &format!(
             "commit → apply latency p50 / p99 via Debezium at {}/s",
@@ -1364,16 +1367,14 @@ async fn report_mariadb(
         rate(native_changes, m_native),
         &format!("{m_native:.1} s"),
     );
-    r.add(
+    r.ratio(
         "  tidelink / native MariaDB (goal ≥ 1.0)",
-        format!("{:.2}×", m_native / m_tidelink),
-        "",
+        m_native / m_tidelink,
     );
     if let Some(streaming) = broker_streaming_rate {
-        r.add(
+        r.ratio(
             "  MariaDB / broker producing and consuming at once",
-            format!("{:.2}×", m_changes as f64 / m_tidelink / streaming),
-            "",
+            m_changes as f64 / m_tidelink / streaming,
         );
     }
     let (to_pg, to_pg_changes) =
@@ -1883,15 +1884,13 @@ async fn report_second_broker(
     );
     let (broker_rate, streaming_rate) =
         report_broker(r, broker, &format!("  {name}: "), e2e.changes).await;
-    r.add(
+    r.ratio(
         &format!("  end to end on {name} / lowest ceiling (goal ≥ 0.8)"),
-        format!("{:.2}×", e2e_rate / broker_rate.min(decode_or_apply)),
-        "",
+        e2e_rate / broker_rate.min(decode_or_apply),
     );
-    r.add(
+    r.ratio(
         &format!("  end to end on {name} / its producing and consuming at once"),
-        format!("{:.2}×", e2e_rate / streaming_rate),
-        "",
+        e2e_rate / streaming_rate,
     );
     let (seconds, changes) = mariadb_tidelink(rows, work, MariaDbTarget::MariaDb, broker).await;
     r.add(
@@ -1899,10 +1898,9 @@ async fn report_second_broker(
         rate(changes, seconds),
         &format!("{seconds:.1} s"),
     );
-    r.add(
+    r.ratio(
         "  that / native MariaDB (goal ≥ 1.0)",
-        format!("{:.2}×", changes as f64 / seconds / mariadb_native),
-        "",
+        changes as f64 / seconds / mariadb_native,
     );
 }
 
@@ -1919,59 +1917,47 @@ async fn report_idle(r: &mut Results, work: &std::path::Path) {
 /// Measures `--direct` against the COPY pipes and adds their lines to the table.
 async fn report_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     let times = direct_versus_copy(rows, work).await;
-    r.add(
+    r.timed(
         &format!("backfill --direct of {rows} rows"),
-        rate(rows, times.direct),
-        &format!("{:.1} s", times.direct),
+        rows,
+        times.direct,
     );
-    r.add(
+    r.timed(
         "COPY TO STDOUT | COPY FROM STDIN, same table",
-        rate(rows, times.copy_text),
-        &format!("{:.1} s", times.copy_text),
+        rows,
+        times.copy_text,
     );
-    r.add(
+    r.ratio(
         "  --direct / COPY pipe (goal ≥ 0.8)",
-        format!("{:.2}×", times.copy_text / times.direct),
-        "",
+        times.copy_text / times.direct,
     );
-    r.add(
-        "the same pipe in binary format",
-        rate(rows, times.copy_binary),
-        &format!("{:.1} s", times.copy_binary),
-    );
-    r.add(
+    r.timed("the same pipe in binary format", rows, times.copy_binary);
+    r.ratio(
         "  --direct / binary COPY pipe",
-        format!("{:.2}×", times.copy_binary / times.direct),
-        "",
+        times.copy_binary / times.direct,
     );
 }
 
 async fn report_mariadb_direct(r: &mut Results, rows: u64, work: &std::path::Path) {
     let times = direct_mariadb_versus_load_data(rows, work).await;
-    r.add(
+    r.timed(
         &format!("MariaDB backfill --direct of {rows} rows"),
-        rate(rows, times.direct),
-        &format!("{:.1} s", times.direct),
+        rows,
+        times.direct,
     );
-    r.add(
-        "mariadb --batch dump of the same table",
-        rate(rows, times.dump),
-        &format!("{:.1} s", times.dump),
-    );
-    r.add(
+    r.timed("mariadb --batch dump of the same table", rows, times.dump);
+    r.timed(
         "LOAD DATA LOCAL INFILE of that dump (mariadb client)",
-        rate(rows, times.load),
-        &format!("{:.1} s", times.load),
+        rows,
+        times.load,
     );
-    r.add(
+    r.ratio(
         "  --direct / loading the dump (goal ≥ 0.8)",
-        format!("{:.2}×", times.load / times.direct),
-        "",
+        times.load / times.direct,
     );
-    r.add(
+    r.ratio(
         "  --direct / dump and load",
-        format!("{:.2}×", (times.dump + times.load) / times.direct),
-        "",
+        (times.dump + times.load) / times.direct,
     );
 }
 
@@ -2187,21 +2173,20 @@ async fn main() {
     }
     let e2e = tidelink_pg(rows, work.path(), &broker).await;
     let tidelink_rate = e2e.changes as f64 / e2e.seconds;
-    r.add(
+    r.timed(
         "PG → tidelink → PG, first commit until equal",
-        rate(e2e.changes, e2e.seconds),
-        &format!("{:.1} s", e2e.seconds),
+        e2e.changes,
+        e2e.seconds,
     );
     let (native_s, native_changes) = native_pg(rows).await;
-    r.add(
+    r.timed(
         "PG native logical replication, same workload",
-        rate(native_changes, native_s),
-        &format!("{:.1} s", native_s),
+        native_changes,
+        native_s,
     );
-    r.add(
+    r.ratio(
         "  tidelink / native",
-        format!("{:.2}×", tidelink_rate / (native_changes as f64 / native_s)),
-        "",
+        tidelink_rate / (native_changes as f64 / native_s),
     );
     let (decode_s, decode_changes) = decode_ceiling(rows).await;
     let decode_rate = decode_changes as f64 / decode_s;
@@ -2219,15 +2204,13 @@ async fn main() {
         &format!("{apply_s:.1} s"),
     );
     let lowest = decode_rate.min(broker_rate).min(apply_rate);
-    r.add(
+    r.ratio(
         "  end to end / lowest ceiling (goal ≥ 0.8)",
-        format!("{:.2}×", tidelink_rate / lowest),
-        "",
+        tidelink_rate / lowest,
     );
-    r.add(
+    r.ratio(
         "  end to end / broker producing and consuming at once",
-        format!("{:.2}×", tidelink_rate / streaming_rate),
-        "",
+        tidelink_rate / streaming_rate,
     );
     // On tansu, the same run on its in-memory storage, which is not durable (so not a
     // setting to run with) but fast enough to take the broker off the bound: what is left
