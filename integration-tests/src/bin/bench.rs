@@ -398,13 +398,24 @@ async fn commit_to_apply_latency(
     (p50 * 1000.0, p99 * 1000.0, per_tick * 100)
 }
 
+/// The file named by `BENCH_TIMELINE`, opened to append; `None` when it is not set.
+fn timeline_file() -> Option<std::fs::File> {
+    let path = std::env::var("BENCH_TIMELINE")
+        .ok()
+        .filter(|p| !p.is_empty())?;
+    Some(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("BENCH_TIMELINE file"),
+    )
+}
+
 /// With `BENCH_TIMELINE`, the latency run's p50, p99 and worst per 100 ms of insert time,
 /// to tell a steady tail from spikes (and spikes' period).
 async fn latency_timeline(t: &Client) {
-    let Some(path) = std::env::var("BENCH_TIMELINE")
-        .ok()
-        .filter(|p| !p.is_empty())
-    else {
+    let Some(mut file) = timeline_file() else {
         return;
     };
     let rows = t
@@ -420,11 +431,6 @@ async fn latency_timeline(t: &Client) {
         .await
         .expect("latency timeline");
     use std::io::Write as _;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .expect("BENCH_TIMELINE file");
     let _ = writeln!(
         file,
         "# latency: seconds rows p50_ms p99_ms max_ms (per 100 ms)"
@@ -1781,17 +1787,10 @@ impl TargetDigest {
 /// and the sinks' batches and seconds spent applying them (from the daemon's metrics), so
 /// a slow run shows which stage falls behind.
 fn sample_timeline(port: u16, label: &str) -> Option<tokio::task::JoinHandle<()>> {
-    let path = std::env::var("BENCH_TIMELINE")
-        .ok()
-        .filter(|p| !p.is_empty())?;
+    let mut file = timeline_file()?;
     let label = label.to_string();
     Some(tokio::spawn(async move {
         use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .expect("BENCH_TIMELINE file");
         let _ = writeln!(
             file,
             "# {label}: seconds source_events kafka_produced sink_applied sink_batches sink_apply_seconds"
