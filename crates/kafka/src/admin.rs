@@ -13,16 +13,33 @@ use tidelink_config::KafkaConfig;
 use tidelink_core::TidelinkError;
 
 /// Remembers the last error librdkafka reported on its own (authentication, TLS), which
-/// the failing request's error does not carry ("BrokerTransportFailure").
+/// the failing request's error does not carry ("BrokerTransportFailure"). It comes two
+/// ways: as an error event, delivered only by a poll, and as an error-level log line,
+/// delivered at once from librdkafka's threads. An error event can be missing when the
+/// request fails (librdkafka suppresses repeats of an identical error), so both count.
 #[derive(Default, Clone)]
 struct LastError(Arc<Mutex<Option<String>>>);
 
-impl ClientContext for LastError {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::debug!(%error, reason, "kafka client error");
+impl LastError {
+    fn remember(&self, reason: &str) {
         if let Ok(mut last) = self.0.lock() {
             *last = Some(reason.to_string());
         }
+    }
+}
+
+impl ClientContext for LastError {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        client_config::forward_log(level, facility, message);
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error) {
+            self.remember(message);
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka client error");
+        self.remember(reason);
     }
 }
 
