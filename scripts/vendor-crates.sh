@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates vendor/rdkafka-sys and vendor/rdkafka: the crates.io rdkafka-sys (which
-# bundles librdkafka's C source) and rdkafka (the Rust client), each checked against its
-# published checksum, trimmed to what the build uses, with vendor/patches/<crate>/*.patch
-# applied. The workspace's [patch.crates-io] points at the results.
+# Regenerates vendor/rdkafka-sys, vendor/rdkafka and vendor/pgwire-replication: the
+# crates.io rdkafka-sys (which bundles librdkafka's C source), rdkafka (the Rust client)
+# and pgwire-replication (the PostgreSQL replication-protocol client), each checked
+# against its published checksum, trimmed to what the build uses, with
+# vendor/patches/<crate>/*.patch applied. The workspace's [patch.crates-io] points at
+# the results.
 #
 # Why tidelink carries patched copies: the header of each patch explains it, and
 # vendor/README.md lists them. To move to a newer version, change VERSION and SHA256 below
@@ -14,6 +16,8 @@ RDKAFKA_SYS_VERSION="4.10.0+2.12.1"
 RDKAFKA_SYS_SHA256="e234cf318915c1059d4921ef7f75616b5219b10b46e9f3a511a15eb4b56a3f77"
 RDKAFKA_VERSION="0.38.0"
 RDKAFKA_SHA256="5f1856d72dbbbea0d2a5b2eaf6af7fb3847ef2746e883b11781446a51dbc85c0"
+PGWIRE_REPLICATION_VERSION="0.5.0"
+PGWIRE_REPLICATION_SHA256="3a50650abe90031924c509ad2a3ac1e8f1cb8387dceb0fa4c1db382ea36f6b22"
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
@@ -59,3 +63,7 @@ patch_into_vendor rdkafka-sys "$src"
 # The Rust client, whole (about 0.6 MB; its manifest names its tests and examples).
 src="$(download rdkafka "$RDKAFKA_VERSION" "$RDKAFKA_SHA256")"
 patch_into_vendor rdkafka "$src"
+
+# The replication client, whole (about 0.6 MB).
+src="$(download pgwire-replication "$PGWIRE_REPLICATION_VERSION" "$PGWIRE_REPLICATION_SHA256")"
+patch_into_vendor pgwire-replication "$src"
