@@ -997,14 +997,34 @@ async fn mariadb_to_postgres_transforms_and_cross_engine_verify() {
 
 /// `backfill --direct` from a MariaDB source into a MariaDB target (`LOAD DATA LOCAL
 /// INFILE` in chunks, each committed with its last key): every type and a table of several chunks
-/// arrive equal, and a second run finds both tables loaded and copies nothing again. The
-/// same source into a PostgreSQL target (COPY of rows read from MariaDB) ends equal too.
+/// arrive equal, and a second run finds the tables loaded and copies nothing again. The
+/// types with an exact text form (`plain_types`, and the orders) go in as the source's
+/// text; the others are converted value by value. The same source into a PostgreSQL target
+/// (COPY of rows read from MariaDB) ends equal too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
     let setup = Setup::start();
     setup.source.execute("mysql", "CREATE DATABASE shop").await;
     setup.source.execute("shop", TYPES_TABLE).await;
     setup.source.execute("shop", TYPES_ROWS).await;
+    // Every type of TYPES_TABLE that passes as text: extremes, NULLs, negative times,
+    // latin1, multibyte text, empty strings.
+    const PLAIN_TYPES: &str = "CREATE TABLE shop.plain_types LIKE shop.types;
+        ALTER TABLE shop.plain_types DROP COLUMN t_float, DROP COLUMN t_double,
+            DROP COLUMN t_bit, DROP COLUMN t_binary, DROP COLUMN t_blob, DROP COLUMN t_json";
+    setup.source.execute("shop", PLAIN_TYPES).await;
+    setup
+        .source
+        .execute(
+            "shop",
+            "INSERT INTO shop.plain_types SELECT id, t_tiny, t_tiny_u, t_small, t_small_u, \
+             t_medium, t_medium_u, t_int, t_int_u, t_big, t_big_u, t_dec, t_date, t_time, \
+             t_datetime, t_ts, t_year, t_char, t_varchar, t_text, t_latin, t_enum, t_set \
+             FROM shop.types; \
+             INSERT INTO shop.plain_types (id, t_varchar, t_text) VALUES \
+             (4, 'tab\\there', 'back\\\\slash, new\\nline, \\\\N, cr\\r')",
+        )
+        .await;
     setup.source.execute("shop", ORDERS_MARIADB).await;
     let mut conn = setup.source.conn("shop").await;
     let mut rng = Lcg(5);
@@ -1015,6 +1035,7 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
     let target = MariaDb::start(2);
     target.execute("mysql", "CREATE DATABASE shop").await;
     target.execute("shop", TYPES_TABLE).await;
+    target.execute("shop", PLAIN_TYPES).await;
     target.execute("shop", ORDERS_MARIADB).await;
     let (pg, pg_client) = postgres_orders_target().await;
     let sink = format!(
@@ -1033,8 +1054,20 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
         !first.contains("did not store the chunk exactly") && !first.contains("refuses LOAD DATA"),
         "every chunk went in with LOAD DATA LOCAL INFILE: {first}"
     );
+    let converted: Vec<&str> = first
+        .lines()
+        .filter(|l| l.contains("loading rows converted value by value"))
+        .collect();
+    assert!(
+        converted.len() == 1 && converted[0].contains("shop.types"),
+        "only the table with types that have no exact text form is converted: {first}"
+    );
     let mut source_conn = setup.source.conn("shop").await;
     let mut target_conn = target.conn("mysql").await;
+    assert_eq!(
+        mariadb_rows(&mut target_conn, "shop.plain_types", "id").await,
+        mariadb_rows(&mut source_conn, "shop.plain_types", "id").await
+    );
     let expected_types = mariadb_rows(&mut source_conn, "shop.types", "id").await;
     let expected_orders = mariadb_rows(&mut source_conn, "shop.orders", "id").await;
     assert!(expected_orders.len() > 2_000, "several chunks of orders");
@@ -1049,7 +1082,7 @@ async fn a_direct_backfill_from_mariadb_copies_every_row_into_either_engine() {
     let again = direct("target", "direct-2.log");
     assert_eq!(
         again.matches("already loaded by an earlier run").count(),
-        2,
+        3,
         "{again}"
     );
     assert_eq!(

@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 pub struct TableReader {
     /// The table.
     pub table: TableId,
-    schema: TableSchema,
+    schema: Arc<TableSchema>,
     conn: Mutex<Conn>,
     /// Column definitions for sinks that create tables.
     pub definitions: Arc<TableColumns>,
@@ -118,7 +118,7 @@ impl TableReader {
         Ok(Self {
             table: table.clone(),
             definitions: schema.definitions.clone(),
-            schema,
+            schema: Arc::new(schema),
             conn: Mutex::new(conn),
             estimated_rows: estimated_rows.unwrap_or(0) as i64,
         })
@@ -165,44 +165,17 @@ impl TableReader {
     }
 
     async fn select(&self, sql: &str) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
-        let rows: Vec<mysql_async::Row> = self
-            .conn
+        let rows = self.query_rows(sql).await?;
+        images_of(&self.schema, rows)
+    }
+
+    async fn query_rows(&self, sql: &str) -> Result<Vec<mysql_async::Row>, TidelinkError> {
+        self.conn
             .lock()
             .await
             .query(sql)
             .await
-            .map_err(|e| classify(&e).context(format!("reading {}", self.table)))?;
-        // Cells go into a row in name order, each one a push onto its end.
-        let mut by_name: Vec<usize> = (0..self.schema.columns.len()).collect();
-        by_name.sort_by(|&a, &b| {
-            self.schema.columns[a]
-                .name
-                .cmp(&self.schema.columns[b].name)
-        });
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let values = row.unwrap();
-            let mut image = Row::with_capacity(self.schema.columns.len());
-            for &i in &by_name {
-                let (Some(column), Some(value)) = (self.schema.columns.get(i), values.get(i))
-                else {
-                    continue;
-                };
-                let json = text_to_json(value, column)
-                    .map_err(|e| TidelinkError::permanent(format!("{}: {e}", self.table)))?;
-                image.insert(column.name.clone(), json);
-            }
-            let mut key = Row::with_capacity(self.schema.key.len());
-            let mut key_text = Vec::with_capacity(self.schema.key.len());
-            for &i in &self.schema.key {
-                let name = &self.schema.columns[i].name;
-                let value = image[name].clone();
-                key_text.push(value.to_string());
-                key.insert(name.clone(), value);
-            }
-            out.push((key, image, key_text));
-        }
-        Ok(out)
+            .map_err(|e| classify(&e).context(format!("reading {}", self.table)))
     }
 
     /// Column names in table order.
@@ -458,6 +431,33 @@ impl TableReader {
         self.select(&sql).await
     }
 
+    /// As [`Self::chunk`], the rows as the server's text protocol sent them (see
+    /// [`TextChunk`]).
+    pub async fn text_chunk(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: usize,
+    ) -> Result<TextChunk, TidelinkError> {
+        let filter = self.key_range(after, upto)?;
+        let sql = format!(
+            "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
+            self.column_list(),
+            quote_table(&self.table.schema, &self.table.name),
+            self.key_names().join(", ")
+        );
+        let rows = self.query_rows(&sql).await?;
+        let last_key = match rows.last() {
+            None => None,
+            Some(last) => Some(key_text(&self.schema, last)?),
+        };
+        Ok(TextChunk {
+            schema: self.schema.clone(),
+            rows,
+            last_key,
+        })
+    }
+
     /// The rows with these keys (JSON values, as images carry them), for comparisons.
     pub async fn rows_for(
         &self,
@@ -510,4 +510,96 @@ impl TableReader {
             .collect();
         Ok(keys.iter().map(|k| found.contains(k)).collect())
     }
+}
+
+/// A chunk of rows as the server's text protocol sent them, every column in table order,
+/// for a `LOAD DATA` into a table of the same column types, which takes that text as it
+/// is ([`crate::direct::MysqlDirectLoader::load_text`]); [`TextChunk::images`] turns them
+/// into the JSON images every other path reads.
+pub struct TextChunk {
+    schema: Arc<TableSchema>,
+    rows: Vec<mysql_async::Row>,
+    /// The last row's key position, for the next chunk and the progress record.
+    pub last_key: Option<Vec<String>>,
+}
+
+impl TextChunk {
+    /// Rows in the chunk.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The chunk has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The source table's columns, in table order (the order of each row's values).
+    pub fn columns(&self) -> &[crate::schema::ColumnInfo] {
+        &self.schema.columns
+    }
+
+    /// The rows.
+    pub fn rows(&self) -> &[mysql_async::Row] {
+        &self.rows
+    }
+
+    /// The rows as JSON images, as [`TableReader::chunk`] gives them.
+    pub fn images(&self) -> Result<Vec<Row>, TidelinkError> {
+        Ok(images_of(&self.schema, self.rows.clone())?
+            .into_iter()
+            .map(|(_, image, _)| image)
+            .collect())
+    }
+}
+
+/// The key position text of a row read in table column order: each key value's JSON text.
+fn key_text(schema: &TableSchema, row: &mysql_async::Row) -> Result<Vec<String>, TidelinkError> {
+    let mut key = Vec::with_capacity(schema.key.len());
+    for &i in &schema.key {
+        let column = &schema.columns[i];
+        let value = row.as_ref(i).ok_or_else(|| {
+            TidelinkError::permanent(format!(
+                "{}: no value for key column {}",
+                schema.table, column.name
+            ))
+        })?;
+        let json = text_to_json(value, column)
+            .map_err(|e| TidelinkError::permanent(format!("{}: {e}", schema.table)))?;
+        key.push(json.to_string());
+    }
+    Ok(key)
+}
+
+/// Rows read in table column order as (key, image, key position text).
+fn images_of(
+    schema: &TableSchema,
+    rows: Vec<mysql_async::Row>,
+) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+    // Cells go into a row in name order, each one a push onto its end.
+    let mut by_name: Vec<usize> = (0..schema.columns.len()).collect();
+    by_name.sort_by(|&a, &b| schema.columns[a].name.cmp(&schema.columns[b].name));
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let values = row.unwrap();
+        let mut image = Row::with_capacity(schema.columns.len());
+        for &i in &by_name {
+            let (Some(column), Some(value)) = (schema.columns.get(i), values.get(i)) else {
+                continue;
+            };
+            let json = text_to_json(value, column)
+                .map_err(|e| TidelinkError::permanent(format!("{}: {e}", schema.table)))?;
+            image.insert(column.name.clone(), json);
+        }
+        let mut key = Row::with_capacity(schema.key.len());
+        let mut key_text = Vec::with_capacity(schema.key.len());
+        for &i in &schema.key {
+            let name = &schema.columns[i].name;
+            let value = image[name].clone();
+            key_text.push(value.to_string());
+            key.insert(name.clone(), value);
+        }
+        out.push((key, image, key_text));
+    }
+    Ok(out)
 }

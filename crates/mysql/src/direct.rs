@@ -9,7 +9,12 @@
 //! that loads with a warning, or with fewer rows than were sent, is rolled back and
 //! inserted again with `INSERT`s, which in strict mode either store it exactly or fail
 //! naming the value.
+//!
+//! A MySQL-family source's chunk whose columns all have the same types in the target, and
+//! a text form `LOAD DATA` reads back exactly, goes in as the source server's text
+//! ([`MysqlDirectLoader::load_text`]), without a JSON image in between.
 
+use crate::backfill::TextChunk;
 use crate::connection::{classify, connect, quote_ident, quote_table, string_literal};
 use crate::schema::{load_table, ColumnInfo};
 use crate::sink::{quoted_list, statements, TargetTable};
@@ -25,6 +30,9 @@ pub struct MysqlDirectLoader {
     state_database: String,
     /// The server takes `LOAD DATA LOCAL`; cleared at its first refusal.
     local_infile: bool,
+    /// For the table of the last [`Self::load_text`], its `LOAD DATA` statement when the
+    /// target's columns take the source's text as it is, else `None`.
+    text_statement: Option<(TableId, Option<String>)>,
 }
 
 /// Server errors refusing `LOAD DATA LOCAL` (`local_infile=OFF`): "command not allowed"
@@ -67,6 +75,7 @@ impl MysqlDirectLoader {
             conn,
             state_database: state_database.to_string(),
             local_infile: true,
+            text_statement: None,
         })
     }
 
@@ -134,8 +143,10 @@ impl MysqlDirectLoader {
             .collect();
         let record = self.progress_record(table, progress);
         if self.local_infile && !rows.is_empty() && columns.iter().all(|c| loads_as_field(c)) {
+            let data = load_data_fields(table, &columns, rows)?;
+            let statement = load_data_statement(&target.quoted, &columns);
             match self
-                .load_data(table, &target.quoted, &columns, rows, &record)
+                .load_data(table, &statement, data, rows.len(), &record)
                 .await?
             {
                 LoadData::Committed => return Ok(()),
@@ -177,6 +188,71 @@ impl MysqlDirectLoader {
         }
     }
 
+    /// Inserts a chunk read from a MySQL-family source into `table` and records
+    /// `progress`, in one transaction: as the source's text when every column of the
+    /// chunk has the same type in the target and a text form `LOAD DATA` reads back as it
+    /// was (integers, DECIMAL, dates and times, text in the same character set, ENUM,
+    /// SET), else, or when that load is rolled back, as [`Self::load`] inserts rows.
+    pub async fn load_text(
+        &mut self,
+        table: &TableId,
+        chunk: &TextChunk,
+        progress: &DirectProgress,
+    ) -> Result<(), TidelinkError> {
+        if self.local_infile && !chunk.is_empty() {
+            let statement = match &self.text_statement {
+                Some((known, statement)) if known == table => statement.clone(),
+                _ => {
+                    let statement = self.text_load_statement(table, chunk.columns()).await?;
+                    if statement.is_none() {
+                        tracing::info!(
+                            %table,
+                            "the target's column types differ from the source's, or have no \
+                             exact text form: loading rows converted value by value"
+                        );
+                    }
+                    self.text_statement = Some((table.clone(), statement.clone()));
+                    statement
+                }
+            };
+            if let (Some(statement), Some(data)) = (statement, load_data_text(chunk)) {
+                let record = self.progress_record(table, progress);
+                match self
+                    .load_data(table, &statement, data, chunk.len(), &record)
+                    .await?
+                {
+                    LoadData::Committed => return Ok(()),
+                    LoadData::RolledBack => {}
+                }
+            }
+        }
+        self.load(table, &chunk.images()?, progress).await
+    }
+
+    /// The `LOAD DATA` statement taking `source` columns' text as it is into `table`, when
+    /// each of them has the same type in `table` and an exact text form.
+    async fn text_load_statement(
+        &mut self,
+        table: &TableId,
+        source: &[ColumnInfo],
+    ) -> Result<Option<String>, TidelinkError> {
+        let Some(target) = load_table(&mut self.conn, table).await? else {
+            return Err(TidelinkError::permanent(format!(
+                "target table {table} does not exist: create it before a direct backfill"
+            )));
+        };
+        let same = source.iter().all(|column| {
+            passes_as_text(column)
+                && target.columns.iter().any(|t| {
+                    t.name == column.name
+                        && t.column_type == column.column_type
+                        && t.charset == column.charset
+                })
+        });
+        let columns: Vec<&ColumnInfo> = source.iter().collect();
+        Ok(same.then(|| load_data_statement(&quote_table(&table.schema, &table.name), &columns)))
+    }
+
     /// The statement recording `progress` for `table`.
     fn progress_record(&self, table: &TableId, progress: &DirectProgress) -> String {
         let after = progress
@@ -195,20 +271,18 @@ impl MysqlDirectLoader {
         )
     }
 
-    /// Loads `rows` with one `LOAD DATA LOCAL INFILE` and runs `record`, in one transaction.
-    /// Rolls back, for `INSERT`s to take over, when the server refuses LOCAL (then for good)
-    /// or the load skipped or changed anything.
+    /// Loads `data`, the `LOAD DATA` text of `rows` rows, with one `statement` and runs
+    /// `record`, in one transaction. Rolls back, for `INSERT`s to take over, when the
+    /// server refuses LOCAL (then for good) or the load skipped or changed anything.
     async fn load_data(
         &mut self,
         table: &TableId,
-        quoted_table: &str,
-        columns: &[&ColumnInfo],
-        rows: &[Row],
+        statement: &str,
+        data: Vec<bytes::Bytes>,
+        rows: usize,
         record: &str,
     ) -> Result<LoadData, TidelinkError> {
         let what = format!("loading into {table}");
-        let data = load_data_fields(table, columns, rows)?;
-        let statement = load_data_statement(quoted_table, columns);
         self.conn
             .query_drop("START TRANSACTION")
             .await
@@ -216,7 +290,7 @@ impl MysqlDirectLoader {
         self.conn.set_infile_handler(async move {
             Ok(futures::stream::iter(data.into_iter().map(Ok)).boxed())
         });
-        let loaded = self.conn.query_drop(&statement).await;
+        let loaded = self.conn.query_drop(statement).await;
         let outcome = match loaded {
             Err(mysql_async::Error::Server(e)) if LOCAL_INFILE_REFUSED.contains(&e.code) => {
                 tracing::warn!(
@@ -232,7 +306,7 @@ impl MysqlDirectLoader {
             Ok(()) => {
                 let affected = self.conn.affected_rows();
                 let warnings = self.conn.get_warnings();
-                if affected == rows.len() as u64 && warnings == 0 {
+                if affected == rows as u64 && warnings == 0 {
                     match self.conn.query_drop(record).await {
                         Ok(()) => {
                             return self
@@ -253,7 +327,7 @@ impl MysqlDirectLoader {
                     let shown: Vec<String> = shown.into_iter().map(|(_, _, m)| m).collect();
                     tracing::warn!(
                         %table,
-                        sent = rows.len(),
+                        sent = rows,
                         loaded = affected,
                         warnings,
                         first_warnings = %shown.join("; "),
@@ -331,4 +405,76 @@ fn load_data_fields(
         pieces.push(bytes::Bytes::from(text));
     }
     Ok(pieces)
+}
+
+/// A column whose text, as the server sends it over a `SET NAMES utf8mb4` connection in
+/// UTC, `LOAD DATA … CHARACTER SET utf8mb4` reads back into the same type as it was.
+/// Floating-point, BIT, binary and JSON values go through [`push_load_field`] instead.
+fn passes_as_text(column: &ColumnInfo) -> bool {
+    column.integer_bits().is_some()
+        || column.is_text()
+        || matches!(
+            column.data_type.as_str(),
+            "year"
+                | "decimal"
+                | "numeric"
+                | "date"
+                | "datetime"
+                | "timestamp"
+                | "time"
+                | "enum"
+                | "set"
+        )
+}
+
+/// A text chunk as `LOAD DATA` text, in pieces of about 1 MiB; `None` when a value did
+/// not arrive as text.
+fn load_data_text(chunk: &TextChunk) -> Option<Vec<bytes::Bytes>> {
+    const PIECE: usize = 1 << 20;
+    let width = chunk.columns().len();
+    let mut pieces = Vec::new();
+    let mut text: Vec<u8> = Vec::with_capacity(PIECE + 4096);
+    for row in chunk.rows() {
+        for i in 0..width {
+            if i > 0 {
+                text.push(b'\t');
+            }
+            match row.as_ref(i)? {
+                mysql_async::Value::NULL => text.extend_from_slice(b"\\N"),
+                mysql_async::Value::Bytes(bytes) => push_escaped_bytes(&mut text, bytes),
+                _ => return None,
+            }
+        }
+        text.push(b'\n');
+        if text.len() >= PIECE {
+            pieces.push(bytes::Bytes::from(std::mem::replace(
+                &mut text,
+                Vec::with_capacity(PIECE + 4096),
+            )));
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(bytes::Bytes::from(text));
+    }
+    Some(pieces)
+}
+
+/// Bytes escaped for a `LOAD DATA` field, as `push_load_field` escapes text.
+fn push_escaped_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut rest = bytes;
+    while let Some(at) = rest
+        .iter()
+        .position(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r' | 0))
+    {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(match rest[at] {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => b"\\0",
+        });
+        rest = &rest[at + 1..];
+    }
+    out.extend_from_slice(rest);
 }

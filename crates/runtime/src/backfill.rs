@@ -794,6 +794,12 @@ async fn backfill_direct(
             }
             _ => None,
         };
+        // MySQL family to MySQL family: rows pass as the source server's text where the
+        // target's column types are the same (`MysqlDirectLoader::load_text`).
+        let as_text = matches!(
+            (&reader, &loader, &transform),
+            (Reader::Mysql(_), Loader::Mysql(_), None)
+        );
         let columns = match &reader {
             Reader::Postgres(r) => r.column_names(),
             Reader::Mysql(_) => Vec::new(),
@@ -826,6 +832,24 @@ async fn backfill_direct(
                     continue;
                 }
                 let reading_since = Instant::now();
+                if let (Reader::Mysql(r), true) = (&reader, as_text) {
+                    let chunk = r
+                        .text_chunk(after.as_deref(), Some(&upto), rows_chunk)
+                        .await;
+                    rows_chunk = (rows_chunk * 2).min(chunk_size);
+                    let (rows, last) = match &chunk {
+                        Ok(c) if c.is_empty() => return,
+                        Ok(c) => (c.len(), c.last_key.clone()),
+                        Err(_) => (0, None),
+                    };
+                    let stop = chunk.is_err() || reaches(last.as_deref(), Some(&upto));
+                    if chunks.send(chunk.map(DirectChunk::Text)).await.is_err() || stop {
+                        return;
+                    }
+                    after = last;
+                    pace.read(rows).await;
+                    continue;
+                }
                 let chunk = reader
                     .chunk(after.as_deref(), Some(&upto), rows_chunk)
                     .await;
@@ -870,6 +894,15 @@ async fn backfill_direct(
                         seconds = loading_since.elapsed().as_secs_f64(),
                         "chunk loaded"
                     );
+                }
+                DirectChunk::Text(chunk) => {
+                    let Loader::Mysql(l) = &mut loader else {
+                        unreachable!("text chunks are only read for a MySQL-family target")
+                    };
+                    progress.rows += chunk.len() as u64;
+                    progress.after = chunk.last_key.clone();
+                    progress.done = finishes(&progress.after);
+                    l.load_text(&target, &chunk, &progress).await?;
                 }
                 DirectChunk::Copy { format, mut pieces } => {
                     let Loader::Postgres(l) = &mut loader else {
@@ -978,6 +1011,8 @@ fn transformed_rows(
 enum DirectChunk {
     /// Rows as JSON images.
     Rows(Chunk),
+    /// Rows of a MySQL-family source as its server's text.
+    Text(tidelink_mysql::backfill::TextChunk),
     /// PostgreSQL `COPY` data of every column, arriving in pieces while it is read.
     Copy {
         format: CopyFormat,
