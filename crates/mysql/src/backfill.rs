@@ -421,14 +421,23 @@ impl TableReader {
         upto: Option<&[String]>,
         limit: usize,
     ) -> Result<Vec<(Row, Row, Vec<String>)>, TidelinkError> {
+        self.select(&self.chunk_query(after, upto, limit)?).await
+    }
+
+    /// The `SELECT` of every column of up to `limit` rows after `after` and up to `upto`.
+    fn chunk_query(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: usize,
+    ) -> Result<String, TidelinkError> {
         let filter = self.key_range(after, upto)?;
-        let sql = format!(
+        Ok(format!(
             "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
             self.column_list(),
             quote_table(&self.table.schema, &self.table.name),
             self.key_names().join(", ")
-        );
-        self.select(&sql).await
+        ))
     }
 
     /// As [`Self::chunk`], the rows as the server's text protocol sent them (see
@@ -439,14 +448,9 @@ impl TableReader {
         upto: Option<&[String]>,
         limit: usize,
     ) -> Result<TextChunk, TidelinkError> {
-        let filter = self.key_range(after, upto)?;
-        let sql = format!(
-            "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
-            self.column_list(),
-            quote_table(&self.table.schema, &self.table.name),
-            self.key_names().join(", ")
-        );
-        let rows = self.query_rows(&sql).await?;
+        let rows = self
+            .query_rows(&self.chunk_query(after, upto, limit)?)
+            .await?;
         let last_key = match rows.last() {
             None => None,
             Some(last) => Some(key_text(&self.schema, last)?),

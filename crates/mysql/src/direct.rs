@@ -381,9 +381,8 @@ fn load_data_fields(
     columns: &[&ColumnInfo],
     rows: &[Row],
 ) -> Result<Vec<bytes::Bytes>, TidelinkError> {
-    const PIECE: usize = 1 << 20;
     let mut pieces = Vec::new();
-    let mut text = String::with_capacity(PIECE + 4096);
+    let mut text = String::new();
     for row in rows {
         for (i, column) in columns.iter().enumerate() {
             if i > 0 {
@@ -394,46 +393,44 @@ fn load_data_fields(
                 .map_err(|e| TidelinkError::permanent(format!("loading into {table}: {e}")))?;
         }
         text.push('\n');
-        if text.len() >= PIECE {
-            pieces.push(bytes::Bytes::from(std::mem::replace(
-                &mut text,
-                String::with_capacity(PIECE + 4096),
-            )));
-        }
+        end_row(&mut pieces, &mut text, false);
     }
-    if !text.is_empty() {
-        pieces.push(bytes::Bytes::from(text));
-    }
+    end_row(&mut pieces, &mut text, true);
     Ok(pieces)
+}
+
+/// After a row of `LOAD DATA` text: moves the text into `pieces` once it holds about 1 MiB
+/// (a piece of whole rows), or when it is the `last` row.
+fn end_row<T: AsRef<[u8]> + Default + Into<bytes::Bytes>>(
+    pieces: &mut Vec<bytes::Bytes>,
+    text: &mut T,
+    last: bool,
+) {
+    const PIECE: usize = 1 << 20;
+    let len = text.as_ref().len();
+    if len >= PIECE || (last && len > 0) {
+        pieces.push(std::mem::take(text).into());
+    }
 }
 
 /// A column whose text, as the server sends it over a `SET NAMES utf8mb4` connection in
 /// UTC, `LOAD DATA … CHARACTER SET utf8mb4` reads back into the same type as it was.
 /// Floating-point, BIT, binary and JSON values go through [`push_load_field`] instead.
 fn passes_as_text(column: &ColumnInfo) -> bool {
-    column.integer_bits().is_some()
-        || column.is_text()
-        || matches!(
+    loads_as_field(column)
+        && !column.is_binary()
+        && !matches!(
             column.data_type.as_str(),
-            "year"
-                | "decimal"
-                | "numeric"
-                | "date"
-                | "datetime"
-                | "timestamp"
-                | "time"
-                | "enum"
-                | "set"
+            "float" | "double" | "real" | "bit" | "json"
         )
 }
 
 /// A text chunk as `LOAD DATA` text, in pieces of about 1 MiB; `None` when a value did
 /// not arrive as text.
 fn load_data_text(chunk: &TextChunk) -> Option<Vec<bytes::Bytes>> {
-    const PIECE: usize = 1 << 20;
     let width = chunk.columns().len();
     let mut pieces = Vec::new();
-    let mut text: Vec<u8> = Vec::with_capacity(PIECE + 4096);
+    let mut text: Vec<u8> = Vec::new();
     for row in chunk.rows() {
         for i in 0..width {
             if i > 0 {
@@ -446,16 +443,9 @@ fn load_data_text(chunk: &TextChunk) -> Option<Vec<bytes::Bytes>> {
             }
         }
         text.push(b'\n');
-        if text.len() >= PIECE {
-            pieces.push(bytes::Bytes::from(std::mem::replace(
-                &mut text,
-                Vec::with_capacity(PIECE + 4096),
-            )));
-        }
+        end_row(&mut pieces, &mut text, false);
     }
-    if !text.is_empty() {
-        pieces.push(bytes::Bytes::from(text));
-    }
+    end_row(&mut pieces, &mut text, true);
     Some(pieces)
 }
 
@@ -477,4 +467,56 @@ fn push_escaped_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
         rest = &rest[at + 1..];
     }
     out.extend_from_slice(rest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_escaped_as_load_data_reads_them() {
+        let mut out = Vec::new();
+        push_escaped_bytes(&mut out, b"a\\b\tc\nd\re\0f \\N");
+        assert_eq!(out, b"a\\\\b\\tc\\nd\\re\\0f \\\\N".to_vec());
+        let mut text = String::new();
+        push_load_field(
+            &mut text,
+            &serde_json::Value::String("a\\b\tc\nd\re\0f \\N".into()),
+            &ColumnInfo {
+                name: "t".into(),
+                data_type: "varchar".into(),
+                column_type: "varchar(40)".into(),
+                unsigned: false,
+                charset: Some("utf8mb4".into()),
+                labels: Vec::new(),
+                bits: 0,
+                key: false,
+                not_null: false,
+            },
+        )
+        .expect("a text value");
+        assert_eq!(
+            text.as_bytes(),
+            out,
+            "the same escapes as a converted value"
+        );
+    }
+
+    #[test]
+    fn pieces_hold_whole_rows_and_the_last_one_is_kept() {
+        let mut pieces = Vec::new();
+        let mut text = vec![b'x'; (1 << 20) - 1];
+        end_row(&mut pieces, &mut text, false);
+        assert!(pieces.is_empty(), "under a piece: kept open");
+        text.push(b'\n');
+        end_row(&mut pieces, &mut text, false);
+        assert_eq!(pieces.len(), 1);
+        assert!(text.is_empty());
+        end_row(&mut pieces, &mut text, true);
+        assert_eq!(pieces.len(), 1, "nothing left: no empty piece");
+        text.extend_from_slice(b"1\n");
+        end_row(&mut pieces, &mut text, true);
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(&pieces[1][..], b"1\n");
+    }
 }
