@@ -29,9 +29,9 @@ pub enum SourceMessage<P> {
     /// been emitted. Heartbeats on an idle source are checkpoints too, so the position
     /// keeps moving when the watched tables are quiet.
     Checkpoint(P),
-    /// Nothing arrived for a while. Sources return this at least every few seconds on a
-    /// quiet stream so the runtime can confirm positions and notice shutdown between calls
-    /// (`next` need not be cancel-safe).
+    /// Nothing to hand over now. Sources return this at least every few seconds on a
+    /// quiet stream (and may at other times) so the runtime can confirm positions and
+    /// notice shutdown between calls (`next` need not be cancel-safe).
     Idle,
 }
 

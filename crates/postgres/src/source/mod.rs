@@ -113,6 +113,9 @@ pub struct PgSource {
     /// Tables copied whole with a snapshot, and which transactions it saw: their changes
     /// are in the copy already and are not emitted again.
     snapshotted: HashMap<TableId, SnapshotVisibility>,
+    /// Ticks every `status_interval` while `next` waits for the stream: an
+    /// [`SourceMessage::Idle`]. One timer for the stream, not one per read.
+    idle_tick: tokio::time::Interval,
 }
 
 impl PgSource {
@@ -162,6 +165,7 @@ impl PgSource {
         };
         let catalog = connection::connect(&settings.dsn, "source catalog").await?;
         let client = open_stream(&settings, &config).await?;
+        let settings_status_interval = settings.status_interval;
         tracing::info!(
             pipeline = %settings.pipeline,
             slot = %settings.slot,
@@ -182,6 +186,7 @@ impl PgSource {
             transaction: None,
             ready: VecDeque::new(),
             snapshotted: HashMap::new(),
+            idle_tick: idle_tick(settings_status_interval),
         })
     }
 
@@ -429,12 +434,15 @@ impl PgSource {
     }
 
     async fn pull(&mut self) -> Result<(), TidelinkError> {
-        // recv is cancel-safe, so a timeout here loses nothing.
-        let received =
-            tokio::time::timeout(self.settings.status_interval, self.client.recv()).await;
-        let Ok(received) = received else {
-            self.ready.push_back(SourceMessage::Idle);
-            return Ok(());
+        // recv is cancel-safe, so the tick winning loses nothing. Polled first, recv
+        // returns what is waiting without looking at the clock.
+        let received = tokio::select! {
+            biased;
+            received = self.client.recv() => received,
+            _ = self.idle_tick.tick() => {
+                self.ready.push_back(SourceMessage::Idle);
+                return Ok(());
+            }
         };
         let event = received
             .map_err(|e| stream_error(&e))?
@@ -507,6 +515,13 @@ impl Source for PgSource {
                 .update_applied_lsn(pgwire_replication::Lsn(position.0));
         }
     }
+}
+
+/// A tick every `period`, the first one a period from now; a late tick is not made up.
+fn idle_tick(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 fn stream_error(error: &pgwire_replication::PgWireError) -> TidelinkError {
