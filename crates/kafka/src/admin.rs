@@ -4,7 +4,7 @@
 
 use crate::client_config;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use std::sync::{Arc, Mutex};
@@ -120,8 +120,8 @@ async fn create_missing(
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = client_config::admin(kafka)?
-        .create()
+    let admin: AdminClient<client_config::Forwarding> = client_config::admin(kafka)?
+        .create_with_context(client_config::Forwarding)
         .map_err(|e| TidelinkError::permanent(format!("kafka admin client: {e}")))?;
     let admin = Arc::new(admin);
     let existing = topic_names(kafka).await?;
@@ -199,9 +199,9 @@ pub async fn watermarks(
     select: impl Fn(&str) -> bool + Send + 'static,
 ) -> Result<Vec<PartitionWatermarks>, TidelinkError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = client_config::admin(kafka)?
+    let consumer: BaseConsumer<client_config::Forwarding> = client_config::admin(kafka)?
         .set("group.id", "tidelink-status")
-        .create()
+        .create_with_context(client_config::Forwarding)
         .map_err(|e| TidelinkError::permanent(format!("kafka client: {e}")))?;
     let brokers = kafka.brokers.clone();
     tokio::task::spawn_blocking(move || {

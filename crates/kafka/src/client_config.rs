@@ -2,6 +2,7 @@
 //! properties (TLS, SASL, tuning) on top, except the few that would break the guarantees.
 
 use rdkafka::ClientConfig;
+use std::collections::VecDeque;
 use tidelink_config::KafkaConfig;
 use tidelink_core::TidelinkError;
 
@@ -157,16 +158,102 @@ pub fn forward_log(level: rdkafka::config::RDKafkaLogLevel, facility: &str, mess
     use rdkafka::config::RDKafkaLogLevel as L;
     match level {
         L::Emerg | L::Alert | L::Critical | L::Error => {
+            RECENT_FAILURES.remember(facility, message);
             tracing::error!(target: "librdkafka", facility, "{message}")
         }
-        L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        L::Warning => {
+            RECENT_FAILURES.remember(facility, message);
+            tracing::warn!(target: "librdkafka", facility, "{message}")
+        }
         L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
         L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
     }
 }
 
 /// Reports a librdkafka client error to `tracing` (target `librdkafka`); the client keeps
-/// retrying on its own.
+/// retrying on its own. A broker failure that librdkafka has just logged (its `FAIL` log
+/// line ends with the error's text) is not reported again.
 pub fn forward_error(error: rdkafka::error::KafkaError, reason: &str) {
-    tracing::warn!(target: "librdkafka", %error, "{reason}");
+    if RECENT_FAILURES.logged(reason) {
+        tracing::debug!(target: "librdkafka", %error, "{reason}");
+    } else {
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+}
+
+/// The context of a client that needs nothing else from librdkafka: its log lines and
+/// errors go to `tracing` as every other client's do ([`forward_log`], [`forward_error`]).
+#[derive(Clone, Copy, Default)]
+pub struct Forwarding;
+
+impl rdkafka::ClientContext for Forwarding {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        forward_error(error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Forwarding {}
+
+/// The last few broker failures librdkafka logged (its `FAIL` facility), by every client of
+/// the process: librdkafka also reports each one as an error event, with the same text.
+static RECENT_FAILURES: RecentFailures = RecentFailures(std::sync::Mutex::new(VecDeque::new()));
+
+struct RecentFailures(std::sync::Mutex<VecDeque<String>>);
+
+impl RecentFailures {
+    const KEPT: usize = 16;
+
+    fn remember(&self, facility: &str, message: &str) {
+        if facility != "FAIL" {
+            return;
+        }
+        if let Ok(mut recent) = self.0.lock() {
+            if recent.len() == Self::KEPT {
+                recent.pop_front();
+            }
+            recent.push_back(message.to_string());
+        }
+    }
+
+    /// Whether `reason` was logged (and forgets it: the next such failure is new).
+    fn logged(&self, reason: &str) -> bool {
+        let Ok(mut recent) = self.0.lock() else {
+            return false;
+        };
+        match recent.iter().position(|m| m.ends_with(reason)) {
+            Some(at) => {
+                recent.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_failure_logged_is_not_reported_again_as_an_error_event() {
+        let recent = RecentFailures(std::sync::Mutex::new(VecDeque::new()));
+        let reason = "127.0.0.1:9/1: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms in state CONNECT)";
+        recent.remember("FAIL", &format!("[thrd:127.0.0.1:9/1]: {reason}"));
+        recent.remember("CONFWARN", "some other warning");
+        assert!(recent.logged(reason), "the event repeats the log line");
+        assert!(!recent.logged(reason), "once: the next failure is new");
+        assert!(
+            !recent.logged("some other warning"),
+            "only FAIL lines are kept"
+        );
+        for i in 0..40 {
+            recent.remember("FAIL", &format!("failure {i}"));
+        }
+        assert!(!recent.logged("failure 0"), "only the last few are kept");
+        assert!(recent.logged("failure 39"));
+    }
 }

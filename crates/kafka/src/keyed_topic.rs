@@ -23,7 +23,7 @@ struct ReadState {
 
 /// Follows one keyed topic; see the module documentation.
 pub struct KeyedTopicReader {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<BaseConsumer<client_config::Forwarding>>,
     topic: String,
     state: ReadState,
 }
@@ -31,10 +31,10 @@ pub struct KeyedTopicReader {
 impl KeyedTopicReader {
     /// A reader of `topic`; it connects on its first read.
     pub fn new(kafka: &KafkaConfig, topic: &str) -> Result<Self, TidelinkError> {
-        let consumer: BaseConsumer = client_config::admin(kafka)?
+        let consumer: BaseConsumer<client_config::Forwarding> = client_config::admin(kafka)?
             .set("group.id", "tidelink-schema-reader")
             .set("enable.auto.commit", "false")
-            .create()
+            .create_with_context(client_config::Forwarding)
             .map_err(|e| TidelinkError::permanent(format!("kafka client: {e}")))?;
         Ok(Self {
             consumer: Arc::new(consumer),
@@ -73,7 +73,7 @@ impl KeyedTopicReader {
 /// its high watermark. On an error the state keeps what was read before it: a retry goes on
 /// from there.
 fn read_new(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<client_config::Forwarding>,
     topic: &str,
     state: &mut ReadState,
 ) -> Result<(), TidelinkError> {

@@ -68,14 +68,14 @@ async fn wait_for_queue_room(error: KafkaError, topic: &str) -> Result<(), Tidel
 /// Sends change events to Kafka.
 #[derive(Clone)]
 pub struct EventProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<client_config::Forwarding>,
 }
 
 impl EventProducer {
     /// Creates the producer (no connection is made until the first send).
     pub fn new(kafka: &KafkaConfig) -> Result<Self, TidelinkError> {
-        let producer: FutureProducer = client_config::producer(kafka)?
-            .create()
+        let producer: FutureProducer<client_config::Forwarding> = client_config::producer(kafka)?
+            .create_with_context(client_config::Forwarding)
             .map_err(|e| TidelinkError::permanent(format!("kafka producer: {e}")))?;
         Ok(Self { producer })
     }
