@@ -409,6 +409,24 @@ where
     }
 }
 
+/// Reads `read` every 500 ms, at most `tries` times, until it returns `expected`; returns
+/// the last reading, for the caller's assertion and its message.
+pub async fn read_until<T: PartialEq>(
+    expected: &T,
+    tries: u32,
+    mut read: impl AsyncFnMut() -> T,
+) -> T {
+    let mut last = read().await;
+    for _ in 1..tries {
+        if last == *expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = read().await;
+    }
+    last
+}
+
 /// Every row of a table as text, ordered by `order_by`: the exact comparison of source and
 /// target.
 pub async fn table_rows(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tidelink_integration_tests::mariadb::{mariadb_rows, MariaDb, TYPES_ROWS, TYPES_TABLE};
 use tidelink_integration_tests::{
-    first_column, free_port, http_get, run_verify, Broker, Daemon, PgCluster,
+    first_column, free_port, http_get, read_until, run_verify, Broker, Daemon, PgCluster,
 };
 
 /// The pieces of one test: a source, a target of either engine, a broker.
@@ -467,14 +467,7 @@ async fn mariadb_to_postgres_workload_kill9_and_alter() {
         "workload too small: {}",
         expected.len()
     );
-    let mut actual = Vec::new();
-    for _ in 0..240 {
-        actual = postgres_orders(&client).await;
-        if actual == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let actual = read_until(&expected, 240, async || postgres_orders(&client).await).await;
     let first_difference = expected.iter().zip(&actual).find(|(a, b)| a != b);
     assert!(
         actual == expected,
@@ -750,17 +743,14 @@ async fn postgres_to_mariadb_types_and_workload() {
     .await
     .expect("source orders");
     let mut conn = target.conn("mysql").await;
-    let mut actual: Vec<String> = Vec::new();
-    for _ in 0..240 {
-        actual = conn
-            .query("SELECT CONCAT_WS('|', id, customer, amount, status) FROM public.orders ORDER BY id")
-            .await
-            .unwrap_or_default();
-        if actual == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let actual: Vec<String> = read_until(&expected, 240, async || {
+        conn.query(
+            "SELECT CONCAT_WS('|', id, customer, amount, status) FROM public.orders ORDER BY id",
+        )
+        .await
+        .unwrap_or_default()
+    })
+    .await;
     assert!(
         actual == expected,
         "orders differ: source {} rows, target {}\n{}",
@@ -825,14 +815,7 @@ async fn full_row_metadata_reads_rows_from_before_a_reshaping_alter() {
     }
     let _daemon = setup.run(&config, "second.log");
     let expected = mariadb_orders(&mut conn).await;
-    let mut actual = Vec::new();
-    for _ in 0..240 {
-        actual = postgres_orders(&client).await;
-        if actual == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let actual = read_until(&expected, 240, async || postgres_orders(&client).await).await;
     assert!(
         actual == expected,
         "target differs: first difference {:?}\n{}",
@@ -944,19 +927,15 @@ async fn mariadb_to_postgres_transforms_and_cross_engine_verify() {
         .expect("expected rows");
     assert!(expected.len() > 200);
     let client = target.client("replica").await;
-    let mut actual: Vec<String> = Vec::new();
-    for _ in 0..240 {
-        actual = first_column(
+    let actual: Vec<String> = read_until(&expected, 240, async || {
+        first_column(
             &client,
             "SELECT id || '|' || email || '|' || amount FROM shop.customers ORDER BY id",
         )
         .await
-        .unwrap_or_default();
-        if actual == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        .unwrap_or_default()
+    })
+    .await;
     assert_eq!(actual, expected, "{}", setup.logs());
     let secret_columns: i64 = client
         .query_one(
@@ -1453,19 +1432,15 @@ async fn a_table_created_on_mariadb_while_running_reaches_the_target() {
     .expect("new table");
     let expected = mariadb_rows(&mut conn, "shop.late", "id").await;
     let pg = postgres.client("replica").await;
-    let mut rows = Vec::new();
-    for _ in 0..120 {
-        rows = first_column::<String>(
+    let rows = read_until(&expected, 120, async || {
+        first_column::<String>(
             &pg,
             "SELECT concat_ws('|', id, v) FROM shop.late ORDER BY id",
         )
         .await
-        .unwrap_or_default();
-        if rows == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        .unwrap_or_default()
+    })
+    .await;
     assert_eq!(rows, expected, "{}", setup.logs());
 }
 
