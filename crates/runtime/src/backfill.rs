@@ -832,42 +832,31 @@ async fn backfill_direct(
                     continue;
                 }
                 let reading_since = Instant::now();
-                if let (Reader::Mysql(r), true) = (&reader, as_text) {
-                    let chunk = r
+                let chunk = match (&reader, as_text) {
+                    (Reader::Mysql(r), true) => r
                         .text_chunk(after.as_deref(), Some(&upto), rows_chunk)
-                        .await;
-                    rows_chunk = (rows_chunk * 2).min(chunk_size);
-                    let (rows, last) = match &chunk {
-                        Ok(c) if c.is_empty() => return,
-                        Ok(c) => (c.len(), c.last_key.clone()),
-                        Err(_) => (0, None),
-                    };
-                    let stop = chunk.is_err() || reaches(last.as_deref(), Some(&upto));
-                    if chunks.send(chunk.map(DirectChunk::Text)).await.is_err() || stop {
-                        return;
-                    }
-                    after = last;
-                    pace.read(rows).await;
-                    continue;
-                }
-                let chunk = reader
-                    .chunk(after.as_deref(), Some(&upto), rows_chunk)
-                    .await;
+                        .await
+                        .map(DirectChunk::Text),
+                    _ => reader
+                        .chunk(after.as_deref(), Some(&upto), rows_chunk)
+                        .await
+                        .map(DirectChunk::Rows),
+                };
                 rows_chunk = (rows_chunk * 2).min(chunk_size);
+                let rows = chunk.as_ref().map_or(0, DirectChunk::rows);
                 tracing::debug!(
-                    rows = chunk.as_ref().map_or(0, Vec::len),
+                    rows,
                     seconds = reading_since.elapsed().as_secs_f64(),
                     "chunk read"
                 );
                 let last = match &chunk {
-                    Ok(c) if c.is_empty() => return,
-                    Ok(c) => c.last().map(|(_, _, k)| k.clone()),
+                    Ok(_) if rows == 0 => return,
+                    Ok(c) => c.last_key(),
                     Err(_) => None,
                 };
                 let failed = chunk.is_err();
                 let finished = reaches(last.as_deref(), Some(&upto));
-                let rows = chunk.as_ref().map_or(0, Vec::len);
-                if chunks.send(chunk.map(DirectChunk::Rows)).await.is_err() || failed || finished {
+                if chunks.send(chunk).await.is_err() || failed || finished {
                     return;
                 }
                 after = last;
@@ -1018,6 +1007,26 @@ enum DirectChunk {
         format: CopyFormat,
         pieces: tokio::sync::mpsc::Receiver<Result<CopyPiece, TidelinkError>>,
     },
+}
+
+impl DirectChunk {
+    /// Rows in a chunk of rows (a `COPY` chunk counts its rows as they arrive).
+    fn rows(&self) -> usize {
+        match self {
+            DirectChunk::Rows(chunk) => chunk.len(),
+            DirectChunk::Text(chunk) => chunk.len(),
+            DirectChunk::Copy { .. } => 0,
+        }
+    }
+
+    /// The last row's key position, of a chunk of rows.
+    fn last_key(&self) -> Option<Vec<String>> {
+        match self {
+            DirectChunk::Rows(chunk) => chunk.last().map(|(_, _, k)| k.clone()),
+            DirectChunk::Text(chunk) => chunk.last_key.clone(),
+            DirectChunk::Copy { .. } => None,
+        }
+    }
 }
 
 /// Part of a chunk of `COPY` data.
