@@ -16,7 +16,7 @@
 
 use crate::backfill::TextChunk;
 use crate::connection::{classify, connect, quote_ident, quote_table, string_literal};
-use crate::schema::{load_table, ColumnInfo};
+use crate::schema::{load_table, ColumnInfo, TableSchema};
 use crate::sink::{quoted_list, statements, TargetTable};
 use crate::values::{load_field_expression, loads_as_field, push_load_field};
 use futures::StreamExt;
@@ -123,11 +123,7 @@ impl MysqlDirectLoader {
         rows: &[Row],
         progress: &DirectProgress,
     ) -> Result<(), TidelinkError> {
-        let schema = load_table(&mut self.conn, table).await?.ok_or_else(|| {
-            TidelinkError::permanent(format!(
-                "target table {table} does not exist: create it before a direct backfill"
-            ))
-        })?;
+        let schema = self.target_schema(table).await?;
         let target = TargetTable {
             quoted: quote_table(&table.schema, &table.name),
             columns: schema
@@ -236,11 +232,7 @@ impl MysqlDirectLoader {
         table: &TableId,
         source: &[ColumnInfo],
     ) -> Result<Option<String>, TidelinkError> {
-        let Some(target) = load_table(&mut self.conn, table).await? else {
-            return Err(TidelinkError::permanent(format!(
-                "target table {table} does not exist: create it before a direct backfill"
-            )));
-        };
+        let target = self.target_schema(table).await?;
         let same = source.iter().all(|column| {
             passes_as_text(column)
                 && target.columns.iter().any(|t| {
@@ -251,6 +243,15 @@ impl MysqlDirectLoader {
         });
         let columns: Vec<&ColumnInfo> = source.iter().collect();
         Ok(same.then(|| load_data_statement(&quote_table(&table.schema, &table.name), &columns)))
+    }
+
+    /// The target table's definition; an error naming it when it does not exist.
+    async fn target_schema(&mut self, table: &TableId) -> Result<TableSchema, TidelinkError> {
+        load_table(&mut self.conn, table).await?.ok_or_else(|| {
+            TidelinkError::permanent(format!(
+                "target table {table} does not exist: create it before a direct backfill"
+            ))
+        })
     }
 
     /// The statement recording `progress` for `table`.
@@ -382,7 +383,7 @@ fn load_data_fields(
     rows: &[Row],
 ) -> Result<Vec<bytes::Bytes>, TidelinkError> {
     let mut pieces = Vec::new();
-    let mut text = String::new();
+    let mut text = String::with_capacity(PIECE_CAPACITY);
     for row in rows {
         for (i, column) in columns.iter().enumerate() {
             if i > 0 {
@@ -393,23 +394,32 @@ fn load_data_fields(
                 .map_err(|e| TidelinkError::permanent(format!("loading into {table}: {e}")))?;
         }
         text.push('\n');
-        end_row(&mut pieces, &mut text, false);
+        end_row(&mut pieces, &mut text, false, String::with_capacity);
     }
-    end_row(&mut pieces, &mut text, true);
+    end_row(&mut pieces, &mut text, true, String::with_capacity);
     Ok(pieces)
 }
 
-/// After a row of `LOAD DATA` text: moves the text into `pieces` once it holds about 1 MiB
-/// (a piece of whole rows), or when it is the `last` row.
-fn end_row<T: AsRef<[u8]> + Default + Into<bytes::Bytes>>(
+/// `LOAD DATA` text goes to the server in pieces of about this many bytes of whole rows.
+const PIECE: usize = 1 << 20;
+
+/// Room for a piece and the row that takes it over [`PIECE`].
+const PIECE_CAPACITY: usize = PIECE + 4096;
+
+/// After a row of `LOAD DATA` text: moves the text into `pieces` once it holds a
+/// [`PIECE`], leaving a `fresh` buffer of [`PIECE_CAPACITY`] in its place, or when it is
+/// the `last` row.
+fn end_row<T: AsRef<[u8]> + Into<bytes::Bytes>>(
     pieces: &mut Vec<bytes::Bytes>,
     text: &mut T,
     last: bool,
+    fresh: fn(usize) -> T,
 ) {
-    const PIECE: usize = 1 << 20;
     let len = text.as_ref().len();
-    if len >= PIECE || (last && len > 0) {
-        pieces.push(std::mem::take(text).into());
+    if len >= PIECE {
+        pieces.push(std::mem::replace(text, fresh(PIECE_CAPACITY)).into());
+    } else if last && len > 0 {
+        pieces.push(std::mem::replace(text, fresh(0)).into());
     }
 }
 
@@ -430,7 +440,7 @@ fn passes_as_text(column: &ColumnInfo) -> bool {
 fn load_data_text(chunk: &TextChunk) -> Option<Vec<bytes::Bytes>> {
     let width = chunk.columns().len();
     let mut pieces = Vec::new();
-    let mut text: Vec<u8> = Vec::new();
+    let mut text: Vec<u8> = Vec::with_capacity(PIECE_CAPACITY);
     for row in chunk.rows() {
         for i in 0..width {
             if i > 0 {
@@ -443,9 +453,9 @@ fn load_data_text(chunk: &TextChunk) -> Option<Vec<bytes::Bytes>> {
             }
         }
         text.push(b'\n');
-        end_row(&mut pieces, &mut text, false);
+        end_row(&mut pieces, &mut text, false, Vec::with_capacity);
     }
-    end_row(&mut pieces, &mut text, true);
+    end_row(&mut pieces, &mut text, true, Vec::with_capacity);
     Some(pieces)
 }
 
@@ -505,17 +515,17 @@ mod tests {
     #[test]
     fn pieces_hold_whole_rows_and_the_last_one_is_kept() {
         let mut pieces = Vec::new();
-        let mut text = vec![b'x'; (1 << 20) - 1];
-        end_row(&mut pieces, &mut text, false);
+        let mut text = vec![b'x'; PIECE - 1];
+        end_row(&mut pieces, &mut text, false, Vec::with_capacity);
         assert!(pieces.is_empty(), "under a piece: kept open");
         text.push(b'\n');
-        end_row(&mut pieces, &mut text, false);
+        end_row(&mut pieces, &mut text, false, Vec::with_capacity);
         assert_eq!(pieces.len(), 1);
         assert!(text.is_empty());
-        end_row(&mut pieces, &mut text, true);
+        end_row(&mut pieces, &mut text, true, Vec::with_capacity);
         assert_eq!(pieces.len(), 1, "nothing left: no empty piece");
         text.extend_from_slice(b"1\n");
-        end_row(&mut pieces, &mut text, true);
+        end_row(&mut pieces, &mut text, true, Vec::with_capacity);
         assert_eq!(pieces.len(), 2);
         assert_eq!(&pieces[1][..], b"1\n");
     }
